@@ -1,0 +1,5 @@
+"""qat-sadam: quantization-aware training with S-Adam, and INT8 ONNX export."""
+from .quant import QATConfig, QuantSpec, calibrate, prepare_qat
+
+__version__ = "0.1.0"
+__all__ = ["QATConfig", "QuantSpec", "prepare_qat", "calibrate"]

@@ -1,0 +1,61 @@
+"""Model builders: torchvision classifiers (with an optional CIFAR stem) and the paper's small CNNs."""
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "paper_cnn", "small_cnn")
+
+
+class PaperCNN(nn.Module):
+    """The paper's QAT network (no BatchNorm): [conv 3x3 (no padding) - ReLU - maxpool 2] per
+    width, dropout 0.25, one linear layer. CIFAR-100 uses widths (16, 32), Tiny ImageNet (16, 32, 64)."""
+
+    def __init__(self, num_classes: int, image_size: int, widths=(16, 32), in_channels: int = 3, dropout: float = 0.25):
+        super().__init__()
+        layers, c, s = [], in_channels, image_size
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3), nn.ReLU(), nn.MaxPool2d(2)]
+            c, s = w, (s - 2) // 2
+        self.features = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(c * s * s, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.dropout(torch.flatten(self.features(x), 1)))
+
+
+class SmallCNN(nn.Module):
+    """A small conv-BN-ReLU network with a residual add, for quick runs (digits, tests)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.relu(self.body(x) + x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def build_model(name: str, num_classes: int, image_size: int = 32, in_channels: int = 3,
+                cifar_stem: bool = False, widths=(16, 32), width: int = 16) -> nn.Module:
+    """Build a model by name. ``cifar_stem`` gives ResNets a 3x3 stride-1 conv1 and no max-pool."""
+    if name == "paper_cnn":
+        return PaperCNN(num_classes, image_size, tuple(widths), in_channels)
+    if name == "small_cnn":
+        return SmallCNN(num_classes, in_channels, width)
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    if cifar_stem:
+        if not name.startswith("resnet"):
+            raise ValueError(f"cifar_stem applies to ResNets, not {name}")
+        model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    return model

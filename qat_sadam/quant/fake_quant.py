@@ -1,0 +1,174 @@
+"""FakeQuantize: a fake-quant module built on torch's native ops.
+
+torch.fake_quantize_per_{tensor,channel}_affine round half to even (as ONNX QuantizeLinear)
+and pass a straight-through gradient (1 inside the clip range, 0 outside); the
+_fake_quantize_learnable_* ops add the LSQ gradient for the scale.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .spec import QuantSpec
+
+_MSE_GRID = torch.linspace(0.3, 1.0, 36)
+
+
+class FakeQuantize(nn.Module):
+    """Quantizes a weight (``kind="weight"``) or an activation (``kind="activation"``)."""
+
+    def __init__(self, spec: QuantSpec, kind: str = "activation", channels: int | None = None):
+        super().__init__()
+        if kind not in ("weight", "activation"):
+            raise ValueError(f"kind must be 'weight' or 'activation', got {kind!r}")
+        if spec.per_channel and not channels:
+            raise ValueError("a per-channel quantizer needs the number of channels")
+        self.spec = spec
+        self.kind = kind
+        shape = (channels,) if spec.per_channel else ()
+        scale = torch.ones(shape)
+        if spec.scale_mode == "lsq":
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.calibrating = False
+        self._ready = False
+        self._calib: list[torch.Tensor] = []
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._ready = False
+        super()._load_from_state_dict(*args, **kwargs)
+
+    # -- range estimation -------------------------------------------------------------
+    def _reduce_dims(self, x: torch.Tensor) -> list[int]:
+        if not self.spec.per_channel:
+            return list(range(x.dim()))
+        axis = self.spec.axis % x.dim()
+        return [d for d in range(x.dim()) if d != axis]
+
+    def _range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lo, hi) of x per scale element, by the spec's init method."""
+        x = x.detach().float()
+        dims = self._reduce_dims(x)
+        if self.spec.init == "percentile":
+            flat = x.movedim(self.spec.axis % x.dim(), 0).flatten(1) if self.spec.per_channel else x.flatten()[None]
+            q = self.spec.percentile / 100.0
+            lo, hi = torch.quantile(flat, 1 - q, dim=1), torch.quantile(flat, q, dim=1)
+            if not self.spec.per_channel:
+                lo, hi = lo[0], hi[0]
+        else:
+            lo, hi = x.amin(dim=dims), x.amax(dim=dims)
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+        if self.spec.init == "mse":
+            lo, hi = self._mse_clip(x, lo, hi, dims)
+        return lo, hi
+
+    def _qparams(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.spec
+        if s.symmetric:
+            top = s.max_level if s.max_level is not None else s.qmax
+            scale = torch.maximum(-lo, hi) / top
+            zp = torch.zeros_like(scale, dtype=torch.int32)
+        else:
+            scale = (hi - lo) / (s.qmax - s.qmin)
+            zp = (s.qmin - torch.round(lo / scale.clamp_min(s.scale_floor))).clamp(s.qmin, s.qmax).int()
+        return scale.clamp_min(s.scale_floor), zp
+
+    def _mse_clip(self, x, lo, hi, dims):
+        """Shrink the range by the factor in _MSE_GRID that minimises the quantization MSE."""
+        best_err, best_lo, best_hi = None, lo, hi
+        for a in _MSE_GRID.tolist():
+            scale, zp = self._qparams(lo * a, hi * a)
+            err = (self._quantize(x, scale, zp) - x).pow(2).mean(dim=dims)
+            better = err < best_err if best_err is not None else torch.ones_like(err, dtype=torch.bool)
+            best_err = torch.where(better, err, best_err) if best_err is not None else err
+            best_lo, best_hi = torch.where(better, lo * a, best_lo), torch.where(better, hi * a, best_hi)
+        return best_lo, best_hi
+
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor) -> None:
+        """Set scale and zero point from a tensor (the weight itself, or one activation batch)."""
+        scale, zp = self._qparams(*self._range(x))
+        self._set(scale, zp)
+
+    def _set(self, scale, zp):
+        self.scale.data.copy_(scale.reshape(self.scale.shape))
+        self.zero_point.copy_(zp.reshape(self.zero_point.shape))
+        self.initialized.fill_(True)
+        self._ready = True
+
+    # -- calibration ------------------------------------------------------------------
+    def start_calibration(self) -> None:
+        self.calibrating, self._calib = True, []
+
+    @torch.no_grad()
+    def finish_calibration(self) -> None:
+        """Average the per-batch ranges seen since start_calibration (minmax takes the extremes)."""
+        self.calibrating = False
+        if not self._calib:
+            return
+        los, his = (torch.stack(t) for t in zip(*self._calib))
+        if self.spec.init == "minmax":
+            lo, hi = los.amin(0), his.amax(0)
+        else:
+            lo, hi = los.mean(0), his.mean(0)
+        self._set(*self._qparams(lo, hi))
+        self._calib = []
+
+    # -- forward ----------------------------------------------------------------------
+    def _observe(self, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            scale, zp = self._qparams(*self._range(x))
+            m = self.spec.observer_momentum
+            if self.kind == "activation" and m < 1.0 and self.is_initialized:
+                scale = torch.lerp(self.scale, scale.reshape(self.scale.shape), m)
+            self._set(scale, zp)
+
+    def _quantize(self, x, scale, zp):
+        s = self.spec
+        if s.per_channel:
+            return torch.fake_quantize_per_channel_affine(x, scale, zp, s.axis % x.dim(), s.qmin, s.qmax)
+        return torch.fake_quantize_per_tensor_affine(x, scale, zp, s.qmin, s.qmax)
+
+    def lsq_grad_factor(self, x: torch.Tensor) -> float:
+        """LSQ's gradient scale 1/sqrt(N * Qp): N weights per scale, or features per sample."""
+        n = x.numel() / self.scale.numel() if self.kind == "weight" else x[0].numel()
+        return 1.0 / math.sqrt(n * self.spec.qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        if self.calibrating:
+            self._calib.append(tuple(t.detach() for t in self._range(x)))
+            return x
+        if s.scale_mode == "observer" and self.training:
+            self._observe(x)
+        elif not self.is_initialized:
+            self.init_from(x)
+        if s.scale_mode != "lsq":
+            return self._quantize(x, self.scale, self.zero_point)
+        scale = self.scale.clamp_min(s.scale_floor)
+        zp = self.zero_point.float()
+        g = self.lsq_grad_factor(x)
+        if s.per_channel:
+            return torch._fake_quantize_learnable_per_channel_affine(x, scale, zp, s.axis % x.dim(), s.qmin, s.qmax, g)
+        return torch._fake_quantize_learnable_per_tensor_affine(x, scale.reshape(1), zp.reshape(1), s.qmin, s.qmax, g)
+
+    @property
+    def is_initialized(self) -> bool:
+        # Cached so that a warm forward does not sync with the device to read the flag.
+        if not self._ready:
+            self._ready = bool(self.initialized)
+        return self._ready
+
+    def step_size(self) -> torch.Tensor:
+        """The current quantization step, broadcastable against the quantized tensor's channel axis."""
+        return self.scale.detach().clamp_min(self.spec.scale_floor)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        gran = f"per_channel(axis={s.axis})" if s.per_channel else "per_tensor"
+        return f"{self.kind}, bits={s.bits}, range=[{s.qmin},{s.qmax}], {gran}, scale_mode={s.scale_mode}"

@@ -1,0 +1,160 @@
+import math
+
+import pytest
+import torch
+
+from qat_sadam import QATConfig, QuantSpec, calibrate, prepare_qat
+from qat_sadam.models import build_model
+from qat_sadam.quant import FakeQuantize, quantizers
+
+
+def _fq(bits=4, **kw):
+    spec = QuantSpec(bits=bits, **{"scale_mode": "frozen", **kw})
+    q = FakeQuantize(spec, "activation", channels=kw.get("per_channel") and 3)
+    q.scale.data.fill_(0.5)
+    q.initialized.fill_(True)
+    return q
+
+
+def test_straight_through_gradient_is_one_inside_zero_outside():
+    q = _fq(bits=4)  # signed 4 bit: levels -8..7, scale 0.5 -> range [-4, 3.5]
+    x = torch.tensor([-5.0, -3.9, -0.2, 0.0, 1.3, 3.4, 3.9, 10.0], requires_grad=True)
+    q(x).sum().backward()
+    assert x.grad.tolist() == [0, 1, 1, 1, 1, 1, 0, 0]
+
+
+def test_rounds_half_to_even_like_quantize_linear():
+    q = _fq(bits=8)
+    x = torch.tensor([0.25, 0.75, -0.25, 1.25])  # x/s = 0.5, 1.5, -0.5, 2.5
+    assert (q(x) / 0.5).tolist() == [0.0, 2.0, -0.0, 2.0]
+
+
+def test_lsq_scale_gradient_matches_formula():
+    spec = QuantSpec(bits=3, scale_mode="lsq")  # levels -4..3
+    q = FakeQuantize(spec, "weight")
+    q.scale.data.fill_(0.4)
+    q.initialized.fill_(True)
+    x = torch.tensor([-2.0, -0.5, 0.1, 0.7, 1.9])
+    q(x).sum().backward()
+    # LSQ: d xq / d s = -x/s + round(x/s) inside, qmin / qmax outside, times g = 1/sqrt(N Qp)
+    v = x / 0.4
+    inside = (v >= -4) & (v <= 3)
+    d = torch.where(inside, torch.round(v) - v, torch.where(v < -4, torch.tensor(-4.0), torch.tensor(3.0)))
+    expected = d.sum() / math.sqrt(5 * 3)
+    assert q.scale.grad.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_each_channel_takes_at_most_2_pow_b_values(bits):
+    w = torch.randn(6, 5, 3, 3)
+    q = FakeQuantize(QuantSpec(bits=bits, per_channel=True, narrow_range=False, scale_mode="lsq"), "weight", channels=6)
+    q.init_from(w)
+    out = q(w)
+    for c in range(6):
+        n = out[c].unique().numel()
+        assert 2 <= n <= 2**bits
+
+
+def test_mse_init_clips_outliers_less_error_than_minmax():
+    w = torch.randn(4096)
+    w[0] = 40.0
+    err = {}
+    for init in ("minmax", "mse"):
+        q = FakeQuantize(QuantSpec(bits=4, init=init, scale_mode="frozen"), "weight")
+        q.init_from(w)
+        err[init] = (q(w) - w).pow(2).mean().item()
+    assert err["mse"] < 0.5 * err["minmax"]
+
+
+def test_w8a8_resnet18_is_close_to_float():
+    model = build_model("resnet18", 10, cifar_stem=True)
+    x = torch.randn(8, 3, 32, 32)
+    for m in model.modules():  # BN statistics of the data, as a trained model would have
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    qat = prepare_qat(model, QATConfig.from_dict({"bits": 8}))
+    calibrate(qat, [x])
+    qat.eval()
+    with torch.no_grad():
+        ref, out = model(x), qat(x)
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < 0.1, rel
+
+
+@pytest.mark.parametrize("name,kw", [("resnet18", {"cifar_stem": True}), ("mobilenet_v2", {}),
+                                     ("mobilenet_v3_small", {}), ("paper_cnn", {})])
+def test_w4a4_forward_backward(name, kw):
+    model = build_model(name, 10, **kw)
+    qat = prepare_qat(model, QATConfig.from_dict({"bits": 4}))
+    x = torch.randn(4, 3, 32, 32)
+    calibrate(qat, [x])
+    qat.train()
+    qat(x).logsumexp(1).sum().backward()
+    ws = quantizers(qat, "weight")
+    assert ws and all(q.spec.bits in (4, 8) for _, q in ws)
+    assert sum(q.spec.bits == 8 for _, q in ws) == 2  # first and last layer
+    for _, q in ws + quantizers(qat, "activation"):
+        assert q.scale.grad is not None and torch.isfinite(q.scale.grad).all()
+    conv_grads = [p.grad for n, p in qat.named_parameters() if n.endswith("weight") and p.dim() == 4]
+    assert all(g is not None and g.abs().sum() > 0 for g in conv_grads)
+
+
+def test_resnet_sites_cover_every_add_and_relu_reuse():
+    qat = prepare_qat(build_model("resnet18", 10, cifar_stem=True), {"bits": 4})
+    names = set(qat.activation_quantizers)
+    assert {"layer1_0_relu", "layer1_0_relu_1", "layer1_0_bn2", "avgpool", "fc", "x"} <= names
+    assert qat.activation_quantizers["x"].spec.bits == 8
+    assert qat.activation_quantizers["layer1_0_relu"].spec.bits == 4
+
+
+def test_overrides_by_pattern():
+    qat = prepare_qat(build_model("resnet18", 10, cifar_stem=True),
+                      {"bits": 4, "overrides": [{"pattern": "layer4.*", "bits": 6}, {"pattern": "layer1.0.conv1", "enabled": False}]})
+    assert qat.get_submodule("layer4.0.conv1").weight_quant.spec.bits == 6
+    assert qat.activation_quantizers["layer4_0_relu"].spec.bits == 6
+    assert not hasattr(qat.get_submodule("layer1.0.conv1"), "weight_quant")
+
+
+def test_paper_placement_quantizes_conv_inputs_only():
+    cfg = {"bits": 2, "first_last_bits": None, "placement": "conv_inputs",
+           "weight": {"per_channel": False, "narrow_range": False, "scale_mode": "observer", "init": "minmax", "max_level": 1.5},
+           "activation": {"signed": True, "symmetric": True, "scale_mode": "observer", "observer_momentum": 1.0,
+                          "init": "minmax", "max_level": 1.5}}
+    qat = prepare_qat(build_model("paper_cnn", 100), cfg)
+    assert list(qat.activation_quantizers) == ["x", "features_2"]
+    x = torch.randn(2, 3, 32, 32)
+    qat.train()
+    out = qat.activation_quantizers["x"](x)
+    levels = (out / (x.abs().max() / 1.5)).round().unique()
+    assert set(levels.tolist()) <= {-2.0, -1.0, 0.0, 1.0}
+
+
+@pytest.mark.parametrize("cfg,msg", [
+    ({"bits": 1}, "bits must be an integer from 2 to 8"),
+    ({"bits": 9}, "bits must be an integer from 2 to 8"),
+    ({"weight": {"granularity": "per_block"}}, "unknown key 'granularity'"),
+    ({"weight": {"init": "magic"}}, "unknown scale init 'magic'"),
+    ({"overrides": [{"pattern": "nonexistent.*", "bits": 8}]}, "pattern 'nonexistent.*' matches no"),
+    ({"placement": "everywhere"}, "unknown placement"),
+])
+def test_bad_config_raises_value_error_naming_the_problem(cfg, msg):
+    with pytest.raises(ValueError, match=msg.replace(".", r"\.").replace("*", r"\*")):
+        prepare_qat(build_model("paper_cnn", 10), cfg)
+
+
+def test_unsupported_module_is_named():
+    model = torch.nn.Sequential(torch.nn.Conv1d(1, 2, 3))
+    with pytest.raises(ValueError, match="module '0' \\(Conv1d\\)"):
+        prepare_qat(model, {})
+
+
+def test_calibrate_sets_activation_range_from_data():
+    qat = prepare_qat(build_model("small_cnn", 10, in_channels=1), {"bits": 8, "activation": {"init": "minmax"}})
+    x = torch.rand(16, 1, 8, 8) * 3.0
+    calibrate(qat, [(x, None)])
+    q = qat.activation_quantizers["x"]
+    assert q.scale.item() == pytest.approx(x.max().item() / 255, rel=1e-5)
+    assert q.zero_point.item() == 0
