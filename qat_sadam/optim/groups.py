@@ -1,0 +1,53 @@
+"""Param groups for S-Adam on a QAT model: probe radii read from the quantizers' current steps."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quant import FakeQuantize
+
+DEFAULT_RADIUS_MULTIPLE = 1.0
+
+
+def quantized_weights(model: nn.Module) -> dict[torch.Tensor, FakeQuantize]:
+    """Each fake-quantized weight parameter and the quantizer that reads it."""
+    return {m.weight: m.weight_quant for m in model.modules()
+            if isinstance(getattr(m, "weight_quant", None), FakeQuantize) and isinstance(getattr(m, "weight", None), nn.Parameter)}
+
+
+class QuantStepRadius:
+    """Probe radius: ``multiple`` x the current quantization step of a quantized weight (per channel
+    where the scale is per channel); ``sigma_rel`` x RMS for any other tensor."""
+
+    def __init__(self, model: nn.Module, multiple: float = DEFAULT_RADIUS_MULTIPLE, sigma_rel: float = 0.01):
+        self.quantizers = quantized_weights(model)
+        self.multiple, self.sigma_rel = multiple, sigma_rel
+
+    def __call__(self, p: torch.Tensor):
+        q = self.quantizers.get(p)
+        if q is None:
+            return self.sigma_rel * p.detach().pow(2).mean().sqrt().clamp_min(1e-3)
+        step = q.step_size()
+        if q.spec.per_channel:
+            shape = [1] * p.dim()
+            shape[q.spec.axis % p.dim()] = -1
+            step = step.reshape(shape)
+        return self.multiple * step
+
+
+def sadam_param_groups(model: nn.Module, weight_decay: float = 1e-2, radius_multiple: float = DEFAULT_RADIUS_MULTIPLE,
+                       lam: float | None = None, scale_lam: float = 0.0) -> list[dict]:
+    """Three groups: weights (decayed, probed and damped, radius = multiple x quant step); other
+    float params such as biases and BatchNorm (no decay, not damped); learnable quantizer scales
+    (no decay, damped only if ``scale_lam`` > 0). Empty groups are left out."""
+    scale_ids = {id(m.scale) for m in model.modules() if isinstance(m, FakeQuantize) and isinstance(m.scale, nn.Parameter)}
+    weights, others, scales = [], [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (scales if id(p) in scale_ids else weights if p.dim() > 1 else others).append(p)
+    weight_group = dict(params=weights, weight_decay=weight_decay, probe_radius=QuantStepRadius(model, radius_multiple))
+    if lam is not None:
+        weight_group["lam"] = lam
+    groups = [weight_group, dict(params=others, weight_decay=0.0, lam=0.0), dict(params=scales, weight_decay=0.0, lam=scale_lam)]
+    return [g for g in groups if g["params"]]
