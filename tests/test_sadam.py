@@ -261,7 +261,7 @@ def test_invalid_hyperparameters(kw, msg):
 def test_param_groups_radius_follows_quantization_step():
     qat = prepare_qat(build_model("small_cnn", 10, in_channels=1), {"bits": 4})
     groups = sadam_param_groups(qat, radius_multiple=0.5)
-    assert [g.get("lam") for g in groups] == [None, 0.0, 0.0]
+    assert [(g["name"], g.get("lam")) for g in groups] == [("weights", None), ("other", 0.0), ("quant_scales", 0.0)]
     conv = qat.get_submodule("body.0")
     r = groups[0]["probe_radius"](conv.weight)
     assert r.shape == (conv.out_channels, 1, 1, 1)

@@ -27,27 +27,25 @@ class QuantStepRadius:
         q = self.quantizers.get(p)
         if q is None:
             return self.sigma_rel * p.detach().pow(2).mean().sqrt().clamp_min(1e-3)
-        step = q.step_size()
-        if q.spec.per_channel:
-            shape = [1] * p.dim()
-            shape[q.spec.axis % p.dim()] = -1
-            step = step.reshape(shape)
-        return self.multiple * step
+        return self.multiple * q.step_size(p)
 
 
 def sadam_param_groups(model: nn.Module, weight_decay: float = 1e-2, radius_multiple: float = DEFAULT_RADIUS_MULTIPLE,
-                       lam: float | None = None, scale_lam: float = 0.0) -> list[dict]:
+                       lam: float | None = None, scale_lam: float = 0.0, scale_lr: float | None = None) -> list[dict]:
     """Three groups: weights (decayed, probed and damped, radius = multiple x quant step); other
     float params such as biases and BatchNorm (no decay, not damped); learnable quantizer scales
-    (no decay, damped only if ``scale_lam`` > 0). Empty groups are left out."""
+    (no decay, damped only if ``scale_lam`` > 0, learning rate ``scale_lr`` if given). Adam moves
+    every parameter by about lr per step whatever its size, so scales of 1e-3 need a far smaller
+    lr than weights or they cross zero within a few steps. Empty groups are left out."""
     scale_ids = {id(m.scale) for m in model.modules() if isinstance(m, FakeQuantize) and isinstance(m.scale, nn.Parameter)}
     weights, others, scales = [], [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
         (scales if id(p) in scale_ids else weights if p.dim() > 1 else others).append(p)
-    weight_group = dict(params=weights, weight_decay=weight_decay, probe_radius=QuantStepRadius(model, radius_multiple))
+    weight_group = dict(name="weights", params=weights, weight_decay=weight_decay, probe_radius=QuantStepRadius(model, radius_multiple))
     if lam is not None:
         weight_group["lam"] = lam
-    groups = [weight_group, dict(params=others, weight_decay=0.0, lam=0.0), dict(params=scales, weight_decay=0.0, lam=scale_lam)]
+    scale_group = dict(name="quant_scales", params=scales, weight_decay=0.0, lam=scale_lam, **({"lr": scale_lr} if scale_lr is not None else {}))
+    groups = [weight_group, dict(name="other", params=others, weight_decay=0.0, lam=0.0), scale_group]
     return [g for g in groups if g["params"]]

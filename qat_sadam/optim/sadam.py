@@ -138,6 +138,8 @@ class SAdam(Optimizer):
                 else:
                     with restored(self.probe_buffers):
                         raw = self._residual_rho(group, params, [grads[p] for p in params], closure, rng)
+                    if not math.isfinite(raw):  # a probe hit a non-finite loss: keep the last estimate
+                        continue
                     ema = group["rho_ema"] if group["probes"] > 0 else 0.0
                     group["rho"] = ema * group["rho"] + (1 - ema) * raw
                     group["damping"] = math.exp(-group["lam"] * group["rho"])

@@ -164,9 +164,24 @@ class FakeQuantize(nn.Module):
             self._ready = bool(self.initialized)
         return self._ready
 
-    def step_size(self) -> torch.Tensor:
-        """The current quantization step, broadcastable against the quantized tensor's channel axis."""
-        return self.scale.detach().clamp_min(self.spec.scale_floor)
+    def _broadcast(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not self.spec.per_channel:
+            return t
+        shape = [1] * x.dim()
+        shape[self.spec.axis % x.dim()] = -1
+        return t.reshape(shape)
+
+    @torch.no_grad()
+    def integer(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer codes of x (int32): clamp(round_half_even(x / scale) + zero_point)."""
+        scale = self.step_size(x)
+        zp = self._broadcast(self.zero_point, x)
+        return (torch.round(x / scale) + zp).clamp(self.spec.qmin, self.spec.qmax).to(torch.int32)
+
+    def step_size(self, like: torch.Tensor | None = None) -> torch.Tensor:
+        """The current quantization step; broadcastable against ``like`` when given."""
+        step = self.scale.detach().clamp_min(self.spec.scale_floor)
+        return step if like is None else self._broadcast(step, like)
 
     def extra_repr(self) -> str:
         s = self.spec

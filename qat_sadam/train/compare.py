@@ -1,0 +1,203 @@
+"""`qat-sadam compare`: the same recipe under several optimizers and seeds, as tables and plots.
+
+Cells are named by presets with optional settings: ``adamw``, ``sadam``, ``sadam-reference@k=8``,
+``prox_sgd``, ``adamw@lr=3e-4``. ``adamw-effective`` is the control of docs/evidence.md: AdamW at
+the nominal lr times the mean damping logged by the first S-Adam reference cell (else the
+first S-Adam cell) of the same seed. Finished cells are reused, so an interrupted study resumes.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+
+import yaml
+
+from .recipe import RecipeError, load_recipe
+from .trainer import Trainer
+
+PRESETS = {
+    "adamw": {"name": "adamw"},
+    "adamw-effective": {"name": "adamw"},
+    "sadam": {"name": "sadam"},
+    "sadam-reference": {"name": "sadam", "lgi": "reference"},
+    "prox_sgd": {"name": "prox_sgd", "lr": 0.01},
+    "sgd": {"name": "sgd"},
+}
+
+
+def parse_cell(spec: str) -> tuple[str, str, dict]:
+    """'sadam-reference@k=8' -> (label, preset, optimizer settings)."""
+    preset, *settings = spec.strip().split("@")
+    if preset not in PRESETS:
+        raise RecipeError(f"unknown optimizer {preset!r} in --optimizers; choose from {', '.join(PRESETS)} "
+                          "(settings as name@key=value)")
+    opt = dict(PRESETS[preset])
+    for s in settings:
+        if "=" not in s:
+            raise RecipeError(f"--optimizers: expected key=value after '@' in {spec!r}")
+        k, v = s.split("=", 1)
+        opt[k] = yaml.safe_load(v)
+    return spec.strip(), preset, opt
+
+
+def _source_cell(cells, i):
+    sadams = [c for c in cells[:i] if c[2]["name"] == "sadam"]
+    ref = [c for c in sadams if c[2].get("lgi") == "reference"]
+    if not sadams:
+        raise RecipeError("adamw-effective needs an S-Adam cell listed before it in --optimizers")
+    return (ref or sadams)[0]
+
+
+def compare(recipe_path: str, specs: list[str], seeds: int, out: str, overrides: list[str] = (), bits: int | None = None,
+            progress: bool = True, first_seed: int = 0) -> list[dict]:
+    cells = [parse_cell(s) for s in specs]
+    if len({c[0] for c in cells}) != len(cells):
+        raise RecipeError("--optimizers lists the same cell twice")
+    # Validate every cell's recipe before any training starts.
+    for label, preset, opt in cells:
+        _recipe(recipe_path, overrides, bits, opt, first_seed)
+    rows = []
+    for i, (label, preset, opt) in enumerate(cells):
+        runs = []
+        for seed in range(first_seed, first_seed + seeds):
+            opt_s = dict(opt)
+            if preset == "adamw-effective":
+                src = _source_cell(cells, i)
+                s = _summary(os.path.join(out, _dirname(src[0]), f"seed{seed}"))
+                nominal = _recipe(recipe_path, overrides, bits, src[2], seed)["optimizer"].get("lr", 1e-3)
+                opt_s["lr"] = nominal * s["mean_damping"]
+            runs.append(_run(recipe_path, overrides, bits, opt_s, seed, os.path.join(out, _dirname(label), f"seed{seed}"), progress))
+        rows.append(_row(label, opt, runs))
+    write_tables(rows, out)
+    plot_cells(out, [c[0] for c in cells], seeds, first_seed)
+    return rows
+
+
+def _dirname(label: str) -> str:
+    return label.replace("@", "_").replace("=", "").replace("/", "_")
+
+
+def _recipe(path, overrides, bits, opt, seed):
+    base = load_recipe(path, overrides, bits=bits, seed=seed)
+    merged = {**base["optimizer"], **opt} if base["optimizer"]["name"] == opt["name"] else {
+        **{k: v for k, v in base["optimizer"].items() if k in ("lr", "weight_decay")}, **opt}
+    return load_recipe(path, list(overrides) + [f"optimizer={json.dumps(merged)}"], bits=bits, seed=seed)
+
+
+def _summary(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return json.load(f)
+
+
+def _run(path, overrides, bits, opt, seed, run_dir, progress) -> dict:
+    if os.path.isfile(os.path.join(run_dir, "summary.json")):
+        return _summary(run_dir)
+    recipe = _recipe(path, overrides, bits, opt, seed)
+    resume = os.path.isfile(os.path.join(run_dir, "checkpoints", "last.pt"))
+    if not resume and os.path.isdir(run_dir):
+        import shutil
+
+        shutil.rmtree(run_dir)  # a cell that died before its first checkpoint
+    result = Trainer(recipe, run_dir, resume=resume, progress=progress).train()
+    if result.get("interrupted"):
+        raise KeyboardInterrupt
+    result["lr"] = recipe["optimizer"].get("lr")
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+COLUMNS = [("final_acc", "test acc (fake-quant)"), ("ort_acc", "test acc (ORT INT8)"), ("best_acc", "best acc"),
+           ("osc_freq_mean", "osc freq"), ("osc_frac_0.005", "osc > 0.005"), ("osc_frac_0.01", "osc > 0.01"),
+           ("loss_var50", "loss var (50 steps)"), ("mean_damping", "mean damping"), ("sec_per_epoch", "s / epoch")]
+
+
+def _row(label, opt, runs) -> dict:
+    row = {"optimizer": label, "settings": json.dumps(opt, sort_keys=True), "seeds": len(runs), "lr": runs[0].get("lr")}
+    for key, _ in COLUMNS:
+        row[key + "_mean"], row[key + "_std"] = _mean_std([r.get(key) for r in runs])
+    return row
+
+
+def _fmt(m, s, key):
+    if m is None:
+        return "n/a"
+    if key in ("final_acc", "ort_acc", "best_acc"):
+        return f"{100 * m:.2f} ± {100 * s:.2f}"
+    return f"{m:.4g} ± {s:.2g}"
+
+
+def write_tables(rows: list[dict], out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    cols = [(k, n) for k, n in COLUMNS if any(r[k + "_mean"] is not None for r in rows)]
+    lines = ["| optimizer | lr | seeds | " + " | ".join(n for _, n in cols) + " |",
+             "|---|---|---|" + "---|" * len(cols)]
+    for r in rows:
+        lr = f"{r['lr']:.3g}" if isinstance(r["lr"], (int, float)) else "-"
+        lines.append(f"| {r['optimizer']} | {lr} | {r['seeds']} | " + " | ".join(_fmt(r[k + '_mean'], r[k + '_std'], k) for k, _ in cols) + " |")
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n\nmean ± std over seeds; accuracies in %.\n")
+
+
+def plot_cells(out: str, labels: list[str], seeds: int, first_seed: int = 0) -> list[str]:
+    """loss, test accuracy, damping/rho and oscillation frequency over steps, seed-averaged per cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    panels = [("loss", "step", "training loss (EMA 0.98)"), ("test_acc", "epoch", "test accuracy (fake-quant)"),
+              ("damping", "step", "S-Adam damping exp(-lam rho)"), ("osc_freq_mean", "step", "mean oscillation frequency")]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    for label in labels:
+        series = {k: [] for k, _, _ in panels}
+        for seed in range(first_seed, first_seed + seeds):
+            f = os.path.join(out, _dirname(label), f"seed{seed}", "metrics.jsonl")
+            if not os.path.isfile(f):
+                continue
+            recs = [json.loads(line) for line in open(f)]
+            for key, kind, _ in panels:
+                vals = [r.get(key) for r in recs if r["type"] == kind]
+                if vals and all(v is not None for v in vals):
+                    series[key].append(np.array(vals, dtype=float))
+        for ax, (key, kind, title) in zip(axes.flat, panels):
+            runs = series[key]
+            if not runs:
+                continue
+            n = min(len(v) for v in runs)
+            y = np.mean([v[:n] for v in runs], axis=0)
+            if key == "loss":
+                y = _ema(y, 0.98)
+            x = np.arange(1, n + 1)
+            ax.plot(x, y, label=label, lw=1.2 if kind == "epoch" else 0.8, marker="o" if kind == "epoch" else None)
+            ax.set(title=title, xlabel=kind)
+    for ax in axes.flat:
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out, "curves.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def _ema(y, m):
+    out, acc = [], y[0]
+    for v in y:
+        acc = m * acc + (1 - m) * v
+        out.append(acc)
+    return out

@@ -1,0 +1,221 @@
+"""Datasets held in memory as uint8 NCHW tensors, and a seeded batch loader with batched augmentation.
+
+Every dataset here fits in memory (CIFAR: 150 MB), so the loader slices tensors instead of
+running torchvision transforms per sample through a DataLoader: on a 2-core machine the per-sample
+path costs more than the network. Random crop and flip are applied per sample, on the batch.
+Order and augmentation come from generators seeded by (seed, epoch, step), so a resumed run
+sees exactly the batches an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .recipe import RecipeError
+
+DATASETS = ("synthetic", "digits", "cifar10", "cifar100", "tinyimagenet")
+_CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
+_CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
+
+
+class DataError(RecipeError):
+    """Data that cannot be found or read; the message says where to put it."""
+
+
+@dataclass
+class Split:
+    x: torch.Tensor  # uint8 (N, C, H, W)
+    y: torch.Tensor  # int64 (N,)
+
+
+@dataclass
+class Data:
+    train: Split
+    test: Split
+    num_classes: int
+    mean: tuple
+    std: tuple
+
+    @property
+    def in_channels(self) -> int:
+        return self.train.x.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.x.shape[-1]
+
+
+def data_root(cfg: dict) -> str | None:
+    return cfg.get("root") or os.environ.get("QAT_SADAM_DATA")
+
+
+def _split(x: np.ndarray, y: np.ndarray) -> Split:
+    """From NHWC uint8 (or NHW) numpy arrays."""
+    x = torch.from_numpy(np.ascontiguousarray(x))
+    x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    return Split(x.contiguous(), torch.from_numpy(np.asarray(y)).long())
+
+
+def _synthetic(image_size: int = 16, classes: int = 10, n_train: int = 1024, n_test: int = 512) -> tuple[Split, Split, int]:
+    """Class templates plus noise: learnable, deterministic, no files."""
+    g = torch.Generator().manual_seed(1234)
+    templates = torch.rand(classes, 3, image_size, image_size, generator=g)
+
+    def make(n):
+        y = torch.randint(0, classes, (n,), generator=g)
+        x = 0.6 * templates[y] + 0.4 * torch.rand(n, 3, image_size, image_size, generator=g)
+        return Split((x * 255).round().to(torch.uint8), y)
+    return make(n_train), make(n_test), classes
+
+
+def _digits() -> tuple[Split, Split, int]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images * (255.0 / 16.0)).round().astype(np.uint8)
+    perm = np.random.default_rng(0).permutation(len(x))
+    x, y = x[perm], d.target[perm]
+    return _split(x[:1500], y[:1500]), _split(x[1500:], y[1500:]), 10
+
+
+def _cifar(name: str, cfg: dict) -> tuple[Split, Split, int]:
+    classes = 100 if name == "cifar100" else 10
+    root = data_root(cfg)
+    where = root or "(no data.root and no QAT_SADAM_DATA)"
+    parts = sorted(glob.glob(os.path.join(root, f"{name}_train*.npz"))) if root else []
+    test = os.path.join(root, f"{name}_test.npz") if root else ""
+    if parts and os.path.isfile(test):
+        tr = [np.load(p) for p in parts]
+        te = np.load(test)
+        return (_split(np.concatenate([p["x"] for p in tr]), np.concatenate([p["y"] for p in tr])),
+                _split(te["x"], te["y"]), classes)
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR100 if name == "cifar100" else torchvision.datasets.CIFAR10
+    if root is None and not cfg.get("download"):
+        raise DataError(f"{name}: no data found {where}; set data.root (or QAT_SADAM_DATA) to a folder holding "
+                        f"{name}_train*.npz + {name}_test.npz or torchvision's {name} files, or set data.download: true")
+    try:
+        sets = [cls(root or "data", train=t, download=bool(cfg.get("download"))) for t in (True, False)]
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        raise DataError(f"{name}: not found under {where} ({e}); put {name}_train*.npz + {name}_test.npz or "
+                        f"torchvision's files there, or set data.download: true") from None
+    except OSError as e:  # download attempted offline
+        raise DataError(f"{name}: download failed ({e.__class__.__name__}: {e}); this machine may be offline: "
+                        f"put the files under {root or 'data'} and set data.download: false") from None
+    return _split(sets[0].data, sets[0].targets), _split(sets[1].data, sets[1].targets), classes
+
+
+def _decode(buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(io.BytesIO(buf[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
+                     for i in range(len(offsets) - 1)])
+
+
+def _tinyimagenet(cfg: dict) -> tuple[Split, Split, int]:
+    root = data_root(cfg)
+    npz = os.path.join(root, "tinyimagenet_subset.npz") if root else ""
+    if os.path.isfile(npz):
+        cache = os.path.join(os.environ.get("QAT_SADAM_CACHE", ".cache"), "tinyimagenet_subset_decoded.npz")
+        if not os.path.isfile(cache):
+            z = np.load(npz)
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            tmp = cache + ".tmp.npz"
+            np.savez(tmp, xtr=_decode(z["train_jpeg"], z["train_offsets"]), ytr=z["y_train"],
+                     xte=_decode(z["val_jpeg"], z["val_offsets"]), yte=z["y_val"])
+            os.replace(tmp, cache)
+        c = np.load(cache)
+        return _split(c["xtr"], c["ytr"].astype(np.int64)), _split(c["xte"], c["yte"].astype(np.int64)), 200
+    if root and os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val")):
+        import torchvision
+
+        sets = [torchvision.datasets.ImageFolder(os.path.join(root, s)) for s in ("train", "val")]
+        if sets[0].classes != sets[1].classes:
+            raise DataError(f"tinyimagenet: {root}/val must be an ImageFolder with the classes of {root}/train")
+        load = lambda ds: _split(np.stack([np.asarray(ds.loader(p).convert("RGB")) for p, _ in ds.samples]), ds.targets)  # noqa: E731
+        return load(sets[0]), load(sets[1]), len(sets[0].classes)
+    raise DataError(f"tinyimagenet: no data under {root or '(no data.root and no QAT_SADAM_DATA)'}; expected "
+                    "tinyimagenet_subset.npz or an ImageFolder layout with train/ and val/ class folders")
+
+
+def load_data(cfg: dict) -> Data:
+    """The dataset a recipe's ``data`` section names, with its subset and validation split applied."""
+    name = cfg["name"]
+    if name == "synthetic":
+        train, test, classes = _synthetic(cfg.get("image_size") or 16)
+    elif name == "digits":
+        train, test, classes = _digits()
+    elif name in ("cifar10", "cifar100"):
+        train, test, classes = _cifar(name, cfg)
+    elif name == "tinyimagenet":
+        train, test, classes = _tinyimagenet(cfg)
+    else:
+        raise RecipeError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if cfg.get("subset"):
+        train = Split(train.x[:cfg["subset"]], train.y[:cfg["subset"]])
+    if cfg.get("val_split"):
+        # A fixed split (seed 0), the same for every run, carved from the training set.
+        perm = torch.randperm(len(train.y), generator=torch.Generator().manual_seed(0))
+        n_val = int(round(len(perm) * cfg["val_split"]))
+        val, keep = perm[:n_val], perm[n_val:]
+        if cfg.get("eval_on") == "val":
+            test = Split(train.x[val], train.y[val])
+        train = Split(train.x[keep], train.y[keep])
+    if cfg.get("test_subset"):
+        test = Split(test.x[:cfg["test_subset"]], test.y[:cfg["test_subset"]])
+    if name in _CIFAR_MEAN:
+        mean, std = _CIFAR_MEAN[name], _CIFAR_STD[name]
+    else:
+        xf = train.x.float().div_(255)
+        mean = tuple(xf.mean(dim=(0, 2, 3)).tolist())
+        std = tuple(xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    return Data(train, test, classes, mean, std)
+
+
+class Loader:
+    """Batches of normalised float images from a uint8 Split, seeded by (seed, epoch, step)."""
+
+    def __init__(self, split: Split, batch_size: int, mean, std, *, shuffle: bool, seed: int = 0,
+                 crop_padding: int = 0, flip: bool = False, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        on_device = self.device.type == "cuda"
+        self.x = split.x.to(self.device) if on_device else split.x
+        self.y = split.y.to(self.device) if on_device else split.y
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.crop_padding, self.flip = crop_padding, flip
+        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        return (len(self.y) + self.batch_size - 1) // self.batch_size
+
+    def batches(self, epoch: int = 0, start: int = 0):
+        n = len(self.y)
+        order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+                 if self.shuffle else torch.arange(n))
+        for step in range(start, len(self)):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size].to(self.x.device)
+            x = self.x[idx]
+            if self.crop_padding or self.flip:
+                x = self._augment(x, torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_000_003 + step))
+            x = x.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)
+            yield x, self.y[idx].to(self.device, non_blocking=True)
+
+    def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        b, c, h, w = x.shape
+        if self.crop_padding:
+            p = self.crop_padding
+            xp = F.pad(x, (p, p, p, p))
+            offsets = torch.randint(0, 2 * p + 1, (b, 2), generator=g).tolist()
+            x = torch.stack([xp[i, :, oy:oy + h, ox:ox + w] for i, (oy, ox) in enumerate(offsets)])
+        if self.flip:
+            mask = (torch.rand(b, generator=g) < 0.5).to(x.device)
+            x = torch.where(mask[:, None, None, None], x.flip(3), x)
+        return x

@@ -1,0 +1,50 @@
+"""Weight oscillation metrics of Nagel et al., "Overcoming Oscillations in QAT" (ICML 2022).
+
+In the integer domain of each weight quantizer: a flip is a change of w_int between steps; an
+oscillation is a flip whose sign is opposite to that weight's previous flip; the oscillation
+frequency of a weight is an EMA (momentum 0.01) of its oscillation indicator.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..optim.groups import quantized_weights
+
+
+class OscillationTracker:
+    """Tracks every weight quantizer of ``max_bits`` bits or fewer. Call ``update()`` after each step."""
+
+    def __init__(self, model: nn.Module, max_bits: int = 4, momentum: float = 0.01):
+        self.tracked = [(w, q) for w, q in quantized_weights(model).items() if q.spec.bits <= max_bits]
+        self.momentum = momentum
+        self.prev = [q.integer(w) for w, q in self.tracked]
+        self.last_dir = [torch.zeros_like(p, dtype=torch.int8) for p in self.prev]
+        self.freq = [torch.zeros_like(p, dtype=torch.float32) for p in self.prev]
+
+    def __bool__(self) -> bool:
+        return bool(self.tracked)
+
+    @torch.no_grad()
+    def update(self) -> dict[str, torch.Tensor]:
+        """Advance one step; returns device tensors (flips, oscillations, mean frequency, share above thresholds)."""
+        flips = oscs = 0
+        for i, (w, q) in enumerate(self.tracked):
+            cur = q.integer(w)
+            direction = (cur - self.prev[i]).sign().to(torch.int8)
+            flip = direction != 0
+            osc = flip & (direction == -self.last_dir[i])
+            self.last_dir[i] = torch.where(flip, direction, self.last_dir[i])
+            self.freq[i].mul_(1 - self.momentum).add_(osc.float(), alpha=self.momentum)
+            self.prev[i] = cur
+            flips = flips + flip.sum()
+            oscs = oscs + osc.sum()
+        freq = torch.cat([f.flatten() for f in self.freq]) if self.freq else torch.zeros(1)
+        return {"flips": flips, "oscillations": oscs, "osc_freq_mean": freq.mean(),
+                "osc_frac_0.005": (freq > 0.005).float().mean(), "osc_frac_0.01": (freq > 0.01).float().mean()}
+
+    def state_dict(self) -> dict:
+        return {"prev": self.prev, "last_dir": self.last_dir, "freq": self.freq}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.prev, self.last_dir, self.freq = list(sd["prev"]), list(sd["last_dir"]), list(sd["freq"])

@@ -1,0 +1,199 @@
+"""Recipes: YAML training configs, validated up front against a schema, with CLI overrides."""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A user error in a recipe or its overrides; the message names the key or file."""
+
+
+_NUM = (int, float)
+# key -> type (a tuple of types, or a nested schema). "quant" and "optimizer" are checked by their builders too.
+SCHEMA: dict[str, Any] = {
+    "name": str,
+    "model": {"name": str, "cifar_stem": bool, "widths": list, "width": int, "dropout": _NUM},
+    "data": {"name": str, "root": (str, type(None)), "batch_size": int, "eval_batch_size": int,
+             "subset": (int, type(None)), "test_subset": (int, type(None)), "val_split": _NUM,
+             "eval_on": str, "download": bool, "image_size": (int, type(None)),
+             "augment": {"crop_padding": int, "flip": bool}},
+    "quant": dict,
+    "optimizer": dict,
+    "schedule": {"name": str, "warmup_epochs": _NUM, "min_lr": _NUM},
+    "epochs": int,
+    "max_steps": (int, type(None)),
+    "seed": int,
+    "device": str,
+    "calibration_batches": int,
+    "grad_clip": (_NUM, type(None)),
+    "nan_policy": str,
+    "logging": {"every": int, "oscillations": bool},
+    "checkpoint": {"every_steps": int},
+    "export": {"target": (str, type(None)), "enabled": bool},
+}
+
+DEFAULTS: dict[str, Any] = {
+    "name": "run",
+    "model": {"name": "small_cnn"},
+    "data": {"name": "synthetic", "root": None, "batch_size": 64, "eval_batch_size": 512, "subset": None,
+             "test_subset": None, "val_split": 0.0, "eval_on": "test", "download": False, "image_size": None,
+             "augment": {"crop_padding": 0, "flip": False}},
+    "quant": {"bits": 8},
+    "optimizer": {"name": "adamw", "lr": 1e-3},
+    "schedule": {"name": "constant", "warmup_epochs": 0, "min_lr": 0.0},
+    "epochs": 1,
+    "max_steps": None,
+    "seed": 0,
+    "device": "auto",
+    "calibration_batches": 2,
+    "grad_clip": None,
+    "nan_policy": "stop",
+    "logging": {"every": 10, "oscillations": True},
+    "checkpoint": {"every_steps": 0},
+    "export": {"target": None, "enabled": False},
+}
+
+CHOICES = {"schedule.name": ("constant", "cosine"), "nan_policy": ("stop", "skip"),
+           "data.eval_on": ("test", "val"), "device": ("auto", "cpu", "cuda")}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               list: "a list", dict: "a mapping", type(None): "null"}
+
+
+def _types(t) -> tuple:
+    return tuple(x for y in t for x in _types(y)) if isinstance(t, tuple) else (t,)
+
+
+def _type_ok(v, t) -> bool:
+    types = _types(t)
+    if isinstance(v, bool):
+        return bool in types
+    return isinstance(v, types)
+
+
+def _check(d: dict, schema: dict, path: str = "") -> None:
+    if not isinstance(d, dict):
+        raise RecipeError(f"recipe key '{path.rstrip('.') or '<top>'}' must be a mapping")
+    for k, v in d.items():
+        key = f"{path}{k}"
+        if k not in schema:
+            raise RecipeError(f"unknown recipe key '{key}' (known: {', '.join(sorted(schema))})")
+        t = schema[k]
+        if isinstance(t, dict):
+            _check(v, t, key + ".")
+        elif not _type_ok(v, t):
+            want = " or ".join(dict.fromkeys(_TYPE_NAMES[x] for x in _types(t) if not (x is int and float in _types(t))))
+            raise RecipeError(f"recipe key '{key}' must be {want}, got {type(v).__name__} {v!r}")
+    for k, allowed in CHOICES.items():
+        if not path and _get(d, k) not in allowed + (None,):
+            raise RecipeError(f"recipe key '{k}' must be one of {', '.join(allowed)}, got {_get(d, k)!r}")
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def parse_override(expr: str) -> tuple[list[str], Any]:
+    """'optimizer.lr=3e-4' -> (['optimizer', 'lr'], 0.0003); the value is read as YAML."""
+    if "=" not in expr:
+        raise RecipeError(f"--set expects key.path=value, got {expr!r}")
+    key, raw = expr.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        raise RecipeError(f"--set {key}: cannot read value {raw!r}") from None
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)
+    if not key or any(not p for p in key.split(".")):
+        raise RecipeError(f"--set expects key.path=value, got {expr!r}")
+    return key.split("."), value
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def load_recipe(path: str | None = None, overrides: list[str] = (), bits: int | None = None,
+                optimizer: str | None = None, seed: int | None = None) -> dict:
+    """Read a recipe file, apply overrides, fill defaults and validate. Raises RecipeError."""
+    raw: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise RecipeError(f"recipe file not found: {path}")
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{path}: a recipe must be a YAML mapping")
+        raw.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    for expr in overrides:
+        keys, value = parse_override(expr)
+        d = raw
+        for k in keys[:-1]:
+            d = d.setdefault(k, {})
+            if not isinstance(d, dict):
+                raise RecipeError(f"--set {'.'.join(keys)}: '{k}' is not a mapping")
+        d[keys[-1]] = value
+    if bits is not None:
+        raw.setdefault("quant", {})
+        if not isinstance(raw["quant"], dict):
+            raise RecipeError("recipe key 'quant' must be a mapping")
+        raw["quant"]["bits"] = bits
+    if optimizer is not None:
+        current = raw.get("optimizer") if isinstance(raw.get("optimizer"), dict) else {}
+        if current.get("name") != optimizer:  # keep only what every optimizer understands
+            current = {k: v for k, v in current.items() if k in ("lr", "weight_decay")}
+        raw["optimizer"] = {**current, "name": optimizer}
+    if seed is not None:
+        raw["seed"] = seed
+    _check(raw, SCHEMA)
+    recipe = _merge(DEFAULTS, raw)
+    _check(recipe, SCHEMA)
+    _validate_sections(recipe)
+    return recipe
+
+
+def _validate_sections(r: dict) -> None:
+    from ..quant import QATConfig
+    from .optimizers import check_optimizer
+
+    try:
+        QATConfig.from_dict(r["quant"])
+    except ValueError as e:
+        raise RecipeError(str(e) if str(e).startswith("quant") else f"quant: {e}") from None
+    check_optimizer(r["optimizer"])
+    for key, lo in (("epochs", 1), ("data.batch_size", 1), ("data.eval_batch_size", 1), ("calibration_batches", 0),
+                    ("logging.every", 1), ("checkpoint.every_steps", 0)):
+        if _get(r, key) < lo:
+            raise RecipeError(f"recipe key '{key}' must be at least {lo}, got {_get(r, key)}")
+    if not 0.0 <= r["data"]["val_split"] < 1.0:
+        raise RecipeError(f"recipe key 'data.val_split' must be in [0, 1), got {r['data']['val_split']}")
+    if r["data"]["eval_on"] == "val" and r["data"]["val_split"] <= 0:
+        raise RecipeError("recipe key 'data.eval_on' is 'val' but data.val_split is 0")
+
+
+def dump_recipe(recipe: dict, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(recipe, f, sort_keys=False)

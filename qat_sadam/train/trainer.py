@@ -1,0 +1,277 @@
+"""The QAT trainer: recipe in, run directory out (metrics.jsonl, checkpoints, summary)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..models import build_model
+from ..optim import SAdam
+from ..quant import QATConfig, calibrate, prepare_qat
+from .checkpoint import load_checkpoint, save_atomic
+from .data import Loader, load_data
+from .optimizers import build_optimizer
+from .oscillation import OscillationTracker
+from .recipe import dump_recipe
+
+LOSS_WINDOW = 50
+
+
+class NonFiniteError(RuntimeError):
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (non-finite loss under nan_policy: stop); the message says where."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingStopped("device: cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_qat_model(recipe: dict, info: dict) -> torch.nn.Module:
+    """The recipe's model, prepared for QAT (not calibrated). ``info``: num_classes, in_channels, image_size."""
+    m = recipe["model"]
+    kw = {k: m[k] for k in ("cifar_stem", "widths", "width") if k in m}
+    model = build_model(m["name"], info["num_classes"], image_size=info["image_size"], in_channels=info["in_channels"], **kw)
+    return prepare_qat(model, QATConfig.from_dict(recipe["quant"]))
+
+
+def _lr_lambda(epochs_steps: int, warmup: int, kind: str, min_ratio: float):
+    def f(step: int) -> float:
+        w = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        if kind == "constant":
+            return w
+        return w * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(step, epochs_steps) / epochs_steps)))
+    return f
+
+
+class Trainer:
+    def __init__(self, recipe: dict, run_dir: str, resume: bool = False, progress: bool = True, calibrate_scales: bool = True):
+        self.recipe, self.run_dir, self.progress = recipe, run_dir, progress
+        self.device = resolve_device(recipe["device"])
+        torch.manual_seed(recipe["seed"])
+        data = load_data(recipe["data"])
+        self.info = {"num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": data.image_size,
+                     "mean": list(data.mean), "std": list(data.std)}
+        aug = recipe["data"]["augment"]
+        self.train_loader = Loader(data.train, recipe["data"]["batch_size"], data.mean, data.std, shuffle=True,
+                                   seed=recipe["seed"], crop_padding=aug["crop_padding"], flip=aug["flip"], device=self.device)
+        self.test_loader = Loader(data.test, recipe["data"]["eval_batch_size"], data.mean, data.std, shuffle=False, device=self.device)
+        self.model = build_qat_model(recipe, self.info).to(self.device)
+        self.optimizer = build_optimizer(recipe["optimizer"], self.model, seed=recipe["seed"], probe_buffers=list(self.model.buffers()))
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = recipe["epochs"] * self.steps_per_epoch
+        if recipe["max_steps"]:
+            self.total_steps = min(self.total_steps, recipe["max_steps"])
+        s = recipe["schedule"]
+        base_lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(
+            self.total_steps, int(s["warmup_epochs"] * self.steps_per_epoch), s["name"], s["min_lr"] / base_lr if base_lr else 0.0))
+        self.tracker = OscillationTracker(self.model) if recipe["logging"]["oscillations"] else None
+        self.epoch = self.step_in_epoch = self.global_step = 0
+        self.best_acc, self.skipped = -1.0, 0
+        self.losses: deque = deque(maxlen=LOSS_WINDOW)
+        self._stop_requested = False
+        if resume:
+            self._restore(load_checkpoint(self.path("last.pt"), map_location=self.device))
+        elif calibrate_scales and recipe["calibration_batches"]:
+            calibrate(self.model, self.train_loader.batches(epoch=-1), recipe["calibration_batches"])
+            if self.tracker:  # integer weights after calibration are the reference for the first flip
+                self.tracker = OscillationTracker(self.model)
+
+    # -- files ----------------------------------------------------------------------------
+    def path(self, *parts) -> str:
+        return os.path.join(self.run_dir, *parts)
+
+    def _log(self, record: dict) -> None:
+        with open(self.path("metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def checkpoint(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "tracker": self.tracker.state_dict() if self.tracker else None,
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "best_acc": self.best_acc, "skipped": self.skipped, "losses": list(self.losses),
+                "recipe": self.recipe, "info": self.info}
+
+    def save(self, name: str = "last.pt") -> str:
+        save_atomic(self.checkpoint(), self.path("checkpoints", name))
+        return self.path("checkpoints", name)
+
+    def _restore(self, ck: dict) -> None:
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        if self.tracker and ck["tracker"]:
+            self.tracker.load_state_dict({k: [t.to(self.device) for t in v] for k, v in ck["tracker"].items()})
+        torch.set_rng_state(ck["rng_cpu"].cpu())
+        if ck["rng_cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng_cuda"]])
+        self.epoch, self.step_in_epoch, self.global_step = ck["epoch"], ck["step_in_epoch"], ck["global_step"]
+        self.best_acc, self.skipped = ck["best_acc"], ck["skipped"]
+        self.losses.extend(ck["losses"])
+
+    def path_last(self) -> str:
+        return self.path("checkpoints", "last.pt")
+
+    # -- steps ----------------------------------------------------------------------------
+    def _closure(self, x, y):
+        clip = self.recipe["grad_clip"]
+
+        def closure():
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(self.model(x), y)
+            if torch.is_grad_enabled():
+                loss.backward()
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip) if clip
+                        else torch.nn.utils.get_total_norm(grads))
+                ok = torch.isfinite(loss) & torch.isfinite(norm)
+                if not bool(ok):
+                    raise NonFiniteError("loss" if not torch.isfinite(loss) else "gradient")
+            return loss.detach()
+        return closure
+
+    def _train_step(self, x, y) -> float | None:
+        try:
+            loss = self.optimizer.step(self._closure(x, y))
+        except NonFiniteError as e:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.recipe["nan_policy"] == "stop":
+                last = self.path_last() if os.path.exists(self.path_last()) else "none written yet"
+                raise TrainingStopped(f"non-finite {e.what} at step {self.global_step} (epoch {self.epoch}); "
+                                      f"last good checkpoint: {last}") from None
+            self.skipped += 1
+            return None
+        self.scheduler.step()
+        return float(loss)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        was = self.model.training
+        self.model.eval()
+        correct = total = 0
+        loss_sum = 0.0
+        for x, y in self.test_loader.batches():
+            out = self.model(x)
+            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+            total += len(y)
+        self.model.train(was)
+        return {"test_acc": correct / total, "test_loss": loss_sum / total}
+
+    def _rho(self) -> tuple[float | None, float | None]:
+        if isinstance(self.optimizer, SAdam):
+            return self.optimizer.rho[0], self.optimizer.damping[0]
+        return None, None
+
+    # -- loop -----------------------------------------------------------------------------
+    def train(self) -> dict:
+        os.makedirs(self.path("checkpoints"), exist_ok=True)
+        dump_recipe(self.recipe, self.path("recipe.yaml"))
+        previous = signal.signal(signal.SIGINT, self._request_stop) if _main_thread() else None
+        try:
+            return self._loop()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def _request_stop(self, *_):
+        self._stop_requested = True
+
+    def _loop(self) -> dict:
+        r = self.recipe
+        every_ckpt = r["checkpoint"]["every_steps"]
+        self.model.train()
+        interrupted = False
+        while self.epoch < r["epochs"] and self.global_step < self.total_steps:
+            t_epoch, epoch_losses, dampings = time.perf_counter(), [], []
+            bar = tqdm(self.train_loader.batches(self.epoch, self.step_in_epoch), total=self.steps_per_epoch,
+                       initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{r['epochs']}", disable=None if self.progress else True,
+                       leave=False, dynamic_ncols=True)
+            for x, y in bar:
+                t0 = time.perf_counter()
+                loss = self._train_step(x, y)
+                self.global_step += 1
+                self.step_in_epoch += 1
+                rec = {"type": "step", "epoch": self.epoch, "step": self.global_step, "loss": loss,
+                       "lr": self.optimizer.param_groups[0]["lr"], "skipped": loss is None}
+                rec["rho"], rec["damping"] = self._rho()
+                if loss is not None:
+                    self.losses.append(loss)
+                    epoch_losses.append(loss)
+                if rec["damping"] is not None:
+                    dampings.append(rec["damping"])
+                if len(self.losses) >= 2:
+                    rec["loss_var50"] = float(torch.tensor(list(self.losses)).var())
+                if self.tracker:
+                    rec.update({k: float(v) for k, v in self.tracker.update().items()})
+                rec["sec"] = time.perf_counter() - t0
+                self._log(rec)
+                bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "skip")
+                if every_ckpt and self.global_step % every_ckpt == 0:
+                    self.save()
+                if self._stop_requested or self.global_step >= self.total_steps:
+                    interrupted = self._stop_requested
+                    break
+            bar.close()
+            if interrupted:
+                self.save()
+                self._log({"type": "interrupted", "step": self.global_step})
+                return {"interrupted": True, "checkpoint": self.path_last(), "step": self.global_step}
+            if self.step_in_epoch >= self.steps_per_epoch or self.global_step >= self.total_steps:
+                self._end_epoch(time.perf_counter() - t_epoch, epoch_losses, dampings)
+        return self.summary()
+
+    def _end_epoch(self, seconds: float, losses: list, dampings: list) -> None:
+        ev = self.evaluate()
+        rec = {"type": "epoch", "epoch": self.epoch + 1, "step": self.global_step, "sec_epoch": seconds,
+               "train_loss": sum(losses) / len(losses) if losses else None,
+               "mean_damping": sum(dampings) / len(dampings) if dampings else None, **ev}
+        self._log(rec)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        if ev["test_acc"] > self.best_acc:
+            self.best_acc = ev["test_acc"]
+            self.save("best.pt")
+        self.save()
+        if self.progress:
+            tqdm.write(f"epoch {rec['epoch']}: train loss {rec['train_loss'] or float('nan'):.4f}  "
+                       f"test acc {ev['test_acc']:.4f}  ({seconds:.1f} s)")
+
+    def summary(self) -> dict:
+        steps = [json.loads(line) for line in open(self.path("metrics.jsonl"))]
+        epochs = [s for s in steps if s["type"] == "epoch"]
+        damp = [s["damping"] for s in steps if s["type"] == "step" and s.get("damping") is not None]
+        last = [s for s in steps if s["type"] == "step"][-1]
+        summary = {"run_dir": self.run_dir, "epochs": len(epochs), "steps": self.global_step,
+                   "final_acc": epochs[-1]["test_acc"] if epochs else None, "best_acc": self.best_acc,
+                   "sec_per_epoch": sum(e["sec_epoch"] for e in epochs) / len(epochs) if epochs else None,
+                   "mean_damping": sum(damp) / len(damp) if damp else None, "skipped_steps": self.skipped,
+                   "loss_var50": last.get("loss_var50"),
+                   **{k: last[k] for k in ("osc_freq_mean", "osc_frac_0.005", "osc_frac_0.01") if k in last}}
+        with open(self.path("summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        return summary
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
