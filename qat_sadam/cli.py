@@ -84,10 +84,10 @@ def _print_summary(s: dict) -> None:
 
 
 def cmd_eval(a) -> int:
-    from .train.checkpoint import load_checkpoint
+    from .train.checkpoint import find_checkpoint, load_checkpoint
     from .train.trainer import Trainer
 
-    path = _checkpoint_path(a.run)
+    path = find_checkpoint(a.run)
     ck = load_checkpoint(path)
     recipe = ck["recipe"]
     if a.data_root:
@@ -96,18 +96,6 @@ def cmd_eval(a) -> int:
     trainer.model.load_state_dict(ck["model"])
     print(json.dumps({"checkpoint": path, **trainer.evaluate()}, indent=2))
     return 0
-
-
-def _checkpoint_path(run: str, name: str = "best.pt") -> str:
-    if os.path.isdir(run):
-        for n in (name, "last.pt"):
-            p = os.path.join(run, "checkpoints", n)
-            if os.path.isfile(p):
-                return p
-        raise UserError(f"no checkpoint in {run}/checkpoints")
-    if not os.path.isfile(run):
-        raise UserError(f"no such run directory or checkpoint: {run}")
-    return run
 
 
 def cmd_compare(a) -> int:
@@ -164,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .train.checkpoint import CheckpointError
     from .train.recipe import RecipeError
+    from .export.freeze import ExportError
+    from .export.validate import ValidationError
     from .train.trainer import TrainingStopped
 
     try:
@@ -171,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
-    except (UserError, RecipeError, CheckpointError) as e:
+    except (UserError, RecipeError, CheckpointError, ExportError, ValidationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except TrainingStopped as e:

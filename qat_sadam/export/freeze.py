@@ -1,0 +1,134 @@
+"""freeze: a QAT model -> an inference graph with integer weights and fixed Q/DQ points.
+
+- BatchNorm is folded into the preceding conv. Weights are symmetric per output channel, so
+  folding only rescales each channel: the integer weights stay those trained, the scale
+  becomes s * |a| and the sign of a moves into the integers (narrow range: -q never overflows).
+- Activation quantizers become QuantDequant nodes in a uint8 container: the n-bit range
+  [qmin, qmax] is shifted to [0, qmax - qmin] (a Clip keeps it there below 8 bits).
+- Biases become int32 at scale s_in * s_w, as ONNX Runtime's integer kernels need.
+- Grid-preserving ops (max-pool, flatten, reshape) get a QuantDequant with their input's
+  parameters after them, so that every integer op sees quantized inputs.
+The frozen torch model computes what the ONNX graph computes; it is the exporter's source and
+the parity reference. Modules are from ``qdq.py``; each has an ONNX translation.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from ..quant import FakeQuantize
+from ..quant.modules import QuantConv2d, QuantLinear
+from ..quant.prepare import _Graph
+from .qdq import QConv2d, QLinear, QuantDequant
+
+
+class ExportError(ValueError):
+    """A model or module the exporter cannot turn into an integer graph; the message names it."""
+
+
+def _requantize(w_int: torch.Tensor, scale: torch.Tensor, max_bits: int | None):
+    """Narrow weights to at most ``max_bits`` (e.g. 7 for CPUs without VNNI): new integers and scales."""
+    qmax = int(w_int.abs().amax())
+    if max_bits is None or qmax <= 2 ** (max_bits - 1) - 1:
+        return w_int, scale, False
+    new_max = 2 ** (max_bits - 1) - 1
+    ratio = w_int.abs().flatten(1).amax(1).clamp_min(1).float() / new_max
+    ratio = torch.where(ratio > 1, ratio, torch.ones_like(ratio))
+    shape = (-1,) + (1,) * (w_int.dim() - 1)
+    new = torch.round(w_int.float() / ratio.view(shape)).clamp(-new_max, new_max).to(torch.int32)
+    return new, scale * ratio, True
+
+
+def _folded(layer: nn.Module, bn: nn.BatchNorm2d | None):
+    """(integer weight, per-channel weight scale, float bias) with BatchNorm folded in."""
+    q: FakeQuantize = layer.weight_quant
+    w_int = q.integer(layer.weight).to(torch.int32)
+    scale = q.step_size(layer.weight).flatten().expand(layer.weight.shape[0]).clone()
+    bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(layer.weight.shape[0])
+    if bn is not None:
+        a = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
+        beta = bn.bias.detach() if bn.affine else torch.zeros_like(a)
+        bias = (bias - bn.running_mean) * a + beta
+        sign = torch.sign(a).to(torch.int32)
+        w_int = w_int * sign.view((-1,) + (1,) * (w_int.dim() - 1))
+        scale = scale * a.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    return w_int, scale, bias
+
+
+def freeze(qat_model: fx.GraphModule, weight_bits_max: int | None = None) -> tuple[fx.GraphModule, dict]:
+    """The frozen inference graph of a prepared QAT model, and a report (requantized layers)."""
+    if not isinstance(qat_model, fx.GraphModule) or not hasattr(qat_model, "activation_quantizers"):
+        raise ExportError("export needs a model from qat_sadam.prepare_qat (got an unprepared "
+                          f"{type(qat_model).__name__})")
+    gm = copy.deepcopy(qat_model).cpu().eval()
+    g = _Graph(gm)
+    modules = g.modules
+    qdq_of: dict[fx.Node, QuantDequant] = {}
+    report = {"requantized": []}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        m = modules[node.target]
+        if isinstance(m, FakeQuantize) and m.kind == "activation":
+            if m.spec.per_channel:
+                raise ExportError(f"activation quantizer {node.target!r} is per-channel; integer kernels need per-tensor")
+            qdq = QuantDequant.from_quantizer(m)
+            _set(gm, node.target, qdq)
+            qdq_of[node] = qdq
+        elif isinstance(m, nn.BatchNorm2d):
+            prev = node.args[0]
+            if not (isinstance(prev, fx.Node) and prev.op == "call_module" and isinstance(modules[prev.target], QuantConv2d)
+                    and len(prev.users) == 1):
+                raise ExportError(f"BatchNorm {node.target!r} does not follow a quantized conv; it cannot be folded")
+        elif isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, (QuantConv2d, QuantLinear)):
+            raise ExportError(f"module {node.target!r} ({type(m).__name__}) has no weight quantizer; an integer graph "
+                              "needs every conv and linear quantized (check quant.overrides)")
+        elif isinstance(m, nn.Dropout):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target], (QuantConv2d, QuantLinear)):
+            continue
+        layer = modules[node.target]
+        src = g.source(node.args[0])
+        if src not in qdq_of:
+            raise ExportError(f"the input of {node.target!r} is not quantized; cannot export it as an integer kernel")
+        (user,) = node.users if len(node.users) == 1 else (None,)
+        bn = modules[user.target] if user is not None and user.op == "call_module" and isinstance(modules.get(user.target), nn.BatchNorm2d) else None
+        w_int, w_scale, bias = _folded(layer, bn)
+        w_int, w_scale, changed = _requantize(w_int, w_scale, weight_bits_max)
+        if changed:
+            report["requantized"].append(node.target)
+        cls = QConv2d if isinstance(layer, nn.Conv2d) else QLinear
+        _set(gm, node.target, cls.from_parts(layer, w_int, w_scale, bias, qdq_of[src].scale))
+        if bn is not None:
+            user.replace_all_uses_with(node)
+            gm.graph.erase_node(user)
+    g.modules = dict(gm.named_modules())
+    _requantize_after_pass_ops(gm, g, qdq_of)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm, report
+
+
+def _requantize_after_pass_ops(gm, g: _Graph, qdq_of: dict) -> None:
+    for node in list(gm.graph.nodes):
+        if not g.is_pass(node) or node.op == "call_module" and isinstance(g.modules[node.target], (nn.Identity, nn.Dropout)):
+            continue
+        src = g.source(node)
+        if src not in qdq_of or any(u.op == "call_module" and isinstance(g.modules.get(u.target), QuantDequant) for u in node.users):
+            continue
+        name = f"requant_{node.name}"
+        gm.add_submodule(name, copy.deepcopy(qdq_of[src]))
+        with gm.graph.inserting_after(node):
+            q = gm.graph.call_module(name, (node,))
+        node.replace_all_uses_with(q, delete_user_cb=lambda u, q=q: u is not q)
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)

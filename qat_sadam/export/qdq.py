@@ -1,0 +1,110 @@
+"""Frozen quantized ops whose torch forward equals what their ONNX translation computes.
+
+Each op is a torch.autograd.Function with a ``symbolic`` method, so torch.onnx.export (the
+TorchScript exporter) writes exactly the QDQ pattern ONNX Runtime fuses into integer kernels:
+QuantizeLinear -> [Clip] -> DequantizeLinear for activations (uint8), an int8 initializer ->
+DequantizeLinear(axis 0) for weights, an int32 initializer -> DequantizeLinear for biases.
+torch's own fake-quant ops export only three integer ranges and the learnable ones not at all
+(docs/export.md), hence these.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant import FakeQuantize
+
+
+class _QuantDequantFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, hi: int):
+        q = torch.clamp(torch.round(x / scale) + zero_point.float(), 0, hi)  # round half to even, as ONNX
+        return (q - zero_point.float()) * scale
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, hi: int):
+        q = g.op("QuantizeLinear", x, scale, zero_point)
+        if hi < 255:
+            lo_t = g.op("Constant", value_t=torch.tensor(0, dtype=torch.uint8))
+            hi_t = g.op("Constant", value_t=torch.tensor(hi, dtype=torch.uint8))
+            q = g.op("Clip", q, lo_t, hi_t)
+        return g.op("DequantizeLinear", q, scale, zero_point)
+
+
+class _DequantFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, scale, zero_point):
+        shape = (-1,) + (1,) * (q.dim() - 1)
+        return (q.float() - zero_point.float().view(shape)) * scale.view(shape)
+
+    @staticmethod
+    def symbolic(g, q, scale, zero_point):
+        return g.op("DequantizeLinear", q, scale, zero_point, axis_i=0)
+
+
+class QuantDequant(nn.Module):
+    """Per-tensor quantize-dequantize in a uint8 container with integer range [0, hi]."""
+
+    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, hi: int):
+        super().__init__()
+        self.register_buffer("scale", scale.detach().float().reshape(()).clone())
+        self.register_buffer("zero_point", zero_point.detach().reshape(()).to(torch.uint8).clone())
+        self.hi = int(hi)
+
+    @classmethod
+    def from_quantizer(cls, q: FakeQuantize) -> "QuantDequant":
+        s = q.spec
+        return cls(q.step_size(), q.zero_point - s.qmin, s.qmax - s.qmin)
+
+    def forward(self, x):
+        return _QuantDequantFn.apply(x, self.scale, self.zero_point, self.hi)
+
+    def extra_repr(self):
+        return f"scale={self.scale.item():.4g}, zero_point={int(self.zero_point)}, range=[0,{self.hi}]"
+
+
+class _FrozenWeights(nn.Module):
+    """int8 weight and int32 bias with per-output-channel scales (bias scale = s_in * s_w)."""
+
+    def _init_parts(self, w_int, w_scale, bias, in_scale):
+        if int(w_int.abs().max()) > 127:
+            raise ValueError("weights do not fit int8")
+        self.register_buffer("weight_int", w_int.to(torch.int8))
+        self.register_buffer("weight_scale", w_scale.float().clone())
+        self.register_buffer("weight_zero_point", torch.zeros(w_int.shape[0], dtype=torch.int8))
+        bias_scale = (in_scale * w_scale).float()
+        self.register_buffer("bias_int", torch.round(bias / bias_scale).clamp(-2**31, 2**31 - 1).to(torch.int32))
+        self.register_buffer("bias_scale", bias_scale)
+        self.register_buffer("bias_zero_point", torch.zeros(w_int.shape[0], dtype=torch.int32))
+
+    def weight_bias(self):
+        return (_DequantFn.apply(self.weight_int, self.weight_scale, self.weight_zero_point),
+                _DequantFn.apply(self.bias_int, self.bias_scale, self.bias_zero_point))
+
+
+class QConv2d(_FrozenWeights):
+    @classmethod
+    def from_parts(cls, conv: nn.Conv2d, w_int, w_scale, bias, in_scale) -> "QConv2d":
+        m = cls()
+        m._init_parts(w_int, w_scale, bias, in_scale)
+        m.stride, m.padding, m.dilation, m.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported by the exporter")
+        return m
+
+    def forward(self, x):
+        w, b = self.weight_bias()
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+
+class QLinear(_FrozenWeights):
+    @classmethod
+    def from_parts(cls, linear: nn.Linear, w_int, w_scale, bias, in_scale) -> "QLinear":
+        m = cls()
+        m._init_parts(w_int, w_scale, bias, in_scale)
+        return m
+
+    def forward(self, x):
+        w, b = self.weight_bias()
+        return F.linear(x, w, b)

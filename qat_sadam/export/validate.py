@@ -1,0 +1,233 @@
+"""Validation of an exported INT8 model on ONNX Runtime: fusion, parity, accuracy, latency, size, mobile.
+
+Only the CPU execution provider exists in the desktop wheel; the report names the providers
+that actually ran, and mobile providers are checked statically by ORT's own tools.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .target import Target, load_target
+
+FLOAT_COMPUTE = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
+INTEGER_KERNELS = {"QLinearConv", "NhwcQLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger"}
+
+
+class ValidationError(ValueError):
+    pass
+
+
+def _session(path: str, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, optimized_path: str | None = None):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    so.log_severity_level = 3
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    try:
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types for unreadable models
+        raise ValidationError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
+
+
+def check_model_file(path: str) -> onnx.ModelProto:
+    if not os.path.isfile(path):
+        raise ValidationError(f"model not found: {path}")
+    try:
+        model = onnx.load(path)
+        onnx.checker.check_model(model)
+    except Exception as e:  # DecodeError, ValidationError, ...
+        raise ValidationError(f"{path} is not a valid ONNX model ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+    return model
+
+
+def fusion(path: str, workdir: str) -> dict:
+    """Op histogram of ORT's optimized graph: every float conv/linear must have become an integer kernel."""
+    before = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+    opt = os.path.join(workdir, "optimized.onnx")
+    _session(path, optimized_path=opt)
+    after = collections.Counter(n.op_type for n in onnx.load(opt).graph.node)
+    expected = sum(before[o] for o in FLOAT_COMPUTE)
+    integer = sum(after[o] for o in INTEGER_KERNELS)
+    left = {o: after[o] for o in FLOAT_COMPUTE if after[o]}
+    return {"ok": not left and integer >= expected, "float_ops_in_export": expected, "integer_kernels": integer,
+            "float_compute_left": left, "optimized_ops": dict(sorted(after.items(), key=lambda kv: -kv[1]))}
+
+
+def output_scale(model: onnx.ModelProto) -> float | None:
+    """The scale of the DequantizeLinear that produces the output (one output LSB)."""
+    out = model.graph.output[0].name
+    inits = {i.name: i for i in model.graph.initializer}
+    consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+    for n in model.graph.node:
+        if out in n.output and n.op_type == "DequantizeLinear":
+            name = n.input[1]
+            if name in inits:
+                return float(onnx.numpy_helper.to_array(inits[name]).reshape(-1)[0])
+            if name in consts:
+                return float(onnx.numpy_helper.to_array(consts[name].attribute[0].t).reshape(-1)[0])
+    return None
+
+
+def _lsb(a: np.ndarray, b: np.ndarray, scale: float) -> dict:
+    d = np.abs(a - b) / scale
+    return {"max_lsb": float(d.max()), "p99_lsb": float(np.percentile(d, 99)), "mismatch_frac": float((d > 0.5).mean()),
+            "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean())}
+
+
+def _run(sess, batches):
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x})[0] for x in batches])
+
+
+def latency(int8_path: str, float_path: str, shape: tuple, batches=(1, 32), rounds: int = 5, iters: int = 10) -> dict:
+    """Median ms per run, float ONNX vs INT8 ONNX on ORT CPU, interleaved round by round."""
+    sessions = {"float": _session(float_path), "int8": _session(int8_path)}
+    out = {}
+    for b in batches:
+        x = np.random.default_rng(0).standard_normal((b, *shape[1:])).astype(np.float32)
+        times = {k: [] for k in sessions}
+        for _ in range(rounds):
+            for k, s in sessions.items():
+                s.run(None, {"input": x})
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    s.run(None, {"input": x})
+                times[k].append(1000 * (time.perf_counter() - t0) / iters)
+        f, i = statistics.median(times["float"]), statistics.median(times["int8"])
+        out[f"batch{b}"] = {"float_ms": f, "int8_ms": i, "int8_over_float": i / f}
+    return out
+
+
+def mobile(path: str, workdir: str) -> dict:
+    """ORT's static NNAPI/CoreML usability check and the conversion to the .ort format."""
+    check = subprocess.run([sys.executable, "-m", "onnxruntime.tools.check_onnx_model_mobile_usability", path],
+                           capture_output=True, text=True)
+    text = (check.stdout + check.stderr).strip()
+    lines = [ln.split("- ", 1)[-1] if "- " in ln else ln for ln in text.splitlines()]
+    summary = [ln for ln in lines if any(k in ln for k in ("partition", "NNAPI", "CoreML", "nodes", "should", "supported"))]
+    ort_dir = os.path.join(workdir, "ort")
+    os.makedirs(ort_dir, exist_ok=True)
+    shutil.copy(path, os.path.join(ort_dir, os.path.basename(path)))
+    conv = subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", ort_dir],
+                          capture_output=True, text=True)
+    ort_files = sorted(f for f in os.listdir(ort_dir) if f.endswith(".ort"))
+    configs = sorted(f for f in os.listdir(ort_dir) if f.endswith(".config"))
+    return {"usability_check_exit_code": check.returncode, "usability_summary": summary[:40],
+            "usability_log": text[-6000:], "ort_conversion_ok": conv.returncode == 0 and bool(ort_files),
+            "ort_conversion_log": (conv.stdout + conv.stderr)[-2000:], "ort_dir": ort_dir,
+            "ort_files": ort_files, "required_operators_configs": configs}
+
+
+def validate(path: str, *, target: "str | Target | None" = None, inputs: list[np.ndarray] | None = None,
+             labels: np.ndarray | None = None, torch_outputs: np.ndarray | None = None, float_path: str | None = None,
+             out_dir: str | None = None) -> dict:
+    """Validate an INT8 ONNX model; ``inputs`` are real input batches, ``torch_outputs`` the torch
+    fake-quant logits on them (for parity) and ``labels`` their classes (for accuracy)."""
+    target = load_target(target)
+    model = check_model_file(path)
+    out_dir = out_dir or os.path.dirname(os.path.abspath(path))
+    os.makedirs(out_dir, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="validate-", dir=out_dir)
+    rep: dict = {"model": path, "target": target.name, "providers_available": ort.get_available_providers(),
+                 "providers_run": ["CPUExecutionProvider"],
+                 "note": "Only the CPU execution provider ran. Mobile providers (NNAPI, CoreML, XNNPACK) are not in "
+                         "this wheel; they are checked statically, never run."}
+    try:
+        if "fusion" in target.checks:
+            rep["fusion"] = fusion(path, work)
+        scale = output_scale(model)
+        rep["output_lsb"] = scale
+        if inputs is not None and ("parity" in target.checks or "accuracy" in target.checks):
+            full = _run(_session(path), inputs)
+            plain = _run(_session(path, ort.GraphOptimizationLevel.ORT_DISABLE_ALL), inputs)
+            parity = {"ort_all_vs_ort_no_opt": _lsb(full, plain, scale)}
+            if torch_outputs is not None:
+                parity["torch_fakequant_vs_ort"] = _lsb(torch_outputs, full, scale)
+            rep["parity"] = parity
+            if labels is not None:
+                rep["accuracy"] = {"ort_int8": float((full.argmax(1) == labels).mean()), "samples": int(len(labels))}
+                if torch_outputs is not None:
+                    rep["accuracy"]["torch_fakequant"] = float((torch_outputs.argmax(1) == labels).mean())
+        if "size" in target.checks:
+            rep["size"] = {"int8_bytes": os.path.getsize(path)}
+            if float_path:
+                rep["size"]["float_bytes"] = os.path.getsize(float_path)
+                rep["size"]["int8_over_float"] = os.path.getsize(path) / os.path.getsize(float_path)
+        if "latency" in target.checks and float_path:
+            shape = tuple(d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim)
+            rep["latency"] = latency(path, float_path, shape, batches=(1,) if target.fixed_batch else (1, 32))
+        if "mobile" in target.checks:
+            rep["mobile"] = mobile(path, out_dir)
+            ort_file = os.path.join(rep["mobile"]["ort_dir"], rep["mobile"]["ort_files"][0]) if rep["mobile"]["ort_files"] else None
+            if ort_file and inputs is not None:
+                rep["mobile"]["ort_file"] = ort_file
+                rep["mobile"]["parity_ort_format_vs_onnx"] = _lsb(_run(_session(ort_file), inputs), _run(_session(path), inputs), scale)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rep["passed"], rep["failures"] = _verdict(rep)
+    with open(os.path.join(out_dir, "validation.json"), "w") as f:
+        json.dump(rep, f, indent=2)
+    with open(os.path.join(out_dir, "validation.md"), "w") as f:
+        f.write(to_markdown(rep))
+    return rep
+
+
+def _verdict(rep: dict) -> tuple[bool, list[str]]:
+    fails = []
+    if "fusion" in rep and not rep["fusion"]["ok"]:
+        fails.append(f"not every conv/linear became an integer kernel: float ops left {rep['fusion']['float_compute_left']}")
+    tq = rep.get("parity", {}).get("torch_fakequant_vs_ort")
+    if tq and tq["top1_agreement"] < 0.995:
+        fails.append(f"top-1 agreement torch fake-quant vs ORT is {tq['top1_agreement']:.4f} < 0.995")
+    if "mobile" in rep and not rep["mobile"]["ort_conversion_ok"]:
+        fails.append("conversion to the .ort format failed")
+    return not fails, fails
+
+
+def to_markdown(rep: dict) -> str:
+    L = [f"# Validation of {os.path.basename(rep['model'])} (target {rep['target']})", "",
+         f"**{'PASSED' if rep['passed'] else 'FAILED'}**" + "".join(f"\n- {f}" for f in rep["failures"]), "",
+         f"Providers that ran: {', '.join(rep['providers_run'])}. Available in this build: "
+         f"{', '.join(rep['providers_available'])}. {rep['note']}", ""]
+    if "fusion" in rep:
+        fu = rep["fusion"]
+        L += ["## Integer kernels (ORT_ENABLE_ALL optimized graph)", "",
+              f"{fu['integer_kernels']} integer kernels for {fu['float_ops_in_export']} conv/linear ops; float compute left: "
+              f"{fu['float_compute_left'] or 'none'}", "", "| op | count |", "|---|---|"]
+        L += [f"| {k} | {v} |" for k, v in fu["optimized_ops"].items()] + [""]
+    if "parity" in rep:
+        L += ["## Parity (output LSB = %.4g)" % rep["output_lsb"], "", "| pair | max LSB | p99 LSB | outputs off by >0.5 LSB | top-1 agreement |", "|---|---|---|---|---|"]
+        for k, v in rep["parity"].items():
+            L.append(f"| {k} | {v['max_lsb']:.2f} | {v['p99_lsb']:.2f} | {100 * v['mismatch_frac']:.2f}% | {100 * v['top1_agreement']:.2f}% |")
+        L.append("")
+    if "accuracy" in rep:
+        a = rep["accuracy"]
+        L += ["## Accuracy", "", f"{a['samples']} test samples: ORT INT8 {100 * a['ort_int8']:.2f}%"
+              + (f", torch fake-quant {100 * a['torch_fakequant']:.2f}%" if "torch_fakequant" in a else ""), ""]
+    if "latency" in rep:
+        L += ["## Latency on ORT CPU (median, interleaved)", "", "| batch | float ms | INT8 ms | INT8 / float |", "|---|---|---|---|"]
+        L += [f"| {k[5:]} | {v['float_ms']:.2f} | {v['int8_ms']:.2f} | {v['int8_over_float']:.2f} |" for k, v in rep["latency"].items()] + [""]
+    if "size" in rep:
+        s = rep["size"]
+        L += ["## File size", "", f"INT8 {s['int8_bytes'] / 1e6:.2f} MB" + (f", float {s['float_bytes'] / 1e6:.2f} MB, ratio {s['int8_over_float']:.3f}" if "float_bytes" in s else ""), ""]
+    if "mobile" in rep:
+        m = rep["mobile"]
+        L += ["## Mobile (static checks; no mobile provider ran)", "", "ORT mobile usability check:", "", "```"] + m["usability_summary"] + ["```", "",
+              f".ort conversion: {'ok' if m['ort_conversion_ok'] else 'FAILED'} ({', '.join(m['ort_files'] + m['required_operators_configs'])})"]
+        if "parity_ort_format_vs_onnx" in m:
+            p = m["parity_ort_format_vs_onnx"]
+            L.append(f"; .ort vs .onnx: max {p['max_lsb']:.2f} LSB, top-1 agreement {100 * p['top1_agreement']:.2f}%")
+        L.append("")
+    return "\n".join(L)
