@@ -87,7 +87,7 @@ class Trainer:
         self.losses: deque = deque(maxlen=LOSS_WINDOW)
         self._stop_requested = False
         if resume:
-            self._restore(load_checkpoint(self.path("last.pt"), map_location=self.device))
+            self._restore(load_checkpoint(self.path_last(), map_location=self.device))
         elif calibrate_scales and recipe["calibration_batches"]:
             calibrate(self.model, self.train_loader.batches(epoch=-1), recipe["calibration_batches"])
             if self.tracker:  # integer weights after calibration are the reference for the first flip
@@ -236,17 +236,20 @@ class Trainer:
                 self._log({"type": "interrupted", "step": self.global_step})
                 return {"interrupted": True, "checkpoint": self.path_last(), "step": self.global_step}
             if self.step_in_epoch >= self.steps_per_epoch or self.global_step >= self.total_steps:
-                self._end_epoch(time.perf_counter() - t_epoch, epoch_losses, dampings)
+                self._end_epoch(time.perf_counter() - t_epoch, epoch_losses, dampings,
+                                complete=self.step_in_epoch >= self.steps_per_epoch)
         return self.summary()
 
-    def _end_epoch(self, seconds: float, losses: list, dampings: list) -> None:
+    def _end_epoch(self, seconds: float, losses: list, dampings: list, complete: bool = True) -> None:
+        """Evaluate and checkpoint; a run cut by max_steps ends a partial epoch that --resume continues."""
         ev = self.evaluate()
-        rec = {"type": "epoch", "epoch": self.epoch + 1, "step": self.global_step, "sec_epoch": seconds,
+        rec = {"type": "epoch", "epoch": self.epoch + 1, "complete": complete, "step": self.global_step, "sec_epoch": seconds,
                "train_loss": sum(losses) / len(losses) if losses else None,
                "mean_damping": sum(dampings) / len(dampings) if dampings else None, **ev}
         self._log(rec)
-        self.epoch += 1
-        self.step_in_epoch = 0
+        if complete:
+            self.epoch += 1
+            self.step_in_epoch = 0
         if ev["test_acc"] > self.best_acc:
             self.best_acc = ev["test_acc"]
             self.save("best.pt")

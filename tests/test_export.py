@@ -1,0 +1,130 @@
+import collections
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from qat_sadam import calibrate, prepare_qat
+from qat_sadam.export import ExportError, export_float_onnx, export_onnx, freeze
+from qat_sadam.export.target import Target
+from qat_sadam.export.validate import ValidationError, check_model_file, fusion, output_scale, validate
+from qat_sadam.models import build_model
+
+VNNI = Target(name="test", weight_bits_max=8, checks=["fusion", "parity", "size"])
+
+
+def _qat(name, bits, **kw):
+    torch.manual_seed(0)
+    model = prepare_qat(build_model(name, 10, **kw), {"bits": bits})
+    x = torch.randn(16, 3, 32, 32)
+    calibrate(model, [x])
+    model.train()
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for _ in range(3):
+            model(x)
+    return model.eval(), x
+
+
+@pytest.mark.parametrize("name,bits,kw", [("resnet18", 8, {"cifar_stem": True}), ("resnet18", 4, {"cifar_stem": True}),
+                                          ("mobilenet_v2", 8, {})])
+def test_every_conv_and_linear_becomes_an_integer_kernel(tmp_path, name, bits, kw):
+    model, x = _qat(name, bits, **kw)
+    path = str(tmp_path / "m.onnx")
+    done = export_onnx(model, x[:1], path, VNNI)
+    float_path = export_float_onnx(model, x[:1], str(tmp_path / "f.onnx"), VNNI)
+    ops = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+    n_layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+    assert ops["Conv"] + ops["Gemm"] == n_layers
+    rep = validate(path, target=VNNI, inputs=[x.numpy()], torch_outputs=done["frozen"](x).detach().numpy(),
+                   float_path=float_path, out_dir=str(tmp_path))
+    fu = rep["fusion"]
+    assert fu["ok"] and fu["integer_kernels"] == n_layers and not fu["float_compute_left"]
+    assert rep["fusion"]["optimized_ops"].get("QLinearConv", 0) + rep["fusion"]["optimized_ops"].get("NhwcQLinearConv", 0) > 0
+    # Through 20 layers, 1-LSB differences of the fused integer kernels' requantization cascade
+    # (ORT's own unfused QDQ path differs from its fused one alike): most outputs still agree.
+    assert rep["parity"]["torch_fakequant_vs_ort"]["mismatch_frac"] < 0.35
+    assert rep["size"]["int8_over_float"] <= 0.3
+    if bits < 8:  # a Clip keeps sub-8-bit activations in their range inside the uint8 container
+        assert ops["Clip"] > 0
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_small_network_matches_ort_within_one_lsb(tmp_path, bits):
+    """conv-BN-ReLU, conv-BN, residual add, ReLU, global pool, linear: each an integer kernel in ORT."""
+    model, x = _qat("small_cnn", bits)
+    x = torch.randn(64, 3, 32, 32)
+    path = str(tmp_path / "m.onnx")
+    done = export_onnx(model, x[:1], path, VNNI)
+    rep = validate(path, target=VNNI, inputs=[x.numpy()], torch_outputs=done["frozen"](x).detach().numpy(), out_dir=str(tmp_path))
+    assert rep["fusion"]["ok"]
+    assert rep["fusion"]["optimized_ops"].get("QLinearAdd") == 1 and rep["fusion"]["optimized_ops"].get("QGemm") == 1
+    assert rep["parity"]["torch_fakequant_vs_ort"]["max_lsb"] <= 1.0 + 1e-4
+
+
+def test_batchnorm_folding_moves_a_block_output_by_at_most_one_lsb():
+    model, x = _qat("resnet18", 4, cifar_stem=True)
+    frozen, _ = freeze(model)
+    aq, fq = model.activation_quantizers, frozen.activation_quantizers
+    block = torch.nn.Sequential(aq.x, model.conv1, model.bn1, model.relu, aq.relu)
+    folded = torch.nn.Sequential(fq.x, frozen.conv1, frozen.relu, fq.relu)
+    with torch.no_grad():
+        lsb = (block(x) - folded(x)).abs() / aq.relu.scale
+    assert lsb.max() <= 1.0 + 1e-4
+    assert (lsb > 0.5).float().mean() < 0.01
+
+
+def test_negative_batchnorm_gamma_folds_exactly():
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    model, x = prepare_qat(conv, {"bits": 8, "first_last_bits": None}), torch.randn(8, 3, 8, 8)
+    calibrate(model, [x])
+    model.get_submodule("1").weight.data = torch.tensor([-1.5, 0.7, -0.2, 2.0])
+    model.eval()
+    frozen, _ = freeze(model)
+    out_q = model.activation_quantizers["_2"] if "_2" in model.activation_quantizers else list(model.activation_quantizers.values())[-1]
+    with torch.no_grad():
+        assert ((model(x) - frozen(x)).abs() / out_q.scale).max() <= 1.0 + 1e-4
+
+
+def test_export_errors_name_the_problem(tmp_path):
+    with pytest.raises(ExportError, match="needs a model from qat_sadam.prepare_qat"):
+        export_onnx(build_model("small_cnn", 10), torch.randn(1, 3, 8, 8), str(tmp_path / "x.onnx"))
+    model = prepare_qat(build_model("small_cnn", 10), {"bits": 8, "overrides": [{"pattern": "body.0", "enabled": False}]})
+    calibrate(model, [torch.randn(4, 3, 8, 8)])
+    with pytest.raises(ExportError, match="module 'body.0' \\(Conv2d\\) has no weight quantizer"):
+        export_onnx(model.eval(), torch.randn(1, 3, 8, 8), str(tmp_path / "x.onnx"))
+
+
+def test_truncated_or_foreign_files_are_rejected_clearly(tmp_path):
+    model, x = _qat("small_cnn", 8)
+    path = tmp_path / "m.onnx"
+    export_onnx(model, x[:1], str(path), VNNI)
+    data = path.read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.onnx").write_text("not a model")
+    for bad in ("cut.onnx", "text.onnx"):
+        with pytest.raises(ValidationError, match="is not a valid ONNX model"):
+            check_model_file(str(tmp_path / bad))
+
+
+def test_mobile_target_converts_to_ort_format_with_parity(tmp_path):
+    model, x = _qat("small_cnn", 4)
+    tgt = Target(name="mobile", weight_bits_max=8, fixed_batch=1, formats=["onnx", "ort"], checks=["fusion", "parity", "mobile"])
+    path = str(tmp_path / "m.onnx")
+    export_onnx(model, x[:1], path, tgt)
+    assert [d.dim_value for d in onnx.load(path).graph.input[0].type.tensor_type.shape.dim] == [1, 3, 32, 32]
+    rep = validate(path, target=tgt, inputs=[x[i:i + 1].numpy() for i in range(4)], out_dir=str(tmp_path))
+    m = rep["mobile"]
+    assert m["ort_conversion_ok"] and "m.ort" in m["ort_files"] and m["required_operators_configs"]
+    assert m["parity_ort_format_vs_onnx"]["max_lsb"] == 0.0
+    assert any("NNAPI" in line for line in m["usability_summary"])
+    assert rep["providers_run"] == ["CPUExecutionProvider"]
+
+
+def test_output_scale_is_the_logits_lsb(tmp_path):
+    model, x = _qat("small_cnn", 8)
+    path = str(tmp_path / "m.onnx")
+    export_onnx(model, x[:1], path, VNNI)
+    assert output_scale(onnx.load(path)) == pytest.approx(model.activation_quantizers["fc"].scale.item())
+    assert fusion(path, str(tmp_path))["ok"]
+    assert np.isfinite(output_scale(onnx.load(path)))

@@ -1,0 +1,129 @@
+import json
+import os
+
+import pytest
+import torch
+
+from qat_sadam.cli import main
+from qat_sadam.train.oscillation import OscillationTracker
+from qat_sadam.train.recipe import load_recipe
+from qat_sadam.train.trainer import Trainer
+
+TINY = ["data.name=synthetic", "data.image_size=8", "data.batch_size=64", "model.name=small_cnn", "model.width=8",
+        "epochs=2", "calibration_batches=1", "data.eval_batch_size=256"]
+
+
+def tiny_recipe(*extra, optimizer="sadam"):
+    return load_recipe(None, TINY + list(extra), bits=4, optimizer=optimizer)
+
+
+def _params(model):
+    return torch.cat([p.detach().flatten() for p in model.state_dict().values() if p.is_floating_point()])
+
+
+def test_train_end_to_end_writes_metrics_and_checkpoints(tmp_path):
+    r = tiny_recipe("optimizer.probe_every=2")
+    s = Trainer(r, str(tmp_path), progress=False).train()
+    assert s["epochs"] == 2 and s["steps"] == 32
+    recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    steps = [x for x in recs if x["type"] == "step"]
+    assert len(steps) == 32 and all(0 <= x["rho"] <= 2 and 0 < x["damping"] <= 1 for x in steps)
+    assert {"flips", "oscillations", "osc_freq_mean", "loss_var50", "lr", "sec"} <= set(steps[-1])
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert (tmp_path / "checkpoints" / "last.pt").exists() and (tmp_path / "checkpoints" / "best.pt").exists()
+    assert (tmp_path / "recipe.yaml").exists()
+
+
+@pytest.mark.parametrize("every", [0, 5])
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, every):
+    r = tiny_recipe("optimizer.probe_every=3", "model.dropout=0.0", f"checkpoint.every_steps={every}", "data.augment.flip=true",
+                    "data.augment.crop_padding=1")
+    full = Trainer(r, str(tmp_path / "full"), progress=False)
+    full.train()
+    stop = 21 if every else 16  # mid-epoch (16 steps per epoch) with periodic checkpoints, or at an epoch's end
+    Trainer({**r, "max_steps": stop}, str(tmp_path / "part"), progress=False).train()
+    resumed = Trainer(r, str(tmp_path / "part"), resume=True, progress=False)
+    assert resumed.global_step == stop
+    resumed.train()
+    assert torch.equal(_params(full.model), _params(resumed.model))
+    assert full.optimizer.rho == resumed.optimizer.rho
+
+
+def test_oscillation_counter_matches_hand_sequence():
+    from qat_sadam import prepare_qat
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1, bias=False), torch.nn.Flatten(), torch.nn.Linear(1, 1))
+    qat = prepare_qat(model, {"bits": 4, "first_last_bits": None, "weight": {"scale_mode": "frozen", "per_channel": False}})
+    conv = qat.get_submodule("0")
+    conv.weight_quant.scale.data.fill_(1.0)
+    sequence = [0, 1, 2, 1, 1, 2, 3, 2, 3]  # integer weights over steps
+    conv.weight.data.fill_(sequence[0])
+    tr = OscillationTracker(qat, momentum=0.5)
+    flips, oscs = [], []
+    for v in sequence[1:]:
+        conv.weight.data.fill_(v)
+        m = tr.update()
+        flips.append(int(m["flips"]))
+        oscs.append(int(m["oscillations"]))
+    # deltas: +1 +1 -1 0 +1 +1 -1 +1 -> flips at every nonzero delta, oscillations where the sign reverses
+    assert flips == [1, 1, 1, 0, 1, 1, 1, 1]
+    assert oscs == [0, 0, 1, 0, 1, 0, 1, 1]
+    freq = 0.0
+    for o in oscs:
+        freq = 0.5 * freq + 0.5 * o
+    assert float(tr.freq[0].item()) == pytest.approx(freq)
+
+
+BAD = [
+    (["train", "nope.yaml"], "recipe file not found: nope.yaml"),
+    (["train", "recipes/quickstart.yaml", "--set", "data.batchsize=3"], "unknown recipe key 'data.batchsize'"),
+    (["train", "recipes/quickstart.yaml", "--set", "epochs=ten"], "recipe key 'epochs' must be an integer"),
+    (["train", "recipes/quickstart.yaml", "--optimizer", "lion"], "unknown optimizer 'lion'"),
+    (["train", "recipes/quickstart.yaml", "--bits", "9"], "--bits must be an integer from 2 to 8"),
+    (["train", "recipes/quickstart.yaml", "--bits", "1"], "--bits must be an integer from 2 to 8"),
+    (["train", "recipes/quickstart.yaml", "--set", "optimizer.lr=-1"], "Invalid learning rate"),
+    (["train", "recipes/quickstart.yaml", "--set", "data.name=imagenet"], "unknown dataset 'imagenet'"),
+    (["train", "recipes/quickstart.yaml", "--set", "data.name=cifar100", "--set", "data.root=/nonexistent"], "cifar100: not found under /nonexistent"),
+    (["compare", "recipes/quickstart.yaml", "--optimizers", "adamw,rmsprop"], "unknown optimizer 'rmsprop'"),
+    (["eval", "/nonexistent/run"], "no such run directory or checkpoint"),
+    (["validate", "/nonexistent.onnx"], "model not found"),
+]
+
+
+@pytest.mark.parametrize("argv,msg", BAD)
+def test_user_errors_exit_2_with_one_line(argv, msg, capsys, tmp_path):
+    code = main(argv + (["--out", str(tmp_path / "run")] if argv[0] in ("train", "compare") else []))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert msg in err and "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_train_refuses_existing_dir_without_force(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["train", "recipes/quickstart.yaml", "--out", str(out)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert main(["train", "recipes/quickstart.yaml", "--out", str(out), "--force"]) == 2
+    assert "does not look like a qat-sadam run directory" in capsys.readouterr().err
+    assert (out / "keep.txt").exists()
+
+
+def test_compare_writes_tables_and_plots(tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("\n".join(["model: {name: small_cnn, width: 8}",
+                                 "data: {name: synthetic, image_size: 8, batch_size: 128}",
+                                 "quant: {bits: 4}", "epochs: 1", "calibration_batches: 1"]))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(recipe), "--optimizers", "adamw,sadam-reference@k=2,adamw-effective", "--seeds", "2",
+                 "--out", str(out), "--quiet"]) == 0
+    md = (out / "results.md").read_text()
+    assert "| adamw |" in md and "| sadam-reference@k=2 |" in md and "| adamw-effective |" in md
+    rows = list(__import__("csv").DictReader(open(out / "results.csv")))
+    assert [r["seeds"] for r in rows] == ["2", "2", "2"]
+    ref_damping = float(rows[1]["mean_damping_mean"])
+    assert 0 < ref_damping < 1
+    eff = json.load(open(out / "adamw-effective" / "seed0" / "summary.json"))
+    ref = json.load(open(out / "sadam-reference_k2" / "seed0" / "summary.json"))
+    assert eff["lr"] == pytest.approx(1e-3 * ref["mean_damping"])
+    assert os.path.getsize(out / "curves.png") > 10_000
