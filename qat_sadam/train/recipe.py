@@ -184,6 +184,15 @@ def _validate_sections(r: dict) -> None:
     except ValueError as e:
         raise RecipeError(str(e) if str(e).startswith("quant") else f"quant: {e}") from None
     check_optimizer(r["optimizer"])
+    from ..models import MODELS
+    from .data import DATASETS
+
+    if r["model"]["name"] not in MODELS:
+        raise RecipeError(f"unknown model {r['model']['name']!r}; choose one of {', '.join(MODELS)}")
+    if r["model"].get("cifar_stem") and not r["model"]["name"].startswith("resnet"):
+        raise RecipeError(f"recipe key 'model.cifar_stem' applies to ResNets, not {r['model']['name']}")
+    if r["data"]["name"] not in DATASETS:
+        raise RecipeError(f"unknown dataset {r['data']['name']!r}; choose one of {', '.join(DATASETS)}")
     for key, lo in (("epochs", 1), ("data.batch_size", 1), ("data.eval_batch_size", 1), ("calibration_batches", 0),
                     ("logging.every", 1), ("checkpoint.every_steps", 0)):
         if _get(r, key) < lo:

@@ -19,7 +19,7 @@ from .checkpoint import load_checkpoint, save_atomic
 from .data import Loader, load_data
 from .optimizers import build_optimizer
 from .oscillation import OscillationTracker
-from .recipe import dump_recipe
+from .recipe import RecipeError, dump_recipe
 
 LOSS_WINDOW = 50
 
@@ -47,7 +47,10 @@ def build_qat_model(recipe: dict, info: dict) -> torch.nn.Module:
     m = recipe["model"]
     kw = {k: m[k] for k in ("cifar_stem", "widths", "width") if k in m}
     model = build_model(m["name"], info["num_classes"], image_size=info["image_size"], in_channels=info["in_channels"], **kw)
-    return prepare_qat(model, QATConfig.from_dict(recipe["quant"]))
+    try:
+        return prepare_qat(model, QATConfig.from_dict(recipe["quant"]))
+    except ValueError as e:  # a pattern that matches nothing, a module that cannot be quantized
+        raise RecipeError(str(e)) from None
 
 
 def _lr_lambda(epochs_steps: int, warmup: int, kind: str, min_ratio: float):
@@ -126,6 +129,18 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = ck["epoch"], ck["step_in_epoch"], ck["global_step"]
         self.best_acc, self.skipped = ck["best_acc"], ck["skipped"]
         self.losses.extend(ck["losses"])
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop records written after the checkpoint: the resumed run writes those steps again."""
+        path = self.path("metrics.jsonl")
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            keep = [line for line in f if (step := _record_step(line)) is not None and step <= self.global_step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
 
     def path_last(self) -> str:
         return self.path("checkpoints", "last.pt")
@@ -272,6 +287,13 @@ class Trainer:
         with open(self.path("summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         return summary
+
+
+def _record_step(line: str) -> int | None:
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:  # a line cut short by a crash
+        return None
 
 
 def _main_thread() -> bool:

@@ -1,0 +1,165 @@
+"""Faults a long run meets: kill -9, full disks, NaN, untrusted files, bad input (docs/reliability.md)."""
+import errno
+import itertools
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from qat_sadam.cli import main
+from qat_sadam.train import checkpoint as ckpt_mod
+from qat_sadam.train.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from qat_sadam.train.recipe import load_recipe
+from qat_sadam.train.trainer import Trainer, TrainingStopped
+
+TINY = ["data.name=synthetic", "data.image_size=8", "data.batch_size=64", "model.name=small_cnn", "model.width=8",
+        "epochs=3", "calibration_batches=1", "data.eval_batch_size=256", "checkpoint.every_steps=4",
+        "optimizer.probe_every=3", "quant.bits=4"]
+
+
+def _cli(out, *extra):
+    args = [sys.executable, "-m", "qat_sadam", "train", "recipes/quickstart.yaml", "--out", str(out), "--quiet"]
+    for s in TINY + ["export.enabled=false"]:
+        args += ["--set", s]
+    return args + list(extra)
+
+
+def _weights(path):
+    return load_checkpoint(str(path))["model"]
+
+
+def _steps_logged(run):
+    f = run / "metrics.jsonl"
+    return sum(1 for line in open(f) if '"type": "step"' in line) if f.exists() else 0
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
+    ref = tmp_path / "ref"
+    subprocess.run(_cli(ref), check=True, capture_output=True)
+    final = _weights(ref / "checkpoints" / "last.pt")
+    for i, kill_at in enumerate((3, 11, 29)):  # before the first checkpoint, mid-epoch, late in the last epoch
+        run = tmp_path / f"kill{i}"
+        p = subprocess.Popen(_cli(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while _steps_logged(run) < kill_at and p.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        last = run / "checkpoints" / "last.pt"
+        if last.exists():  # any checkpoint present is whole and loadable
+            load_checkpoint(str(last))
+            resumed = subprocess.run(_cli(run, "--resume"), capture_output=True, text=True)
+        else:
+            resumed = subprocess.run(_cli(run, "--force"), capture_output=True, text=True)
+        assert resumed.returncode == 0, resumed.stderr
+        got = _weights(last)
+        assert all(torch.equal(got[k], final[k]) for k in final), f"kill at step {kill_at}"
+        steps = [json.loads(line)["step"] for line in open(run / "metrics.jsonl") if '"type": "step"' in line]
+        assert steps == list(range(1, len(steps) + 1))  # no step logged twice after the resume
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES])
+def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch, err):
+    path = tmp_path / "last.pt"
+    save_atomic({"model": {"w": torch.ones(3)}, "recipe": {}}, str(path))
+
+    def broken(obj, f):
+        f.write(b"partial")
+        raise OSError(err, os.strerror(err))
+    monkeypatch.setattr(ckpt_mod.torch, "save", broken)
+    with pytest.raises(CheckpointError, match=f"cannot write checkpoint {path}: {os.strerror(err)}"):
+        save_atomic({"model": {"w": torch.zeros(3)}, "recipe": {}}, str(path))
+    assert torch.equal(load_checkpoint(str(path))["model"]["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
+
+
+def test_unwritable_output_is_named(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CheckpointError, match=f"cannot write checkpoint {blocker}/sub/last.pt"):
+        save_atomic({"model": {}, "recipe": {}}, str(blocker / "sub" / "last.pt"))
+
+
+def _poison_loss_at(monkeypatch, step):
+    import qat_sadam.train.trainer as tr
+    real, calls = tr.F.cross_entropy, itertools.count(1)
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        return out * float("nan") if torch.is_grad_enabled() and next(calls) == step else out
+    monkeypatch.setattr(tr.F, "cross_entropy", poisoned)
+
+
+def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path, monkeypatch):
+    r = load_recipe(None, TINY + ["checkpoint.every_steps=2"], optimizer="sadam")
+    t = Trainer(r, str(tmp_path), progress=False)
+    _poison_loss_at(monkeypatch, 7)
+    with pytest.raises(TrainingStopped, match=r"non-finite loss at step 6 \(epoch 0\); last good checkpoint: .*last.pt"):
+        t.train()
+    ck = load_checkpoint(str(tmp_path / "checkpoints" / "last.pt"))
+    assert ck["global_step"] == 6
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_nan_loss_skip_policy_skips_the_step(tmp_path, monkeypatch):
+    r = load_recipe(None, TINY + ["nan_policy=skip", "epochs=1"], optimizer="adamw")
+    t = Trainer(r, str(tmp_path), progress=False)
+    _poison_loss_at(monkeypatch, 3)
+    s = t.train()
+    assert s["skipped_steps"] == 1 and s["steps"] == 16
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+
+
+def test_malicious_pickle_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": Evil(), "recipe": {}}, f)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_checkpoint(str(path))
+    assert not marker.exists()
+    assert main(["eval", str(path)]) == 2 and not marker.exists()
+
+
+def _bad_cases():
+    cases = [["--bits", b] for b in ("0", "1", "9", "16", "-4", "four", "4.5", "")]
+    cases += [["--optimizer", o] for o in ("lion", "Adam", "", "sadam ")]
+    cases += [["--seed", s] for s in ("x", "1.5")]
+    bad_values = {"epochs": ["0", "-1", "ten", "1.5", "true", "[1]"], "seed": ["abc", "{}"],
+                  "data.batch_size": ["0", "-8", "big", "null"], "data.name": ["mnist", "7"],
+                  "data.val_split": ["1.0", "-0.1", "half"], "data.eval_on": ["train"], "schedule.name": ["step", "3"],
+                  "nan_policy": ["ignore"], "device": ["tpu"], "quant.bits": ["1", "12", "x"],
+                  "quant.placement": ["all"], "quant.weight.init": ["magic"], "quant.weight.scale_mode": ["auto"],
+                  "quant.activation.percentile": ["0", "101"], "quant.first_last_bits": ["1"],
+                  "optimizer.lr": ["-1", "fast"], "optimizer.k": ["0"], "optimizer.lam": ["-2"],
+                  "optimizer.lgi": ["magic"], "optimizer.betas": ["[0.9]", "1"], "optimizer.probe_every": ["0"],
+                  "model.name": ["vgg"], "model.cifar_stem": ["maybe"], "logging.every": ["0"],
+                  "data.augment.crop_padding": ["x"], "checkpoint.every_steps": ["-1"]}
+    cases += [["--set", f"{k}={v}"] for k, vs in bad_values.items() for v in vs]
+    cases += [["--set", s] for s in ("nokey", "=3", "a..b=1", "epochz=3", "data.batchsize=3", "optimizer.momentum=0.9",
+                                     "quant.overrides=[{pattern: 'nope*', bits: 8}]", "quant.weight={symmetric: false}")]
+    return cases
+
+
+@pytest.mark.parametrize("extra", _bad_cases(), ids=lambda c: " ".join(c)[:40])
+def test_fuzzed_cli_and_recipe_errors_exit_2_without_traceback(extra, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "recipes/quickstart.yaml", "--out", str(out)] + extra)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_fuzz_table_has_at_least_50_cases():
+    assert len(_bad_cases()) >= 50
