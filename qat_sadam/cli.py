@@ -105,7 +105,8 @@ def cmd_compare(a) -> int:
     if not specs:
         raise UserError("--optimizers: give at least one optimizer")
     out = a.out or os.path.join("runs", "compare-" + os.path.splitext(os.path.basename(a.recipe))[0])
-    compare(a.recipe, specs, a.seeds, out, a.set, bits=a.bits, progress=not a.quiet, first_seed=a.first_seed)
+    compare(a.recipe, specs, a.seeds, out, a.set, bits=a.bits, progress=not a.quiet, first_seed=a.first_seed,
+            export_target=a.export)
     print(open(os.path.join(out, "results.md")).read())
     print(f"results: {out}/results.md, {out}/results.csv, {out}/curves.png")
     return 0
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bits", type=_bits)
     c.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     c.add_argument("--out")
+    c.add_argument("--export", metavar="TARGET", help="also export every run for this target profile and report ORT INT8 accuracy")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compare)
 

@@ -15,6 +15,7 @@ CELLS="adamw,sadam,sadam-reference@k=2"
 ARGS="recipes/resnet18.yaml --optimizers $CELLS --seeds 1 --out $RESULTS --quiet \
   --set data.root=.cache/gpu --set epochs=$EPOCHS --set device=$DEVICE --set export.target=export/cpu-x86-vnni.yaml $EXTRA"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+mkdir -p "$(dirname "$RESULTS")"
 start=$(date +%s)
 for s in 0 1 2; do
   timeout "${PHASE_TIMEOUT:-400}" $PY -m qat_sadam compare $ARGS --first-seed $s > "${RESULTS}-seed$s.log" 2>&1 &

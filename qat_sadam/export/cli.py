@@ -36,20 +36,15 @@ def export_run(run: str, target: str | None, out_dir: str, samples: int | None =
     model.eval()
     tgt = load_target(target or recipe["export"].get("target") or DEFAULT_TARGET)
     batch = tgt.fixed_batch or 64
-    xs, ys, outs = [], [], []
-    with torch.no_grad():
-        for x, y in _test_batches(recipe, info, samples, batch):
-            if tgt.fixed_batch and len(x) != batch:
-                continue
-            xs.append(x.numpy())
-            ys.append(y.numpy())
-            outs.append(model(x).numpy())
-    example = torch.from_numpy(xs[0][:1])
+    batches = [(x, y) for x, y in _test_batches(recipe, info, samples, batch) if not tgt.fixed_batch or len(x) == batch]
     path = os.path.join(out_dir, "model.onnx")
-    done = export_onnx(model, example, path, tgt)
-    float_path = export_float_onnx(model, example, os.path.join(out_dir, "float.onnx"), tgt)
-    rep = validate(path, target=tgt, inputs=xs, labels=np.concatenate(ys), torch_outputs=np.concatenate(outs),
-                   float_path=float_path, out_dir=out_dir)
+    done = export_onnx(model, batches[0][0][:1], path, tgt)
+    float_path = export_float_onnx(model, batches[0][0][:1], os.path.join(out_dir, "float.onnx"), tgt)
+    with torch.no_grad():
+        qat_out = np.concatenate([model(x).numpy() for x, _ in batches])
+        frozen_out = np.concatenate([done["frozen"](x).numpy() for x, _ in batches])
+    rep = validate(path, target=tgt, inputs=[x.numpy() for x, _ in batches], labels=np.concatenate([y.numpy() for _, y in batches]),
+                   torch_outputs=qat_out, frozen_outputs=frozen_out, float_path=float_path, out_dir=out_dir)
     rep["requantized_to_max_bits"] = done["requantized_to_max_bits"]
     _print_report(rep, out_dir)
     return rep
@@ -61,12 +56,14 @@ def _print_report(rep: dict, out_dir: str) -> None:
     if "fusion" in rep:
         print(f"  integer kernels: {rep['fusion']['integer_kernels']} for {rep['fusion']['float_ops_in_export']} conv/linear; "
               f"float compute left: {rep['fusion']['float_compute_left'] or 'none'}")
-    p = rep.get("parity", {}).get("torch_fakequant_vs_ort")
-    if p:
-        print(f"  torch fake-quant vs ORT: max {p['max_lsb']:.1f} LSB, p99 {p['p99_lsb']:.1f} LSB, top-1 agreement {100 * p['top1_agreement']:.2f}%")
+    for key, name in (("torch_frozen_vs_ort", "torch frozen graph"), ("torch_qat_graph_vs_ort", "torch QAT graph")):
+        p = rep.get("parity", {}).get(key)
+        if p:
+            print(f"  {name} vs ORT: max {p['max_lsb']:.1f} LSB, p99 {p['p99_lsb']:.1f} LSB, top-1 agreement {100 * p['top1_agreement']:.2f}%")
     if "accuracy" in rep:
         a = rep["accuracy"]
-        print(f"  accuracy on {a['samples']}: ORT INT8 {100 * a['ort_int8']:.2f}%, torch fake-quant {100 * a.get('torch_fakequant', float('nan')):.2f}%")
+        print(f"  accuracy on {a['samples']}: ORT INT8 {100 * a['ort_int8']:.2f}%"
+              + "".join(f", {k.replace('_', ' ')} {100 * a[k]:.2f}%" for k in ("torch_frozen", "torch_qat_graph") if k in a))
     if "size" in rep and "int8_over_float" in rep["size"]:
         print(f"  size INT8/float: {rep['size']['int8_over_float']:.3f}")
     for k, v in rep.get("latency", {}).items():

@@ -20,7 +20,7 @@ from .trainer import Trainer
 PRESETS = {
     "adamw": {"name": "adamw"},
     "adamw-effective": {"name": "adamw"},
-    "sadam": {"name": "sadam"},
+    "sadam": {"name": "sadam", "lgi": "residual"},
     "sadam-reference": {"name": "sadam", "lgi": "reference"},
     "prox_sgd": {"name": "prox_sgd", "lr": 0.01},
     "sgd": {"name": "sgd"},
@@ -51,7 +51,9 @@ def _source_cell(cells, i):
 
 
 def compare(recipe_path: str, specs: list[str], seeds: int, out: str, overrides: list[str] = (), bits: int | None = None,
-            progress: bool = True, first_seed: int = 0) -> list[dict]:
+            progress: bool = True, first_seed: int = 0, export_target: str | None = None) -> list[dict]:
+    """Train every cell for every seed; with ``export_target`` also export each run to INT8 ONNX
+    and record its ONNX Runtime test accuracy."""
     cells = [parse_cell(s) for s in specs]
     if len({c[0] for c in cells}) != len(cells):
         raise RecipeError("--optimizers lists the same cell twice")
@@ -68,7 +70,8 @@ def compare(recipe_path: str, specs: list[str], seeds: int, out: str, overrides:
                 s = _summary(os.path.join(out, _dirname(src[0]), f"seed{seed}"))
                 nominal = _recipe(recipe_path, overrides, bits, src[2], seed)["optimizer"].get("lr", 1e-3)
                 opt_s["lr"] = nominal * s["mean_damping"]
-            runs.append(_run(recipe_path, overrides, bits, opt_s, seed, os.path.join(out, _dirname(label), f"seed{seed}"), progress))
+            runs.append(_run(recipe_path, overrides, bits, opt_s, seed, os.path.join(out, _dirname(label), f"seed{seed}"),
+                             progress, export_target))
         rows.append(_row(label, opt, runs))
     write_tables(rows, out)
     plot_cells(out, [c[0] for c in cells], seeds, first_seed)
@@ -80,9 +83,11 @@ def _dirname(label: str) -> str:
 
 
 def _recipe(path, overrides, bits, opt, seed):
-    base = load_recipe(path, overrides, bits=bits, seed=seed)
-    merged = {**base["optimizer"], **opt} if base["optimizer"]["name"] == opt["name"] else {
-        **{k: v for k, v in base["optimizer"].items() if k in ("lr", "weight_decay")}, **opt}
+    base = load_recipe(path, overrides, bits=bits, seed=seed)["optimizer"]
+    # The recipe's optimizer settings carry over to a cell of the same optimizer and mode; other
+    # cells keep only lr and weight decay (k=8 of the reference is not the residual's k).
+    same = base["name"] == opt["name"] and base.get("lgi", "residual") == opt.get("lgi", "residual")
+    merged = {**base, **opt} if same else {**{k: v for k, v in base.items() if k in ("lr", "weight_decay")}, **opt}
     return load_recipe(path, list(overrides) + [f"optimizer={json.dumps(merged)}"], bits=bits, seed=seed)
 
 
@@ -91,7 +96,7 @@ def _summary(run_dir: str) -> dict:
         return json.load(f)
 
 
-def _run(path, overrides, bits, opt, seed, run_dir, progress) -> dict:
+def _run(path, overrides, bits, opt, seed, run_dir, progress, export_target=None) -> dict:
     if os.path.isfile(os.path.join(run_dir, "summary.json")):
         return _summary(run_dir)
     recipe = _recipe(path, overrides, bits, opt, seed)
@@ -104,9 +109,23 @@ def _run(path, overrides, bits, opt, seed, run_dir, progress) -> dict:
     if result.get("interrupted"):
         raise KeyboardInterrupt
     result["lr"] = recipe["optimizer"].get("lr")
+    if export_target:
+        result.update(_export(run_dir, export_target))
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
+
+
+def _export(run_dir: str, target: str) -> dict:
+    from ..export.cli import export_run
+    from ..export.freeze import ExportError
+
+    try:
+        rep = export_run(run_dir, target, os.path.join(run_dir, "export"))
+    except ExportError as e:  # e.g. the paper's placement quantizes conv inputs only: no integer graph
+        return {"ort_acc": None, "export_error": str(e)}
+    return {"ort_acc": rep["accuracy"]["ort_int8"], "frozen_acc": rep["accuracy"].get("torch_frozen"),
+            "ort_agreement": rep["parity"]["torch_frozen_vs_ort"]["top1_agreement"]}
 
 
 def _mean_std(values):

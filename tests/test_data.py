@@ -1,0 +1,58 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qat_sadam.train.data import DataError, Loader, load_data
+
+
+def _jpegs(n, size, seed):
+    rng = np.random.default_rng(seed)
+    bufs = []
+    for _ in range(n):
+        b = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(b, format="JPEG")
+        bufs.append(np.frombuffer(b.getvalue(), dtype=np.uint8))
+    return np.concatenate(bufs), np.cumsum([0] + [len(b) for b in bufs]).astype(np.int64)
+
+
+def test_tinyimagenet_npz_is_decoded_once_and_cached(tmp_path, monkeypatch):
+    tr, tro = _jpegs(6, 64, 0)
+    va, vao = _jpegs(4, 64, 1)
+    np.savez(tmp_path / "tinyimagenet_subset.npz", train_jpeg=tr, train_offsets=tro, y_train=np.arange(6, dtype=np.int16) % 3,
+             val_jpeg=va, val_offsets=vao, y_val=np.arange(4, dtype=np.int16) % 3)
+    monkeypatch.setenv("QAT_SADAM_CACHE", str(tmp_path / "cache"))
+    d = load_data({"name": "tinyimagenet", "root": str(tmp_path)})
+    assert d.train.x.shape == (6, 3, 64, 64) and d.test.x.shape == (4, 3, 64, 64) and d.train.x.dtype == torch.uint8
+    assert (tmp_path / "cache" / "tinyimagenet_subset_decoded.npz").exists()
+    again = load_data({"name": "tinyimagenet", "root": str(tmp_path)})
+    assert torch.equal(again.train.x, d.train.x)
+
+
+def test_cifar_npz_parts_and_validation_split(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, n in (("cifar100_train_part1", 60), ("cifar100_train_part2", 40), ("cifar100_test", 20)):
+        np.savez(tmp_path / f"{name}.npz", x=rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8), y=rng.integers(0, 100, n).astype(np.uint8))
+    d = load_data({"name": "cifar100", "root": str(tmp_path), "val_split": 0.2, "eval_on": "val"})
+    assert len(d.train.y) == 80 and len(d.test.y) == 20 and d.num_classes == 100
+    d2 = load_data({"name": "cifar100", "root": str(tmp_path)})
+    assert len(d2.train.y) == 100 and len(d2.test.y) == 20
+
+
+def test_missing_data_says_where_to_put_it(tmp_path):
+    with pytest.raises(DataError, match="tinyimagenet: no data under"):
+        load_data({"name": "tinyimagenet", "root": str(tmp_path)})
+    with pytest.raises(DataError, match="set data.root"):
+        load_data({"name": "cifar10", "root": None})
+
+
+def test_loader_order_and_augmentation_are_seeded_by_epoch_and_step():
+    d = load_data({"name": "synthetic", "image_size": 8})
+    make = lambda: Loader(d.train, 32, d.mean, d.std, shuffle=True, seed=3, crop_padding=2, flip=True)  # noqa: E731
+    a = list(make().batches(epoch=1))
+    b = list(make().batches(epoch=1, start=5))
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a[5:], b))
+    c = list(make().batches(epoch=2))
+    assert not torch.equal(a[0][1], c[0][1])
