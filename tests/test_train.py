@@ -115,12 +115,12 @@ def test_compare_writes_tables_and_plots(tmp_path):
                                  "data: {name: synthetic, image_size: 8, batch_size: 128}",
                                  "quant: {bits: 4}", "epochs: 1", "calibration_batches: 1"]))
     out = tmp_path / "cmp"
-    assert main(["compare", str(recipe), "--optimizers", "adamw,sadam-reference@k=2,adamw-effective", "--seeds", "2",
+    assert main(["compare", str(recipe), "--optimizers", "adamw,sadam-reference@k=2,adamw-effective,prox_sgd", "--seeds", "2",
                  "--out", str(out), "--quiet"]) == 0
     md = (out / "results.md").read_text()
     assert "| adamw |" in md and "| sadam-reference@k=2 |" in md and "| adamw-effective |" in md
     rows = list(__import__("csv").DictReader(open(out / "results.csv")))
-    assert [r["seeds"] for r in rows] == ["2", "2", "2"]
+    assert [r["seeds"] for r in rows] == ["2", "2", "2", "2"]
     ref_damping = float(rows[1]["mean_damping_mean"])
     assert 0 < ref_damping < 1
     eff = json.load(open(out / "adamw-effective" / "seed0" / "summary.json"))

@@ -14,6 +14,7 @@ import statistics
 
 import yaml
 
+from .optimizers import KEYS
 from .recipe import RecipeError, load_recipe
 from .trainer import Trainer
 
@@ -87,7 +88,8 @@ def _recipe(path, overrides, bits, opt, seed):
     # The recipe's optimizer settings carry over to a cell of the same optimizer and mode; other
     # cells keep only lr and weight decay (k=8 of the reference is not the residual's k).
     same = base["name"] == opt["name"] and base.get("lgi", "residual") == opt.get("lgi", "residual")
-    merged = {**base, **opt} if same else {**{k: v for k, v in base.items() if k in ("lr", "weight_decay")}, **opt}
+    shared = {k: v for k, v in base.items() if k in ("lr", "weight_decay") and k in KEYS[opt["name"]]}
+    merged = {**base, **opt} if same else {**shared, **opt}
     return load_recipe(path, list(overrides) + [f"optimizer={json.dumps(merged)}"], bits=bits, seed=seed)
 
 
