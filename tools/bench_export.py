@@ -1,7 +1,11 @@
 """Our QAT export vs ONNX Runtime's own post-training quantization (quantize_static, QDQ,
-per-channel int8 weights, uint8 activations) of the same float weights: accuracy and latency.
+per-channel int8 weights, uint8 activations): accuracy and latency side by side.
 
-    .venv/bin/python tools/bench_export.py --run runs/quickstart --target export/cpu-x86-vnni.yaml
+ORT's PTQ is applied to the QAT run's own weights with the quantizers removed, and, with
+``--float-run``, to a model trained in float by the same recipe (all quantizers disabled:
+``--set 'quant.overrides=[{pattern: "*", enabled: false}]'``), which is PTQ's fair input.
+
+    .venv/bin/python tools/bench_export.py --run runs/quickstart --float-run runs/quickstart-float
 
 Latency: median ms per run on ORT CPU, float / ours / ORT PTQ interleaved round by round.
 """
@@ -33,6 +37,12 @@ class _Reader(CalibrationDataReader):
         return next(self.it, None)
 
 
+def _load(ck):
+    model = build_qat_model(ck["recipe"], ck["info"])
+    model.load_state_dict(ck["model"])
+    return model.eval()
+
+
 def _session(path):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -46,15 +56,14 @@ def main():
     ap.add_argument("--target", default="export/cpu-x86-vnni.yaml")
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--float-run", help="a run of the same recipe trained without quantizers")
     ap.add_argument("--data-root")
     a = ap.parse_args()
     ck = load_checkpoint(find_checkpoint(a.run))
     recipe, info = ck["recipe"], ck["info"]
     if a.data_root:
         recipe["data"]["root"] = a.data_root
-    model = build_qat_model(recipe, info)
-    model.load_state_dict(ck["model"])
-    model.eval()
+    model = _load(ck)
     data = load_data(recipe["data"])
     test = [(x.numpy(), y.numpy()) for x, y in Loader(data.test, 256, info["mean"], info["std"], shuffle=False).batches()]
     calib = [x.numpy() for x, _ in Loader(data.train, 32, info["mean"], info["std"], shuffle=True).batches()][:a.calib_batches]
@@ -67,7 +76,15 @@ def main():
     quant_pre_process(flt, pre)
     quantize_static(pre, ptq, _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    models = {"float (QAT weights, no quantizers)": flt, "ours: QAT INT8": ours, "ORT quantize_static INT8": ptq}
+    models = {"float (QAT weights, no quantizers)": flt, "ours: QAT INT8": ours, "ORT quantize_static INT8 of it": ptq}
+    if a.float_run:
+        fck = load_checkpoint(find_checkpoint(a.float_run))
+        f2, pre2, ptq2 = (os.path.join(tmp, n) for n in ("float2.onnx", "pre2.onnx", "ptq2.onnx"))
+        export_float_onnx(_load(fck), example, f2, a.target)
+        quant_pre_process(f2, pre2)
+        quantize_static(pre2, ptq2, _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        models.update({"float-trained model": f2, "ORT quantize_static INT8 of the float-trained model": ptq2})
     sessions = {k: _session(p) for k, p in models.items()}
     with torch.no_grad():
         torch_acc = np.mean(np.concatenate([model(torch.from_numpy(x)).argmax(1).numpy() == y for x, y in test]))
@@ -85,7 +102,7 @@ def main():
                 t[k].append(1000 * (time.perf_counter() - t0) / 20)
         lat[b] = {k: statistics.median(v) for k, v in t.items()}
     base = "float (QAT weights, no quantizers)"
-    print(f"\nrun {a.run} ({recipe['model']['name']}, {recipe['quant']}), {sum(len(y) for _, y in test)} test images, "
+    print(f"\nrun {a.run} ({recipe['model']['name']}, quant {recipe['quant']}), {sum(len(y) for _, y in test)} test images, "
           f"target {a.target}; torch fake-quant accuracy {100 * torch_acc:.2f}%\n")
     print("| model | test acc | size MB | ms batch 1 | ms batch 32 | latency / float (b32) |\n|---|---|---|---|---|---|")
     for k, p in models.items():

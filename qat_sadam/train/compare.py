@@ -199,8 +199,8 @@ def plot_cells(out: str, labels: list[str], seeds: int, first_seed: int = 0) -> 
             runs = series[key]
             if not runs:
                 continue
-            n = min(len(v) for v in runs)
-            y = np.mean([v[:n] for v in runs], axis=0)
+            n = max(len(v) for v in runs)  # seeds still running are left out of the mean
+            y = np.mean([v for v in runs if len(v) == n], axis=0)
             if key == "loss":
                 y = _ema(y, 0.98)
             x = np.arange(1, n + 1)
