@@ -46,6 +46,7 @@ def _prepare_out(out: str, force: bool, resume: bool) -> None:
 
 
 def cmd_train(a) -> int:
+    from .train import distributed
     from .train.recipe import load_recipe
     from .train.trainer import Trainer
 
@@ -58,9 +59,15 @@ def cmd_train(a) -> int:
         _prepare_out(out, a.force, True)
     else:
         recipe = load_recipe(a.recipe, a.set, bits=a.bits, optimizer=a.optimizer, seed=a.seed)
-        _prepare_out(out, a.force, False)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 owns the run directory
+            _prepare_out(out, a.force, False)
     trainer = Trainer(recipe, out, resume=a.resume, progress=not a.quiet)
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    finally:
+        distributed.shutdown()
+    if trainer.rank != 0:
+        return 0
     if summary.get("interrupted"):
         print(f"interrupted at step {summary['step']}; checkpoint: {summary['checkpoint']} (continue with --resume)")
         return 130

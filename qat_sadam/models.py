@@ -44,10 +44,10 @@ class SmallCNN(nn.Module):
 
 
 def build_model(name: str, num_classes: int, image_size: int = 32, in_channels: int = 3,
-                cifar_stem: bool = False, widths=(16, 32), width: int = 16) -> nn.Module:
+                cifar_stem: bool = False, widths=(16, 32), width: int = 16, dropout: float = 0.25) -> nn.Module:
     """Build a model by name. ``cifar_stem`` gives ResNets a 3x3 stride-1 conv1 and no max-pool."""
     if name == "paper_cnn":
-        return PaperCNN(num_classes, image_size, tuple(widths), in_channels)
+        return PaperCNN(num_classes, image_size, tuple(widths), in_channels, dropout)
     if name == "small_cnn":
         return SmallCNN(num_classes, in_channels, width)
     if name not in MODELS:

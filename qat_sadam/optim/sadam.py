@@ -133,7 +133,7 @@ class SAdam(Optimizer):
                 if not params:
                     continue
                 if self.lgi == "reference":
-                    rho = _reference_rho(group, params, closure, float(loss))
+                    rho = _reference_rho(group, params, closure, _global_loss(loss))
                     group["rho"], group["damping"] = rho, math.exp(-group["lam"] * min(rho, 10.0))
                 else:
                     with restored(self.probe_buffers):
@@ -173,10 +173,7 @@ class SAdam(Optimizer):
                 rng.restore_before()
                 losses.append(torch.as_tensor(closure(), device=device).detach().float())
                 torch._foreach_copy_(params, backup)
-        losses = torch.stack(losses)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(losses)
-            losses /= dist.get_world_size()
+        losses = _mean_over_ranks(torch.stack(losses))
         measured = (losses[0::2] - losses[1::2]) / 2
         predicted = torch.stack(predicted).float()
         resid = measured - predicted
@@ -220,7 +217,7 @@ def _reference_rho(group, params, closure, loss0: float) -> float:
             u = u / (u.norm() + 1e-12)
             p.add_(sigma * u)
             units.append(u)
-        d.append((float(closure()) - loss0) / sigma)
+        d.append((_global_loss(closure()) - loss0) / sigma)
         for p, u in zip(params, units):
             p.sub_(sigma * u)
     if k < 2:
@@ -228,6 +225,19 @@ def _reference_rho(group, params, closure, loss0: float) -> float:
     mean = sum(d) / k
     var = sum((x - mean) ** 2 for x in d) / (k - 1)
     return var / (sum(x * x for x in d) / k + group["stabilize_eps"])
+
+
+def _mean_over_ranks(t: Tensor) -> Tensor:
+    """Under data parallelism each rank's loss is that of its share of the batch: average them."""
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def _global_loss(loss) -> float:
+    return float(_mean_over_ranks(torch.as_tensor(loss).detach()))
 
 
 def _mix(seed: int, group: int, step: int) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .spec import QuantSpec
@@ -122,7 +123,12 @@ class FakeQuantize(nn.Module):
     # -- forward ----------------------------------------------------------------------
     def _observe(self, x: torch.Tensor) -> None:
         with torch.no_grad():
-            scale, zp = self._qparams(*self._range(x))
+            lo, hi = self._range(x)
+            if self.kind == "activation" and dist.is_available() and dist.is_initialized():
+                # Data-parallel ranks see different batches: agree on one range so scales stay identical.
+                dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+                dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+            scale, zp = self._qparams(lo, hi)
             m = self.spec.observer_momentum
             if self.kind == "activation" and m < 1.0 and self.is_initialized:
                 scale = torch.lerp(self.scale, scale.reshape(self.scale.shape), m)

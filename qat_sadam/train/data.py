@@ -183,13 +183,14 @@ class Loader:
     """Batches of normalised float images from a uint8 Split, seeded by (seed, epoch, step)."""
 
     def __init__(self, split: Split, batch_size: int, mean, std, *, shuffle: bool, seed: int = 0,
-                 crop_padding: int = 0, flip: bool = False, device: str | torch.device = "cpu"):
+                 crop_padding: int = 0, flip: bool = False, device: str | torch.device = "cpu", rank: int = 0, world: int = 1):
         self.device = torch.device(device)
         on_device = self.device.type == "cuda"
         self.x = split.x.to(self.device) if on_device else split.x
         self.y = split.y.to(self.device) if on_device else split.y
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.crop_padding, self.flip = crop_padding, flip
+        self.rank, self.world = rank, world
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
 
@@ -203,8 +204,10 @@ class Loader:
         for step in range(start, len(self)):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size].to(self.x.device)
             x = self.x[idx]
-            if self.crop_padding or self.flip:
+            if self.crop_padding or self.flip:  # drawn for the global batch, so each rank's share is the same
                 x = self._augment(x, torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_000_003 + step))
+            if self.world > 1:
+                x, idx = x[self.rank::self.world], idx[self.rank::self.world]
             x = x.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)
             yield x, self.y[idx].to(self.device, non_blocking=True)
 

@@ -16,7 +16,7 @@ _NUM = (int, float)
 # key -> type (a tuple of types, or a nested schema). "quant" and "optimizer" are checked by their builders too.
 SCHEMA: dict[str, Any] = {
     "name": str,
-    "model": {"name": str, "cifar_stem": bool, "widths": list, "width": int, "dropout": _NUM},
+    "model": {"name": str, "cifar_stem": bool, "widths": list, "width": int, "dropout": _NUM, "sync_bn": bool},
     "data": {"name": str, "root": (str, type(None)), "batch_size": int, "eval_batch_size": int,
              "subset": (int, type(None)), "test_subset": (int, type(None)), "val_split": _NUM,
              "eval_on": str, "download": bool, "image_size": (int, type(None)),
@@ -135,7 +135,8 @@ def _looks_numeric(s: str) -> bool:
 
 def load_recipe(path: str | None = None, overrides: list[str] = (), bits: int | None = None,
                 optimizer: str | None = None, seed: int | None = None) -> dict:
-    """Read a recipe file, apply overrides, fill defaults and validate. Raises RecipeError."""
+    """Read a recipe file, apply --bits/--optimizer/--seed, then the --set overrides (which win),
+    fill defaults and validate. Raises RecipeError."""
     raw: dict = {}
     if path is not None:
         if not os.path.isfile(path):
@@ -148,14 +149,6 @@ def load_recipe(path: str | None = None, overrides: list[str] = (), bits: int | 
         if not isinstance(raw, dict):
             raise RecipeError(f"{path}: a recipe must be a YAML mapping")
         raw.setdefault("name", os.path.splitext(os.path.basename(path))[0])
-    for expr in overrides:
-        keys, value = parse_override(expr)
-        d = raw
-        for k in keys[:-1]:
-            d = d.setdefault(k, {})
-            if not isinstance(d, dict):
-                raise RecipeError(f"--set {'.'.join(keys)}: '{k}' is not a mapping")
-        d[keys[-1]] = value
     if bits is not None:
         raw.setdefault("quant", {})
         if not isinstance(raw["quant"], dict):
@@ -168,6 +161,14 @@ def load_recipe(path: str | None = None, overrides: list[str] = (), bits: int | 
         raw["optimizer"] = {**current, "name": optimizer}
     if seed is not None:
         raw["seed"] = seed
+    for expr in overrides:
+        keys, value = parse_override(expr)
+        d = raw
+        for k in keys[:-1]:
+            d = d.setdefault(k, {})
+            if not isinstance(d, dict):
+                raise RecipeError(f"--set {'.'.join(keys)}: '{k}' is not a mapping")
+        d[keys[-1]] = value
     _check(raw, SCHEMA)
     recipe = _merge(DEFAULTS, raw)
     _check(recipe, SCHEMA)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from ..models import build_model
 from ..optim import SAdam
 from ..quant import QATConfig, calibrate, prepare_qat
+from . import distributed
 from .checkpoint import load_checkpoint, save_atomic
 from .data import Loader, load_data
 from .optimizers import build_optimizer
@@ -45,7 +46,7 @@ def resolve_device(name: str) -> torch.device:
 def build_qat_model(recipe: dict, info: dict) -> torch.nn.Module:
     """The recipe's model, prepared for QAT (not calibrated). ``info``: num_classes, in_channels, image_size."""
     m = recipe["model"]
-    kw = {k: m[k] for k in ("cifar_stem", "widths", "width") if k in m}
+    kw = {k: m[k] for k in ("cifar_stem", "widths", "width", "dropout") if k in m}
     model = build_model(m["name"], info["num_classes"], image_size=info["image_size"], in_channels=info["in_channels"], **kw)
     try:
         return prepare_qat(model, QATConfig.from_dict(recipe["quant"]))
@@ -64,15 +65,24 @@ def _lr_lambda(epochs_steps: int, warmup: int, kind: str, min_ratio: float):
 
 class Trainer:
     def __init__(self, recipe: dict, run_dir: str, resume: bool = False, progress: bool = True, calibrate_scales: bool = True):
-        self.recipe, self.run_dir, self.progress = recipe, run_dir, progress
+        self.recipe, self.run_dir = recipe, run_dir
+        self.rank, self.world, local_rank = distributed.init_from_env()
+        self.progress = progress and self.rank == 0
         self.device = resolve_device(recipe["device"])
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
         torch.manual_seed(recipe["seed"])
         data = load_data(recipe["data"])
         self.info = {"num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": data.image_size,
                      "mean": list(data.mean), "std": list(data.std)}
         aug = recipe["data"]["augment"]
-        self.train_loader = Loader(data.train, recipe["data"]["batch_size"], data.mean, data.std, shuffle=True,
-                                   seed=recipe["seed"], crop_padding=aug["crop_padding"], flip=aug["flip"], device=self.device)
+        loader = dict(shuffle=True, seed=recipe["seed"], crop_padding=aug["crop_padding"], flip=aug["flip"], device=self.device)
+        # Every rank walks the same global batches and takes its share of each (DistributedSampler's
+        # role, seeded by (seed, epoch) like its set_epoch): N ranks with B/N match one process with B.
+        self.train_loader = Loader(data.train, recipe["data"]["batch_size"], data.mean, data.std,
+                                   rank=self.rank, world=self.world, **loader)
+        calibration_loader = Loader(data.train, recipe["data"]["batch_size"], data.mean, data.std, **loader)
         self.test_loader = Loader(data.test, recipe["data"]["eval_batch_size"], data.mean, data.std, shuffle=False, device=self.device)
         self.model = build_qat_model(recipe, self.info).to(self.device)
         self.optimizer = build_optimizer(recipe["optimizer"], self.model, seed=recipe["seed"], probe_buffers=list(self.model.buffers()))
@@ -92,15 +102,24 @@ class Trainer:
         if resume:
             self._restore(load_checkpoint(self.path_last(), map_location=self.device))
         elif calibrate_scales and recipe["calibration_batches"]:
-            calibrate(self.model, self.train_loader.batches(epoch=-1), recipe["calibration_batches"])
+            calibrate(self.model, calibration_loader.batches(epoch=-1), recipe["calibration_batches"])
             if self.tracker:  # integer weights after calibration are the reference for the first flip
                 self.tracker = OscillationTracker(self.model)
+        self.net = self._data_parallel() if self.world > 1 else self.model
+
+    def _data_parallel(self) -> torch.nn.Module:
+        if self.recipe["model"].get("sync_bn"):
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
     # -- files ----------------------------------------------------------------------------
     def path(self, *parts) -> str:
         return os.path.join(self.run_dir, *parts)
 
     def _log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
         with open(self.path("metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -114,7 +133,8 @@ class Trainer:
                 "recipe": self.recipe, "info": self.info}
 
     def save(self, name: str = "last.pt") -> str:
-        save_atomic(self.checkpoint(), self.path("checkpoints", name))
+        if self.rank == 0:  # every rank holds the same state
+            save_atomic(self.checkpoint(), self.path("checkpoints", name))
         return self.path("checkpoints", name)
 
     def _restore(self, ck: dict) -> None:
@@ -134,7 +154,7 @@ class Trainer:
     def _truncate_metrics(self) -> None:
         """Drop records written after the checkpoint: the resumed run writes those steps again."""
         path = self.path("metrics.jsonl")
-        if not os.path.isfile(path):
+        if self.rank != 0 or not os.path.isfile(path):
             return
         with open(path) as f:
             keep = [line for line in f if (step := _record_step(line)) is not None and step <= self.global_step]
@@ -151,7 +171,7 @@ class Trainer:
 
         def closure():
             self.optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self.model(x), y)
+            loss = F.cross_entropy(self.net(x), y)
             if torch.is_grad_enabled():
                 loss.backward()
                 grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -175,7 +195,7 @@ class Trainer:
             self.skipped += 1
             return None
         self.scheduler.step()
-        return float(loss)
+        return float(distributed.mean(loss))
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -198,8 +218,9 @@ class Trainer:
 
     # -- loop -----------------------------------------------------------------------------
     def train(self) -> dict:
-        os.makedirs(self.path("checkpoints"), exist_ok=True)
-        dump_recipe(self.recipe, self.path("recipe.yaml"))
+        if self.rank == 0:
+            os.makedirs(self.path("checkpoints"), exist_ok=True)
+            dump_recipe(self.recipe, self.path("recipe.yaml"))
         previous = signal.signal(signal.SIGINT, self._request_stop) if _main_thread() else None
         try:
             return self._loop()
@@ -274,6 +295,10 @@ class Trainer:
                        f"test acc {ev['test_acc']:.4f}  ({seconds:.1f} s)")
 
     def summary(self) -> dict:
+        state = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        rank_diff = distributed.max_diff_from_rank0(state)
+        if self.rank != 0:
+            return {"rank": self.rank, "rank_max_state_diff": rank_diff}
         steps = [json.loads(line) for line in open(self.path("metrics.jsonl"))]
         epochs = [s for s in steps if s["type"] == "epoch"]
         damp = [s["damping"] for s in steps if s["type"] == "step" and s.get("damping") is not None]
@@ -282,7 +307,7 @@ class Trainer:
                    "final_acc": epochs[-1]["test_acc"] if epochs else None, "best_acc": self.best_acc,
                    "sec_per_epoch": sum(e["sec_epoch"] for e in epochs) / len(epochs) if epochs else None,
                    "mean_damping": sum(damp) / len(damp) if damp else None, "skipped_steps": self.skipped,
-                   "loss_var50": last.get("loss_var50"),
+                   "loss_var50": last.get("loss_var50"), "world_size": self.world, "rank_max_state_diff": rank_diff,
                    **{k: last[k] for k in ("osc_freq_mean", "osc_frac_0.005", "osc_frac_0.01") if k in last}}
         with open(self.path("summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
