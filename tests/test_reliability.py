@@ -163,3 +163,21 @@ def test_fuzzed_cli_and_recipe_errors_exit_2_without_traceback(extra, tmp_path, 
 
 def test_fuzz_table_has_at_least_50_cases():
     assert len(_bad_cases()) >= 50
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path):
+    ref = tmp_path / "ref"
+    subprocess.run(_cli(ref), check=True, capture_output=True)
+    run = tmp_path / "run"
+    p = subprocess.Popen(_cli(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while _steps_logged(run) < 6 and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 130 and "continue with --resume" in out
+    step = load_checkpoint(str(run / "checkpoints" / "last.pt"))["global_step"]
+    assert step >= 6
+    subprocess.run(_cli(run, "--resume"), check=True, capture_output=True)
+    final, got = _weights(ref / "checkpoints" / "last.pt"), _weights(run / "checkpoints" / "last.pt")
+    assert all(torch.equal(got[k], final[k]) for k in final)

@@ -127,3 +127,17 @@ def test_compare_writes_tables_and_plots(tmp_path):
     ref = json.load(open(out / "sadam-reference_k2" / "seed0" / "summary.json"))
     assert eff["lr"] == pytest.approx(1e-3 * ref["mean_damping"])
     assert os.path.getsize(out / "curves.png") > 10_000
+
+
+def test_help_and_eval(tmp_path, capsys):
+    assert main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    assert all(c in usage for c in ("train", "eval", "compare", "export", "validate"))
+    for cmd in ("train", "eval", "compare", "export", "validate"):
+        assert main([cmd, "--help"]) == 0
+    capsys.readouterr()
+    r = tiny_recipe("epochs=1")
+    Trainer(r, str(tmp_path / "run"), progress=False).train()
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 0.0 <= out["test_acc"] <= 1.0 and out["checkpoint"].endswith("best.pt")
