@@ -46,7 +46,7 @@ def _folded(layer: nn.Module, bn: nn.BatchNorm2d | None):
     q: FakeQuantize = layer.weight_quant
     w_int = q.integer(layer.weight).to(torch.int32)
     scale = q.step_size(layer.weight).flatten().expand(layer.weight.shape[0]).clone()
-    bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(layer.weight.shape[0])
+    bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros_like(scale)
     if bn is not None:
         a = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
         beta = bn.bias.detach() if bn.affine else torch.zeros_like(a)
@@ -62,7 +62,7 @@ def freeze(qat_model: fx.GraphModule, weight_bits_max: int | None = None) -> tup
     if not isinstance(qat_model, fx.GraphModule) or not hasattr(qat_model, "activation_quantizers"):
         raise ExportError("export needs a model from qat_sadam.prepare_qat (got an unprepared "
                           f"{type(qat_model).__name__})")
-    gm = copy.deepcopy(qat_model).cpu().eval()
+    gm = copy.deepcopy(qat_model).eval()
     g = _Graph(gm)
     modules = g.modules
     qdq_of: dict[fx.Node, QuantDequant] = {}

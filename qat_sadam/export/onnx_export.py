@@ -34,6 +34,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str, target
     ranges kept by a Clip in the 8-bit container: int8 kernels, not 4-bit storage)."""
     target = load_target(target)
     frozen, report = freeze(model, target.weight_bits_max)
+    frozen = frozen.cpu()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     _onnx_export(frozen, example_input.detach().cpu(), path, target)
     return {"path": path, "target": target.name, "requantized_to_max_bits": report["requantized"], "frozen": frozen}

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..export.freeze import ExportError, freeze
 from ..models import build_model
 from ..optim import SAdam
 from ..quant import QATConfig, calibrate, prepare_qat
@@ -199,17 +200,31 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """Test accuracy of the deployed numerics (the frozen graph: BatchNorm folded, int32 bias, what
+        ONNX Runtime computes) and of the QAT graph as trained. A model that has no integer graph
+        (the paper's conv-inputs-only placement) is evaluated as trained."""
         was = self.model.training
         self.model.eval()
+        try:
+            frozen, _ = freeze(self.model)
+        except ExportError:
+            frozen = None
+        qat = self._score(self.model)
+        self.model.train(was)
+        if frozen is None:
+            return {"test_acc": qat[0], "test_loss": qat[1], "eval_graph": "qat"}
+        acc, loss = self._score(frozen)
+        return {"test_acc": acc, "test_loss": loss, "eval_graph": "frozen", "test_acc_qat_graph": qat[0]}
+
+    def _score(self, net) -> tuple[float, float]:
         correct = total = 0
         loss_sum = 0.0
         for x, y in self.test_loader.batches():
-            out = self.model(x)
+            out = net(x)
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
             total += len(y)
-        self.model.train(was)
-        return {"test_acc": correct / total, "test_loss": loss_sum / total}
+        return correct / total, loss_sum / total
 
     def _rho(self) -> tuple[float | None, float | None]:
         if isinstance(self.optimizer, SAdam):
