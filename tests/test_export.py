@@ -128,3 +128,21 @@ def test_output_scale_is_the_logits_lsb(tmp_path):
     assert output_scale(onnx.load(path)) == pytest.approx(model.activation_quantizers["fc"].scale.item())
     assert fusion(path, str(tmp_path))["ok"]
     assert np.isfinite(output_scale(onnx.load(path)))
+
+
+def test_relu6_under_a_wide_quantizer_still_fuses(tmp_path):
+    """A ReLU6 whose quantizer reaches past 6 becomes ReLU + a lower quantizer bound: same values, fused."""
+    model, x = _qat("mobilenet_v2", 8)
+    for q in model.activation_quantizers.values():  # as if LSQ had grown the scales past 6/255
+        q.scale.data.mul_(3.0)
+    done = export_onnx(model, x[:1], str(tmp_path / "m.onnx"), VNNI)
+    with torch.no_grad():
+        assert torch.equal(done["frozen"](x), freeze(model)[0](x))
+        # the frozen graph computes exactly what the QAT graph computes around each ReLU6
+        q = model.activation_quantizers["features_0_2"]
+        block = torch.nn.Sequential(model.get_submodule("features.0.2"), q)
+        fblock = done["frozen"].activation_quantizers["features_0_2"]
+        t = torch.linspace(-2, 30, 2001)
+        torch.testing.assert_close(fblock(torch.relu(t)), block(t), rtol=0, atol=1e-6)
+    rep = validate(done["path"], target=VNNI, inputs=[x.numpy()], out_dir=str(tmp_path))
+    assert rep["fusion"]["ok"], rep["fusion"]["float_compute_left"]

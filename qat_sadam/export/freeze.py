@@ -88,6 +88,7 @@ def freeze(qat_model: fx.GraphModule, weight_bits_max: int | None = None) -> tup
         elif isinstance(m, nn.Dropout):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
+    _absorb_clips(gm, modules, qdq_of)
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(modules[node.target], (QuantConv2d, QuantLinear)):
             continue
@@ -113,6 +114,25 @@ def freeze(qat_model: fx.GraphModule, weight_bits_max: int | None = None) -> tup
     gm.recompile()
     gm.delete_all_unused_submodules()
     return gm, report
+
+
+def _absorb_clips(gm, modules: dict, qdq_of: dict) -> None:
+    """ReLU6 (Hardtanh(0, m)) before a quantizer with zero point 0 -> ReLU and the quantizer's upper
+    bound lowered to round(m / scale): exactly the same values, and ORT fuses Conv-ReLU-Q into an
+    integer kernel, which it cannot do with a Clip whose range is narrower than the Q's."""
+    for node in list(gm.graph.nodes):
+        m = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(m, nn.Hardtanh) or m.min_val != 0 or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        qdq = qdq_of.get(user)
+        if qdq is None or int(qdq.zero_point) != 0:
+            continue
+        qdq.hi = min(qdq.hi, int(torch.round(torch.tensor(float(m.max_val)) / qdq.scale)))
+        with gm.graph.inserting_after(node):
+            relu = gm.graph.call_function(torch.relu, (node.args[0],))
+        node.replace_all_uses_with(relu)
+        gm.graph.erase_node(node)
 
 
 def _requantize_after_pass_ops(gm, g: _Graph, qdq_of: dict) -> None:
