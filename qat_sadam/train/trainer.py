@@ -272,7 +272,8 @@ class Trainer:
                 if len(self.losses) >= 2:
                     rec["loss_var50"] = float(torch.tensor(list(self.losses)).var())
                 if self.tracker:
-                    rec.update({k: float(v) for k, v in self.tracker.update().items()})
+                    osc = self.tracker.update()
+                    rec.update(zip(osc, torch.stack([v.float() for v in osc.values()]).tolist()))  # one host sync
                 rec["sec"] = time.perf_counter() - t0
                 self._log(rec)
                 bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "skip")
