@@ -143,10 +143,12 @@ def _requantize_after_pass_ops(gm, g: _Graph, qdq_of: dict) -> None:
         if src not in qdq_of or any(u.op == "call_module" and isinstance(g.modules.get(u.target), QuantDequant) for u in node.users):
             continue
         name = f"requant_{node.name}"
-        gm.add_submodule(name, copy.deepcopy(qdq_of[src]))
+        qdq = copy.deepcopy(qdq_of[src])
+        gm.add_submodule(name, qdq)
         with gm.graph.inserting_after(node):
             q = gm.graph.call_module(name, (node,))
         node.replace_all_uses_with(q, delete_user_cb=lambda u, q=q: u is not q)
+        g.modules[name], qdq_of[q] = qdq, qdq  # a pass-op chain (max-pool, then flatten) requantizes each step
 
 
 def _set(root: nn.Module, path: str, module: nn.Module) -> None:
