@@ -24,6 +24,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from qat_sadam.export import export_float_onnx, export_onnx
+from qat_sadam.export.validate import _session
 from qat_sadam.train.checkpoint import find_checkpoint, load_checkpoint
 from qat_sadam.train.data import Loader, load_data
 from qat_sadam.train.trainer import build_qat_model
@@ -41,13 +42,6 @@ def _load(ck):
     model = build_qat_model(ck["recipe"], ck["info"])
     model.load_state_dict(ck["model"])
     return model.eval()
-
-
-def _session(path):
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
 def main():

@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from ..quant import FakeQuantize
 from ..quant.modules import QuantConv2d, QuantLinear
-from ..quant.prepare import _Graph
+from ..quant.prepare import _Graph, _set_module
 from .qdq import QConv2d, QLinear, QuantDequant
 
 
@@ -75,7 +75,7 @@ def freeze(qat_model: fx.GraphModule, weight_bits_max: int | None = None) -> tup
             if m.spec.per_channel:
                 raise ExportError(f"activation quantizer {node.target!r} is per-channel; integer kernels need per-tensor")
             qdq = QuantDequant.from_quantizer(m)
-            _set(gm, node.target, qdq)
+            _set_module(gm, node.target, qdq)
             qdq_of[node] = qdq
         elif isinstance(m, nn.BatchNorm2d):
             prev = node.args[0]
@@ -103,7 +103,7 @@ def freeze(qat_model: fx.GraphModule, weight_bits_max: int | None = None) -> tup
         if changed:
             report["requantized"].append(node.target)
         cls = QConv2d if isinstance(layer, nn.Conv2d) else QLinear
-        _set(gm, node.target, cls.from_parts(layer, w_int, w_scale, bias, qdq_of[src].scale))
+        _set_module(gm, node.target, cls.from_parts(layer, w_int, w_scale, bias, qdq_of[src].scale))
         if bn is not None:
             user.replace_all_uses_with(node)
             gm.graph.erase_node(user)
@@ -149,8 +149,3 @@ def _requantize_after_pass_ops(gm, g: _Graph, qdq_of: dict) -> None:
             q = gm.graph.call_module(name, (node,))
         node.replace_all_uses_with(q, delete_user_cb=lambda u, q=q: u is not q)
         g.modules[name], qdq_of[q] = qdq, qdq  # a pass-op chain (max-pool, then flatten) requantizes each step
-
-
-def _set(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
