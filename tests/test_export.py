@@ -36,12 +36,15 @@ def test_every_conv_and_linear_becomes_an_integer_kernel(tmp_path, name, bits, k
     ops = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
     n_layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
     assert ops["Conv"] + ops["Gemm"] == n_layers
-    rep = validate(path, target=VNNI, inputs=[x.numpy()], frozen_outputs=done["frozen"](x).detach().numpy(),
-                   float_path=float_path, out_dir=str(tmp_path))
+    with torch.no_grad():
+        rep = validate(path, target=VNNI, inputs=[x.numpy()], frozen_outputs=done["frozen"](x).numpy(),
+                       integer_outputs=done["integer"](x).numpy(), float_path=float_path, out_dir=str(tmp_path))
     fu = rep["fusion"]
     assert fu["ok"] and fu["integer_kernels"] == n_layers and not fu["float_compute_left"]
     assert rep["fusion"]["optimized_ops"].get("QLinearConv", 0) + rep["fusion"]["optimized_ops"].get("NhwcQLinearConv", 0) > 0
-    # Through 20 layers, 1-LSB differences of the fused integer kernels' requantization cascade
+    # The integer reference computes what ORT's integer kernels compute: the same logits, bit for bit.
+    assert rep["parity"]["torch_integer_vs_ort"]["max_lsb"] == 0 and rep["passed"], rep["failures"]
+    # The float QDQ semantics differ at rounding ties, and the 1-LSB seeds cascade through 20 layers
     # (ORT's own unfused QDQ path differs from its fused one alike): most outputs still agree.
     assert rep["parity"]["torch_frozen_vs_ort"]["mismatch_frac"] < 0.35
     assert rep["size"]["int8_over_float"] <= 0.3
@@ -56,10 +59,13 @@ def test_small_network_matches_ort_within_one_lsb(tmp_path, bits):
     x = torch.randn(64, 3, 32, 32)
     path = str(tmp_path / "m.onnx")
     done = export_onnx(model, x[:1], path, VNNI)
-    rep = validate(path, target=VNNI, inputs=[x.numpy()], frozen_outputs=done["frozen"](x).detach().numpy(), out_dir=str(tmp_path))
+    with torch.no_grad():
+        rep = validate(path, target=VNNI, inputs=[x.numpy()], frozen_outputs=done["frozen"](x).numpy(),
+                       integer_outputs=done["integer"](x).numpy(), out_dir=str(tmp_path))
     assert rep["fusion"]["ok"]
     assert rep["fusion"]["optimized_ops"].get("QLinearAdd") == 1 and rep["fusion"]["optimized_ops"].get("QGemm") == 1
     assert rep["parity"]["torch_frozen_vs_ort"]["max_lsb"] <= 1.0 + 1e-4
+    assert rep["parity"]["torch_integer_vs_ort"]["max_lsb"] == 0
 
 
 def test_batchnorm_folding_moves_a_block_output_by_at_most_one_lsb():

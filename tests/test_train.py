@@ -84,6 +84,7 @@ BAD = [
     (["train", "recipes/quickstart.yaml", "--set", "data.name=imagenet"], "unknown dataset 'imagenet'"),
     (["train", "recipes/quickstart.yaml", "--set", "data.name=cifar100", "--set", "data.root=/nonexistent"], "cifar100: not found under /nonexistent"),
     (["compare", "recipes/quickstart.yaml", "--optimizers", "adamw,rmsprop"], "unknown optimizer 'rmsprop'"),
+    (["compare", "recipes/quickstart.yaml", "--optimizers", "sadam,adamw-effective@of=adamw"], "'of' must name an S-Adam cell"),
     (["eval", "/nonexistent/run"], "no such run directory or checkpoint"),
     (["validate", "/nonexistent.onnx"], "model not found"),
 ]
@@ -115,17 +116,21 @@ def test_compare_writes_tables_and_plots(tmp_path):
                                  "data: {name: synthetic, image_size: 8, batch_size: 128}",
                                  "quant: {bits: 4}", "epochs: 1", "calibration_batches: 1"]))
     out = tmp_path / "cmp"
-    assert main(["compare", str(recipe), "--optimizers", "adamw,sadam-reference@k=2,adamw-effective,prox_sgd", "--seeds", "2",
+    assert main(["compare", str(recipe), "--optimizers", "adamw,sadam-reference@k=2,adamw-effective,sadam,adamw-effective@of=sadam",
+                 "--seeds", "2",
                  "--out", str(out), "--quiet"]) == 0
     md = (out / "results.md").read_text()
     assert "| adamw |" in md and "| sadam-reference@k=2 |" in md and "| adamw-effective |" in md
     rows = list(__import__("csv").DictReader(open(out / "results.csv")))
-    assert [r["seeds"] for r in rows] == ["2", "2", "2", "2"]
+    assert [r["seeds"] for r in rows] == ["2"] * 5
     ref_damping = float(rows[1]["mean_damping_mean"])
     assert 0 < ref_damping < 1
     eff = json.load(open(out / "adamw-effective" / "seed0" / "summary.json"))
     ref = json.load(open(out / "sadam-reference_k2" / "seed0" / "summary.json"))
     assert eff["lr"] == pytest.approx(1e-3 * ref["mean_damping"])
+    eff_res = json.load(open(out / "adamw-effective_ofsadam" / "seed1" / "summary.json"))
+    res = json.load(open(out / "sadam" / "seed1" / "summary.json"))
+    assert eff_res["lr"] == pytest.approx(1e-3 * res["mean_damping"]) and res["mean_damping"] != ref["mean_damping"]
     assert os.path.getsize(out / "curves.png") > 10_000
 
 

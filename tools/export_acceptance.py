@@ -55,17 +55,21 @@ def main():
         with torch.no_grad():
             qat = np.concatenate([model(x).numpy() for x in test])
             frozen = np.concatenate([done["frozen"](x).numpy() for x in test])
+            integer = np.concatenate([done["integer"](x).numpy() for x in test])
         rep = validate(done["path"], target=a.target, inputs=[x.numpy() for x in test], labels=labels,
-                       torch_outputs=qat, frozen_outputs=frozen, float_path=fpath, out_dir=tmp)
-        fz, qg = rep["parity"]["torch_frozen_vs_ort"], rep["parity"]["torch_qat_graph_vs_ort"]
+                       torch_outputs=qat, frozen_outputs=frozen, integer_outputs=integer, float_path=fpath, out_dir=tmp)
+        p = rep["parity"]
+        cells = [p[k] for k in ("torch_integer_vs_ort", "torch_frozen_vs_ort", "torch_qat_graph_vs_ort")]
+        parity = " | ".join(f"{c['max_lsb']:.0f} / {c['p99_lsb']:.0f} | {100 * c['top1_agreement']:.1f}%" for c in cells)
         rows.append(f"| {name}{' (CIFAR stem)' if kw else ''} | W{bits}A{bits} | {rep['fusion']['integer_kernels']}/"
-                    f"{rep['fusion']['float_ops_in_export']} | {fz['max_lsb']:.0f} / {fz['p99_lsb']:.0f} | {100 * fz['top1_agreement']:.1f}% | "
-                    f"{qg['max_lsb']:.0f} / {qg['p99_lsb']:.0f} | {100 * qg['top1_agreement']:.1f}% | {rep['size']['int8_over_float']:.3f} | "
-                    f"{rep['latency']['batch1']['int8_over_float']:.2f} | {rep['latency']['batch32']['int8_over_float']:.2f} |")
+                    f"{rep['fusion']['float_ops_in_export']} | {parity} | {rep['size']['int8_over_float']:.3f} | "
+                    f"{rep['latency']['batch1']['int8_over_float']:.2f} | {rep['latency']['batch32']['int8_over_float']:.2f} | "
+                    f"{'PASS' if rep['passed'] else 'FAIL'} |")
     print(f"\n{a.images} CIFAR-100 test images, target {a.target}, {a.steps} AdamW steps after calibration\n")
-    print("| model | bits | integer kernels | frozen vs ORT max / p99 LSB | frozen vs ORT top-1 | QAT graph vs ORT max / p99 LSB "
-          "| QAT graph vs ORT top-1 | INT8 / float size | latency ratio b1 | latency ratio b32 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    pairs = ("integer reference", "frozen graph (float QDQ)", "QAT graph")
+    print("| model | bits | integer kernels | " + " | ".join(f"{p} vs ORT max / p99 LSB | {p} vs ORT top-1" for p in pairs)
+          + " | INT8 / float size | latency ratio b1 | latency ratio b32 | validation |")
+    print("|---|---|---|" + "---|" * 12)
     print("\n".join(rows))
 
 

@@ -43,27 +43,32 @@ def export_run(run: str, target: str | None, out_dir: str, samples: int | None =
     with torch.no_grad():
         qat_out = np.concatenate([model(x).numpy() for x, _ in batches])
         frozen_out = np.concatenate([done["frozen"](x).numpy() for x, _ in batches])
+        integer_out = np.concatenate([done["integer"](x).numpy() for x, _ in batches])
     rep = validate(path, target=tgt, inputs=[x.numpy() for x, _ in batches], labels=np.concatenate([y.numpy() for _, y in batches]),
-                   torch_outputs=qat_out, frozen_outputs=frozen_out, float_path=float_path, out_dir=out_dir)
+                   torch_outputs=qat_out, frozen_outputs=frozen_out, integer_outputs=integer_out, float_path=float_path,
+                   out_dir=out_dir)
     rep["requantized_to_max_bits"] = done["requantized_to_max_bits"]
     _print_report(rep, out_dir)
     return rep
 
 
 def _print_report(rep: dict, out_dir: str) -> None:
+    from .validate import ACCURACY_KEYS
+
     print(f"validation {'PASSED' if rep['passed'] else 'FAILED'} (target {rep['target']}); providers run: "
           f"{', '.join(rep['providers_run'])}")
     if "fusion" in rep:
         print(f"  integer kernels: {rep['fusion']['integer_kernels']} for {rep['fusion']['float_ops_in_export']} conv/linear; "
               f"float compute left: {rep['fusion']['float_compute_left'] or 'none'}")
-    for key, name in (("torch_frozen_vs_ort", "torch frozen graph"), ("torch_qat_graph_vs_ort", "torch QAT graph")):
+    for key, name in (("torch_integer_vs_ort", "torch integer reference"), ("torch_frozen_vs_ort", "torch frozen graph"),
+                      ("torch_qat_graph_vs_ort", "torch QAT graph")):
         p = rep.get("parity", {}).get(key)
         if p:
             print(f"  {name} vs ORT: max {p['max_lsb']:.1f} LSB, p99 {p['p99_lsb']:.1f} LSB, top-1 agreement {100 * p['top1_agreement']:.2f}%")
     if "accuracy" in rep:
         a = rep["accuracy"]
         print(f"  accuracy on {a['samples']}: ORT INT8 {100 * a['ort_int8']:.2f}%"
-              + "".join(f", {k.replace('_', ' ')} {100 * a[k]:.2f}%" for k in ("torch_frozen", "torch_qat_graph") if k in a))
+              + "".join(f", {k.replace('_', ' ')} {100 * a[k]:.2f}%" for k in ACCURACY_KEYS if k in a))
     if "size" in rep and "int8_over_float" in rep["size"]:
         print(f"  size INT8/float: {rep['size']['int8_over_float']:.3f}")
     for k, v in rep.get("latency", {}).items():

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..quant import FakeQuantize
 from .freeze import ExportError, freeze
+from .integer_reference import integer_reference
 from .target import Target, load_target
 
 
@@ -28,7 +29,8 @@ def _onnx_export(model: nn.Module, example: torch.Tensor, path: str, target: Tar
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str, target: "str | Target | None" = None) -> dict:
-    """Write the INT8 QDQ graph of a prepared QAT model to ``path``; returns what was done.
+    """Write the INT8 QDQ graph of a prepared QAT model to ``path``; returns what was done, with the
+    frozen torch graph (``frozen``, float QDQ semantics) and its integer reference (``integer``).
 
     BatchNorm is folded, weights are int8 per-channel, activations uint8 per-tensor (sub-8-bit
     ranges kept by a Clip in the 8-bit container: int8 kernels, not 4-bit storage)."""
@@ -37,7 +39,8 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str, target
     frozen = frozen.cpu()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     _onnx_export(frozen, example_input.detach().cpu(), path, target)
-    return {"path": path, "target": target.name, "requantized_to_max_bits": report["requantized"], "frozen": frozen}
+    return {"path": path, "target": target.name, "requantized_to_max_bits": report["requantized"], "frozen": frozen,
+            "integer": integer_reference(frozen)}
 
 
 def float_model(model: nn.Module) -> nn.Module:

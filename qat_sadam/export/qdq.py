@@ -73,6 +73,7 @@ class _FrozenWeights(nn.Module):
         self.register_buffer("weight_int", w_int.to(torch.int8))
         self.register_buffer("weight_scale", w_scale.float().clone())
         self.register_buffer("weight_zero_point", torch.zeros(w_int.shape[0], dtype=torch.int8))
+        self.register_buffer("input_scale", torch.as_tensor(in_scale).float().reshape(()).clone())  # for integer_reference
         bias_scale = (in_scale * w_scale).float()
         self.register_buffer("bias_int", torch.round(bias / bias_scale).clamp(-2**31, 2**31 - 1).to(torch.int32))
         self.register_buffer("bias_scale", bias_scale)

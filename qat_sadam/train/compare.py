@@ -3,7 +3,8 @@
 Cells are named by presets with optional settings: ``adamw``, ``sadam``, ``sadam-reference@k=8``,
 ``prox_sgd``, ``adamw@lr=3e-4``. ``adamw-effective`` is the control of docs/evidence.md: AdamW at
 the nominal lr times the mean damping logged by the first S-Adam reference cell (else the
-first S-Adam cell) of the same seed. Finished cells are reused, so an interrupted study resumes.
+first S-Adam cell) of the same seed; ``adamw-effective@of=sadam`` names the source cell. Finished
+cells are reused, so an interrupted study resumes.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ PRESETS = {
 }
 
 
-def parse_cell(spec: str) -> tuple[str, str, dict]:
-    """'sadam-reference@k=8' -> (label, preset, optimizer settings)."""
+def parse_cell(spec: str) -> tuple[str, str, dict, str | None]:
+    """'sadam-reference@k=8' -> (label, preset, optimizer settings, effective-lr source cell or None)."""
     preset, *settings = spec.strip().split("@")
     if preset not in PRESETS:
         raise RecipeError(f"unknown optimizer {preset!r} in --optimizers; choose from {', '.join(PRESETS)} "
@@ -39,11 +40,20 @@ def parse_cell(spec: str) -> tuple[str, str, dict]:
         if "=" not in s:
             raise RecipeError(f"--optimizers: expected key=value after '@' in {spec!r}")
         k, v = s.split("=", 1)
-        opt[k] = yaml.safe_load(v)
-    return spec.strip(), preset, opt
+        opt[k] = yaml.safe_load(v) if k != "of" else v
+    of = opt.pop("of", None)
+    if of is not None and preset != "adamw-effective":
+        raise RecipeError(f"--optimizers: '@of=' applies to adamw-effective only, got {spec!r}")
+    return spec.strip(), preset, opt, of
 
 
 def _source_cell(cells, i):
+    of = cells[i][3]
+    if of is not None:
+        named = [c for c in cells[:i] if c[0] == of]
+        if not named or named[0][2]["name"] != "sadam":
+            raise RecipeError(f"{cells[i][0]}: 'of' must name an S-Adam cell listed before it, got {of!r}")
+        return named[0]
     sadams = [c for c in cells[:i] if c[2]["name"] == "sadam"]
     ref = [c for c in sadams if c[2].get("lgi") == "reference"]
     if not sadams:
@@ -59,10 +69,12 @@ def compare(recipe_path: str, specs: list[str], seeds: int, out: str, overrides:
     if len({c[0] for c in cells}) != len(cells):
         raise RecipeError("--optimizers lists the same cell twice")
     # Validate every cell's recipe before any training starts.
-    for label, preset, opt in cells:
+    for i, (label, preset, opt, _) in enumerate(cells):
         _recipe(recipe_path, overrides, bits, opt, first_seed)
+        if preset == "adamw-effective":
+            _source_cell(cells, i)
     rows = []
-    for i, (label, preset, opt) in enumerate(cells):
+    for i, (label, preset, opt, _) in enumerate(cells):
         runs = []
         for seed in range(first_seed, first_seed + seeds):
             opt_s = dict(opt)
@@ -127,7 +139,7 @@ def _export(run_dir: str, target: str) -> dict:
     except ExportError as e:  # e.g. the paper's placement quantizes conv inputs only: no integer graph
         return {"ort_acc": None, "export_error": str(e)}
     return {"ort_acc": rep["accuracy"]["ort_int8"], "frozen_acc": rep["accuracy"].get("torch_frozen"),
-            "ort_agreement": rep["parity"]["torch_frozen_vs_ort"]["top1_agreement"]}
+            "ort_agreement": rep["parity"]["torch_integer_vs_ort"]["top1_agreement"]}
 
 
 def _mean_std(values):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..export.freeze import ExportError, freeze
+from ..export.integer_reference import integer_reference
 from ..models import build_model
 from ..optim import SAdam
 from ..quant import QATConfig, calibrate, prepare_qat
@@ -200,9 +201,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Test accuracy of the deployed numerics (the frozen graph: BatchNorm folded, int32 bias, what
-        ONNX Runtime computes) and of the QAT graph as trained. A model that has no integer graph
-        (the paper's conv-inputs-only placement) is evaluated as trained."""
+        """Test accuracy of the deployed numerics (the frozen graph's integer reference: BatchNorm
+        folded, int32 bias, integer requantization, what ONNX Runtime computes) and of the QAT graph
+        as trained. A model that has no integer graph (the paper's conv-inputs-only placement) is
+        evaluated as trained."""
         was = self.model.training
         self.model.eval()
         try:
@@ -213,8 +215,8 @@ class Trainer:
         self.model.train(was)
         if frozen is None:
             return {"test_acc": qat[0], "test_loss": qat[1], "eval_graph": "qat"}
-        acc, loss = self._score(frozen)
-        return {"test_acc": acc, "test_loss": loss, "eval_graph": "frozen", "test_acc_qat_graph": qat[0]}
+        acc, loss = self._score(integer_reference(frozen))
+        return {"test_acc": acc, "test_loss": loss, "eval_graph": "integer", "test_acc_qat_graph": qat[0]}
 
     def _score(self, net) -> tuple[float, float]:
         correct = total = 0
