@@ -113,7 +113,7 @@ def cmd_compare(a) -> int:
         raise UserError("--optimizers: give at least one optimizer")
     out = a.out or os.path.join("runs", "compare-" + os.path.splitext(os.path.basename(a.recipe))[0])
     compare(a.recipe, specs, a.seeds, out, a.set, bits=a.bits, progress=not a.quiet, first_seed=a.first_seed,
-            export_target=a.export)
+            export_target=a.export, report_only=a.report_only)
     print(open(os.path.join(out, "results.md")).read())
     print(f"results: {out}/results.md, {out}/results.csv, {out}/curves.png")
     return 0
@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out")
     c.add_argument("--export", metavar="TARGET", help="also export every run for this target profile and report ORT INT8 accuracy")
     c.add_argument("--quiet", action="store_true")
+    c.add_argument("--report-only", action="store_true", help="tabulate and plot the finished runs in --out; train nothing")
     c.set_defaults(func=cmd_compare)
 
     from .export.cli import add_export_commands

@@ -132,6 +132,11 @@ def test_compare_writes_tables_and_plots(tmp_path):
     res = json.load(open(out / "sadam" / "seed1" / "summary.json"))
     assert eff_res["lr"] == pytest.approx(1e-3 * res["mean_damping"]) and res["mean_damping"] != ref["mean_damping"]
     assert os.path.getsize(out / "curves.png") > 10_000
+    # --report-only tabulates what finished (2 of 3 seeds) and trains nothing
+    assert main(["compare", str(recipe), "--optimizers", "adamw,sadam", "--seeds", "3", "--out", str(out), "--report-only"]) == 0
+    rows = list(__import__("csv").DictReader(open(out / "results.csv")))
+    assert [(r["optimizer"], r["seeds"]) for r in rows] == [("adamw", "2"), ("sadam", "2")]
+    assert not (out / "adamw" / "seed2").exists()
 
 
 def test_help_and_eval(tmp_path, capsys):

@@ -26,29 +26,39 @@ from qat_sadam.train.data import Loader, load_data
 CASES = [("resnet18", 8, {"cifar_stem": True}), ("resnet18", 4, {"cifar_stem": True}), ("mobilenet_v2", 8, {})]
 
 
+def cifar100(images: int):
+    """(training loader, test batches of 100, test labels) from CIFAR-100."""
+    data = load_data({"name": "cifar100", "root": os.environ.get("QAT_SADAM_DATA", "../shared/data")})
+    train = Loader(data.train, 64, data.mean, data.std, shuffle=True, seed=0)
+    test = [x for x, _ in Loader(type(data.test)(data.test.x[:images], data.test.y[:images]), 100, data.mean, data.std, shuffle=False).batches()]
+    return train, test, data.test.y[:images].numpy()
+
+
+def briefly_trained(name: str, bits: int, kw: dict, train: Loader, steps: int):
+    """A prepared model, calibrated on 4 batches and given ``steps`` AdamW steps, in eval mode."""
+    torch.manual_seed(0)
+    model = prepare_qat(build_model(name, 100, **kw), {"bits": bits})
+    batches = train.batches(epoch=0)
+    calibrate(model, batches, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    for _, (x, y) in zip(range(steps), batches):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--target", default="export/cpu-x86-vnni.yaml")
     a = ap.parse_args()
-    data = load_data({"name": "cifar100", "root": os.environ.get("QAT_SADAM_DATA", "../shared/data")})
-    train = Loader(data.train, 64, data.mean, data.std, shuffle=True, seed=0)
-    test = [x for x, _ in Loader(type(data.test)(data.test.x[:a.images], data.test.y[:a.images]), 100, data.mean, data.std, shuffle=False).batches()]
-    labels = data.test.y[:a.images].numpy()
+    train, test, labels = cifar100(a.images)
     rows = []
     for name, bits, kw in tqdm(CASES, desc="models"):
-        torch.manual_seed(0)
-        model = prepare_qat(build_model(name, 100, **kw), {"bits": bits})
-        batches = train.batches(epoch=0)
-        calibrate(model, batches, 4)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        model.train()
-        for _, (x, y) in zip(range(a.steps), batches):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        model.eval()
+        model = briefly_trained(name, bits, kw, train, a.steps)
         tmp = tempfile.mkdtemp()
         done = export_onnx(model, test[0][:1], os.path.join(tmp, "m.onnx"), a.target)
         fpath = export_float_onnx(model, test[0][:1], os.path.join(tmp, "f.onnx"), a.target)

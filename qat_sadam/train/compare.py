@@ -62,9 +62,11 @@ def _source_cell(cells, i):
 
 
 def compare(recipe_path: str, specs: list[str], seeds: int, out: str, overrides: list[str] = (), bits: int | None = None,
-            progress: bool = True, first_seed: int = 0, export_target: str | None = None) -> list[dict]:
+            progress: bool = True, first_seed: int = 0, export_target: str | None = None,
+            report_only: bool = False) -> list[dict]:
     """Train every cell for every seed; with ``export_target`` also export each run to INT8 ONNX
-    and record its ONNX Runtime test accuracy."""
+    and record its ONNX Runtime test accuracy. ``report_only``: tabulate the finished runs, train
+    nothing (a cell's seed count says how many finished)."""
     cells = [parse_cell(s) for s in specs]
     if len({c[0] for c in cells}) != len(cells):
         raise RecipeError("--optimizers lists the same cell twice")
@@ -77,16 +79,23 @@ def compare(recipe_path: str, specs: list[str], seeds: int, out: str, overrides:
     for i, (label, preset, opt, _) in enumerate(cells):
         runs = []
         for seed in range(first_seed, first_seed + seeds):
+            run_dir = os.path.join(out, _dirname(label), f"seed{seed}")
+            if report_only:
+                runs += [_summary(run_dir)] if os.path.isfile(os.path.join(run_dir, "summary.json")) else []
+                continue
             opt_s = dict(opt)
             if preset == "adamw-effective":
                 src = _source_cell(cells, i)
                 s = _summary(os.path.join(out, _dirname(src[0]), f"seed{seed}"))
                 nominal = _recipe(recipe_path, overrides, bits, src[2], seed)["optimizer"].get("lr", 1e-3)
                 opt_s["lr"] = nominal * s["mean_damping"]
-            runs.append(_run(recipe_path, overrides, bits, opt_s, seed, os.path.join(out, _dirname(label), f"seed{seed}"),
-                             progress, export_target))
-        rows.append(_row(label, opt, runs))
-    write_tables(rows, out)
+            runs.append(_run(recipe_path, overrides, bits, opt_s, seed, run_dir, progress, export_target))
+        if runs:
+            rows.append(_row(label, opt, runs))
+    if not rows:
+        raise RecipeError(f"no finished runs under {out}")
+    split = _recipe(recipe_path, overrides, bits, cells[0][2], first_seed)["data"]["eval_on"]
+    write_tables(rows, out, split)
     plot_cells(out, [c[0] for c in cells], seeds, first_seed)
     return rows
 
@@ -149,7 +158,8 @@ def _mean_std(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-COLUMNS = [("final_acc", "test acc (fake-quant)"), ("ort_acc", "test acc (ORT INT8)"), ("best_acc", "best acc"),
+# "torch": the integer reference of the frozen graph where the model has one, else the QAT graph.
+COLUMNS = [("final_acc", "test acc (torch)"), ("ort_acc", "test acc (ORT INT8)"), ("best_acc", "best acc"),
            ("osc_freq_mean", "osc freq"), ("osc_frac_0.005", "osc > 0.005"), ("osc_frac_0.01", "osc > 0.01"),
            ("loss_var50", "loss var (50 steps)"), ("mean_damping", "mean damping"), ("sec_per_epoch", "s / epoch")]
 
@@ -169,13 +179,13 @@ def _fmt(m, s, key):
     return f"{m:.4g} ± {s:.2g}"
 
 
-def write_tables(rows: list[dict], out: str) -> None:
+def write_tables(rows: list[dict], out: str, split: str = "test") -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    cols = [(k, n) for k, n in COLUMNS if any(r[k + "_mean"] is not None for r in rows)]
+    cols = [(k, n.replace("test", split)) for k, n in COLUMNS if any(r[k + "_mean"] is not None for r in rows)]
     lines = ["| optimizer | lr | seeds | " + " | ".join(n for _, n in cols) + " |",
              "|---|---|---|" + "---|" * len(cols)]
     for r in rows:
