@@ -203,7 +203,7 @@ def plot_cells(out: str, labels: list[str], seeds: int, first_seed: int = 0) -> 
     import matplotlib.pyplot as plt
     import numpy as np
 
-    panels = [("loss", "step", "training loss (EMA 0.98)"), ("test_acc", "epoch", "test accuracy (fake-quant)"),
+    panels = [("loss", "step", "training loss (EMA 0.98)"), ("test_acc", "epoch", "test accuracy (torch)"),
               ("damping", "step", "S-Adam damping exp(-lam rho)"), ("osc_freq_mean", "step", "mean oscillation frequency")]
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     for label in labels:
