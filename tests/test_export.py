@@ -42,8 +42,11 @@ def test_every_conv_and_linear_becomes_an_integer_kernel(tmp_path, name, bits, k
     fu = rep["fusion"]
     assert fu["ok"] and fu["integer_kernels"] == n_layers and not fu["float_compute_left"]
     assert rep["fusion"]["optimized_ops"].get("QLinearConv", 0) + rep["fusion"]["optimized_ops"].get("NhwcQLinearConv", 0) > 0
-    # The integer reference computes what ORT's integer kernels compute: the same logits, bit for bit.
-    assert rep["parity"]["torch_integer_vs_ort"]["max_lsb"] == 0 and rep["passed"], rep["failures"]
+    # The integer reference computes what ORT's integer kernels compute: the same logits, bit for bit
+    # (8-bit weights excepted: u8 x s8 pair sums may saturate in ORT's kernel, docs/export-site-parity.md).
+    assert rep["passed"], rep["failures"]
+    if bits < 8:
+        assert rep["parity"]["torch_integer_vs_ort"]["max_lsb"] == 0
     # The float QDQ semantics differ at rounding ties, and the 1-LSB seeds cascade through 20 layers
     # (ORT's own unfused QDQ path differs from its fused one alike): most outputs still agree.
     assert rep["parity"]["torch_frozen_vs_ort"]["mismatch_frac"] < 0.35
@@ -65,7 +68,7 @@ def test_small_network_matches_ort_within_one_lsb(tmp_path, bits):
     assert rep["fusion"]["ok"]
     assert rep["fusion"]["optimized_ops"].get("QLinearAdd") == 1 and rep["fusion"]["optimized_ops"].get("QGemm") == 1
     assert rep["parity"]["torch_frozen_vs_ort"]["max_lsb"] <= 1.0 + 1e-4
-    assert rep["parity"]["torch_integer_vs_ort"]["max_lsb"] == 0
+    assert rep["parity"]["torch_integer_vs_ort"]["max_lsb"] <= (0 if bits < 8 else 1)  # 8-bit: see above
 
 
 def test_batchnorm_folding_moves_a_block_output_by_at_most_one_lsb():
