@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# ResNet-18 (CIFAR stem) W4A4 on a CIFAR-100 subset, AdamW vs S-Adam residual vs S-Adam reference,
+# ResNet-18 (CIFAR stem) W4A4 on a CIFAR-100 subset, AdamW vs S-Adam residual vs S-Adam reference
+# (and AdamW at each S-Adam cell's effective lr),
 # three seeds run side by side on one GPU, then the table, the plots and an INT8 export of seed 0's
 # S-Adam run validated on ONNX Runtime CPU. Data: .cache/gpu (15,000 train / 5,000 test images
 # of CIFAR-100, made by tools/make_gpu_subset.py because the device machine takes 64 MiB at most).
@@ -11,7 +12,7 @@ RESULTS=${RESULTS:-runs/gpu-resnet18}
 EXTRA=${EXTRA:-}
 PY=${PY:-python3}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-CELLS="adamw,sadam,sadam-reference@k=2"
+CELLS="adamw,sadam,sadam-reference@k=2,adamw-effective,adamw-effective@of=sadam"
 ARGS="recipes/resnet18.yaml --optimizers $CELLS --seeds 1 --out $RESULTS --quiet \
   --set data.root=.cache/gpu --set epochs=$EPOCHS --set device=$DEVICE --set export.target=export/cpu-x86-vnni.yaml $EXTRA"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
