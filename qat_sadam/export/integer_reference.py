@@ -36,6 +36,9 @@ class _Accumulator:
     def dequantize(self) -> torch.Tensor:
         return self.acc.float() * self.channel(self.scale)
 
+    def relu(self) -> "_Accumulator":  # fused: the output quantizer's zero point clamps at 0 too
+        return _Accumulator(self.acc.clamp_min(0), self.scale)
+
 
 def _accumulate(m: QConv2d | QLinear, x: torch.Tensor) -> _Accumulator:
     x_int = torch.round(x / m.input_scale).double()  # x is (q - zp) * s_in on the grid: exact integers
@@ -64,13 +67,13 @@ class IntegerReference(fx.Interpreter):
         if isinstance(x, _Accumulator):
             if isinstance(m, QuantDequant):
                 return _requantize(x, m)
-            if isinstance(m, nn.ReLU):  # fused: the output quantizer's zero point clamps at 0 too
-                return _Accumulator(x.acc.clamp_min(0), x.scale)
+            if isinstance(m, nn.ReLU):
+                return x.relu()
         return super().call_module(target, tuple(self._floats(args)), kwargs)
 
     def call_function(self, target, args, kwargs):
         if target in _RELUS and isinstance(args[0], _Accumulator):
-            return _Accumulator(args[0].acc.clamp_min(0), args[0].scale)
+            return args[0].relu()
         return super().call_function(target, tuple(self._floats(args)), kwargs)
 
     def call_method(self, target, args, kwargs):

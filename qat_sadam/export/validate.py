@@ -130,6 +130,9 @@ def mobile(path: str, workdir: str) -> dict:
             "ort_files": ort_files, "required_operators_configs": configs}
 
 
+ACCURACY_KEYS = ("torch_integer", "torch_frozen", "torch_qat_graph")  # the torch references, gate first
+
+
 def validate(path: str, *, target: "str | Target | None" = None, inputs: list[np.ndarray] | None = None,
              labels: np.ndarray | None = None, torch_outputs: np.ndarray | None = None,
              frozen_outputs: np.ndarray | None = None, integer_outputs: np.ndarray | None = None,
@@ -160,15 +163,12 @@ def validate(path: str, *, target: "str | Target | None" = None, inputs: list[np
             full = _run(_session(path), inputs)
             plain = _run(_session(path, ort.GraphOptimizationLevel.ORT_DISABLE_ALL), inputs)
             parity = {"ort_all_vs_ort_no_opt": _lsb(full, plain, scale)}
-            refs = {"torch_integer_vs_ort": integer_outputs, "torch_frozen_vs_ort": frozen_outputs,
-                    "torch_qat_graph_vs_ort": torch_outputs}
-            parity.update({k: _lsb(v, full, scale) for k, v in refs.items() if v is not None})
+            refs = {k: v for k, v in zip(ACCURACY_KEYS, (integer_outputs, frozen_outputs, torch_outputs)) if v is not None}
+            parity.update({f"{k}_vs_ort": _lsb(v, full, scale) for k, v in refs.items()})
             rep["parity"] = parity
             if labels is not None:
-                rep["accuracy"] = {"ort_int8": float((full.argmax(1) == labels).mean()), "samples": int(len(labels))}
-                for k, v in (("torch_integer", integer_outputs), ("torch_frozen", frozen_outputs), ("torch_qat_graph", torch_outputs)):
-                    if v is not None:
-                        rep["accuracy"][k] = float((v.argmax(1) == labels).mean())
+                rep["accuracy"] = {"ort_int8": float((full.argmax(1) == labels).mean()), "samples": int(len(labels)),
+                                   **{k: float((v.argmax(1) == labels).mean()) for k, v in refs.items()}}
         if "size" in target.checks:
             rep["size"] = {"int8_bytes": os.path.getsize(path)}
             if float_path:
@@ -191,9 +191,6 @@ def validate(path: str, *, target: "str | Target | None" = None, inputs: list[np
     with open(os.path.join(out_dir, "validation.md"), "w") as f:
         f.write(to_markdown(rep))
     return rep
-
-
-ACCURACY_KEYS = ("torch_integer", "torch_frozen", "torch_qat_graph")
 
 
 def _verdict(rep: dict) -> tuple[bool, list[str]]:

@@ -147,7 +147,7 @@ def _export(run_dir: str, target: str) -> dict:
         rep = export_run(run_dir, target, os.path.join(run_dir, "export"))
     except ExportError as e:  # e.g. the paper's placement quantizes conv inputs only: no integer graph
         return {"ort_acc": None, "export_error": str(e)}
-    return {"ort_acc": rep["accuracy"]["ort_int8"], "frozen_acc": rep["accuracy"].get("torch_frozen"),
+    return {"ort_acc": rep["accuracy"]["ort_int8"], "integer_acc": rep["accuracy"].get("torch_integer"),
             "ort_agreement": rep["parity"]["torch_integer_vs_ort"]["top1_agreement"]}
 
 
