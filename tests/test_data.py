@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from qat_sadam.train.data import DataError, Loader, load_data
+from qat_sadam.train.recipe import RecipeError
 
 
 def _jpegs(n, size, seed):
@@ -39,6 +40,12 @@ def test_cifar_npz_parts_and_validation_split(tmp_path):
     assert len(d.train.y) == 80 and len(d.test.y) == 20 and d.num_classes == 100
     d2 = load_data({"name": "cifar100", "root": str(tmp_path)})
     assert len(d2.train.y) == 100 and len(d2.test.y) == 20
+    y_all = np.concatenate([np.load(tmp_path / f"cifar100_train_part{i}.npz")["y"] for i in (1, 2)])
+    d3 = load_data({"name": "cifar100", "root": str(tmp_path), "classes": 10})
+    assert d3.num_classes == 10 and len(d3.train.y) == int((y_all < 10).sum()) > 0
+    assert int(d3.train.y.max()) < 10 and int(d3.test.y.max()) < 10
+    with pytest.raises(RecipeError, match="cifar100 has 100 classes"):
+        load_data({"name": "cifar100", "root": str(tmp_path), "classes": 101})
 
 
 def test_missing_data_says_where_to_put_it(tmp_path):

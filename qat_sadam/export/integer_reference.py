@@ -6,7 +6,7 @@ int32 and requantize once: round(float32(acc) * float32(s_in * s_w / s_out)). Bo
 to within float rounding, but near a rounding tie they can land on different integers, and in
 a deep 4-bit network such one-LSB seeds cascade: on a ResNet-18 W4A4, 1e-7 to 5e-5 of each
 layer's outputs differing in isolation grew to 7% top-1 disagreement at the logits
-(docs/export.md). This reference does the integer arithmetic itself (an exact float64
+(docs/export.md). This reference does the integer arithmetic itself (an exact
 accumulation, ORT's requantization order), so what still differs from ORT is a fault of the
 exporter or the kernel, not float noise.
 
@@ -27,7 +27,7 @@ from .qdq import QConv2d, QLinear, QuantDequant
 @dataclass
 class _Accumulator:
     """A conv/linear output before requantization: the exact int32 accumulator and its scale."""
-    acc: torch.Tensor  # float64, integer-valued (exact: |acc| < 2**53)
+    acc: torch.Tensor  # integer-valued float32 or float64, exact (see _exact_dtype)
     scale: torch.Tensor  # per output channel, float32 s_in * s_w
 
     def channel(self, t: torch.Tensor) -> torch.Tensor:
@@ -40,9 +40,20 @@ class _Accumulator:
         return _Accumulator(self.acc.clamp_min(0), self.scale)
 
 
+_FLOAT32_EXACT = 2.0 ** 24  # every integer of smaller magnitude is a float32
+
+
+def _exact_dtype(w_int: torch.Tensor, b_int: torch.Tensor, x_int: torch.Tensor) -> torch.dtype:
+    """float32 when no partial sum can reach 2**24 (then every product and sum, in any order, is an
+    exact float32 integer: 4-bit layers, 3-5x faster than float64 on CPU), float64 otherwise."""
+    bound = w_int.double().abs().flatten(1).sum(1).max() * x_int.abs().max() + b_int.double().abs().max()
+    return torch.float32 if float(bound) < _FLOAT32_EXACT else torch.float64
+
+
 def _accumulate(m: QConv2d | QLinear, x: torch.Tensor) -> _Accumulator:
-    x_int = torch.round(x / m.input_scale).double()  # x is (q - zp) * s_in on the grid: exact integers
-    w, b = m.weight_int.double(), m.bias_int.double()
+    x_int = torch.round(x / m.input_scale)  # x is (q - zp) * s_in on the grid: exact integers
+    dtype = _exact_dtype(m.weight_int, m.bias_int, x_int)
+    x_int, w, b = x_int.to(dtype), m.weight_int.to(dtype), m.bias_int.to(dtype)
     acc = F.conv2d(x_int, w, b, m.stride, m.padding, m.dilation, m.groups) if isinstance(m, QConv2d) else F.linear(x_int, w, b)
     return _Accumulator(acc, m.input_scale * m.weight_scale)
 

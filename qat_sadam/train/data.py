@@ -145,6 +145,11 @@ def _tinyimagenet(cfg: dict) -> tuple[Split, Split, int]:
                     "tinyimagenet_subset.npz or an ImageFolder layout with train/ and val/ class folders")
 
 
+def _first_classes(split: Split, n: int) -> Split:
+    keep = split.y < n
+    return Split(split.x[keep], split.y[keep])
+
+
 def load_data(cfg: dict) -> Data:
     """The dataset a recipe's ``data`` section names, with its subset and validation split applied."""
     name = cfg["name"]
@@ -158,6 +163,12 @@ def load_data(cfg: dict) -> Data:
         train, test, classes = _tinyimagenet(cfg)
     else:
         raise RecipeError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if cfg.get("classes"):
+        # The first N classes, whole: a smaller problem that a CPU budget can still learn, unlike
+        # a few images of every class.
+        if cfg["classes"] > classes:
+            raise RecipeError(f"data.classes is {cfg['classes']} but {name} has {classes} classes")
+        train, test, classes = _first_classes(train, cfg["classes"]), _first_classes(test, cfg["classes"]), cfg["classes"]
     if cfg.get("subset"):
         train = Split(train.x[:cfg["subset"]], train.y[:cfg["subset"]])
     if cfg.get("val_split"):

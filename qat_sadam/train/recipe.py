@@ -18,7 +18,7 @@ SCHEMA: dict[str, Any] = {
     "name": str,
     "model": {"name": str, "cifar_stem": bool, "widths": list, "width": int, "dropout": _NUM, "sync_bn": bool},
     "data": {"name": str, "root": (str, type(None)), "batch_size": int, "eval_batch_size": int,
-             "subset": (int, type(None)), "test_subset": (int, type(None)), "val_split": _NUM,
+             "classes": (int, type(None)), "subset": (int, type(None)), "test_subset": (int, type(None)), "val_split": _NUM,
              "eval_on": str, "download": bool, "image_size": (int, type(None)),
              "augment": {"crop_padding": int, "flip": bool}},
     "quant": dict,
@@ -39,7 +39,7 @@ SCHEMA: dict[str, Any] = {
 DEFAULTS: dict[str, Any] = {
     "name": "run",
     "model": {"name": "small_cnn"},
-    "data": {"name": "synthetic", "root": None, "batch_size": 64, "eval_batch_size": 512, "subset": None,
+    "data": {"name": "synthetic", "root": None, "batch_size": 64, "eval_batch_size": 512, "classes": None, "subset": None,
              "test_subset": None, "val_split": 0.0, "eval_on": "test", "download": False, "image_size": None,
              "augment": {"crop_padding": 0, "flip": False}},
     "quant": {"bits": 8},
@@ -198,6 +198,8 @@ def _validate_sections(r: dict) -> None:
                     ("logging.every", 1), ("checkpoint.every_steps", 0)):
         if _get(r, key) < lo:
             raise RecipeError(f"recipe key '{key}' must be at least {lo}, got {_get(r, key)}")
+    if r["data"]["classes"] is not None and r["data"]["classes"] < 2:
+        raise RecipeError(f"recipe key 'data.classes' must be at least 2, got {r['data']['classes']}")
     if not 0.0 <= r["data"]["val_split"] < 1.0:
         raise RecipeError(f"recipe key 'data.val_split' must be in [0, 1), got {r['data']['val_split']}")
     if r["data"]["eval_on"] == "val" and r["data"]["val_split"] <= 0:
