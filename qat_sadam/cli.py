@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out")
     c.add_argument("--export", metavar="TARGET", help="also export every run for this target profile and report ORT INT8 accuracy")
     c.add_argument("--quiet", action="store_true")
-    c.add_argument("--report-only", action="store_true", help="tabulate and plot the finished runs in --out; train nothing")
+    c.add_argument("--report-only", action="store_true", help="tabulate and plot the finished runs in --out; train nothing (with --export: export those not yet exported)")
     c.set_defaults(func=cmd_compare)
 
     from .export.cli import add_export_commands

@@ -137,6 +137,12 @@ def test_compare_writes_tables_and_plots(tmp_path):
     rows = list(__import__("csv").DictReader(open(out / "results.csv")))
     assert [(r["optimizer"], r["seeds"]) for r in rows] == [("adamw", "2"), ("sadam", "2")]
     assert not (out / "adamw" / "seed2").exists()
+    # ... and with --export exports the finished runs that have no ORT accuracy yet
+    assert main(["compare", str(recipe), "--optimizers", "adamw", "--seeds", "1", "--out", str(out), "--report-only",
+                 "--export", "export/cpu-x86.yaml"]) == 0
+    s = json.load(open(out / "adamw" / "seed0" / "summary.json"))
+    assert s["ort_agreement"] >= 0.995 and s["ort_acc"] == pytest.approx(s["integer_acc"], abs=0.005)
+    assert "test acc (ORT INT8)" in (out / "results.md").read_text()
 
 
 def test_help_and_eval(tmp_path, capsys):

@@ -66,7 +66,8 @@ def compare(recipe_path: str, specs: list[str], seeds: int, out: str, overrides:
             report_only: bool = False) -> list[dict]:
     """Train every cell for every seed; with ``export_target`` also export each run to INT8 ONNX
     and record its ONNX Runtime test accuracy. ``report_only``: tabulate the finished runs, train
-    nothing (a cell's seed count says how many finished)."""
+    nothing (a cell's seed count says how many finished); with ``export_target`` it exports the
+    finished runs that have no ORT accuracy yet."""
     cells = [parse_cell(s) for s in specs]
     if len({c[0] for c in cells}) != len(cells):
         raise RecipeError("--optimizers lists the same cell twice")
@@ -81,7 +82,8 @@ def compare(recipe_path: str, specs: list[str], seeds: int, out: str, overrides:
         for seed in range(first_seed, first_seed + seeds):
             run_dir = os.path.join(out, _dirname(label), f"seed{seed}")
             if report_only:
-                runs += [_summary(run_dir)] if os.path.isfile(os.path.join(run_dir, "summary.json")) else []
+                if os.path.isfile(os.path.join(run_dir, "summary.json")):
+                    runs.append(_exported(run_dir, _summary(run_dir), export_target))
                 continue
             opt_s = dict(opt)
             if preset == "adamw-effective":
@@ -121,7 +123,7 @@ def _summary(run_dir: str) -> dict:
 
 def _run(path, overrides, bits, opt, seed, run_dir, progress, export_target=None) -> dict:
     if os.path.isfile(os.path.join(run_dir, "summary.json")):
-        return _summary(run_dir)
+        return _exported(run_dir, _summary(run_dir), export_target)
     recipe = _recipe(path, overrides, bits, opt, seed)
     resume = os.path.isfile(os.path.join(run_dir, "checkpoints", "last.pt"))
     if not resume and os.path.isdir(run_dir):
@@ -132,11 +134,23 @@ def _run(path, overrides, bits, opt, seed, run_dir, progress, export_target=None
     if result.get("interrupted"):
         raise KeyboardInterrupt
     result["lr"] = recipe["optimizer"].get("lr")
-    if export_target:
-        result.update(_export(run_dir, export_target))
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    return result
+    _write_summary(run_dir, result)
+    return _exported(run_dir, result, export_target)
+
+
+def _write_summary(run_dir: str, summary: dict) -> None:
+    tmp = os.path.join(run_dir, "summary.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp, os.path.join(run_dir, "summary.json"))
+
+
+def _exported(run_dir: str, summary: dict, target: str | None) -> dict:
+    """The summary with the run's ORT INT8 accuracy, exporting the run first if none is recorded."""
+    if target and "ort_acc" not in summary:
+        summary = {**summary, **_export(run_dir, target)}
+        _write_summary(run_dir, summary)
+    return summary
 
 
 def _export(run_dir: str, target: str) -> dict:
