@@ -155,3 +155,18 @@ def test_relu6_under_a_wide_quantizer_still_fuses(tmp_path):
         torch.testing.assert_close(fblock(torch.relu(t)), block(t), rtol=0, atol=1e-6)
     rep = validate(done["path"], target=VNNI, inputs=[x.numpy()], out_dir=str(tmp_path))
     assert rep["fusion"]["ok"], rep["fusion"]["float_compute_left"]
+
+
+def test_integer_reference_float32_fast_path_is_exact(monkeypatch):
+    """4-bit layers accumulate in float32 (partial sums < 2**24); the logits equal the float64 path's."""
+    from qat_sadam.export import integer_reference as ir
+
+    model, x = _qat("resnet18", 4, cifar_stem=True)
+    frozen, _ = freeze(model)
+    chosen = []
+    pick = ir._exact_dtype
+    monkeypatch.setattr(ir, "_exact_dtype", lambda *a: chosen.append(pick(*a)) or chosen[-1])
+    fast = ir.integer_reference(frozen)(x)
+    assert chosen.count(torch.float32) >= 19 and len(chosen) == 21  # 8-bit first/last layers may need float64
+    monkeypatch.setattr(ir, "_exact_dtype", lambda *a: torch.float64)
+    assert torch.equal(fast, ir.integer_reference(frozen)(x))
