@@ -143,6 +143,9 @@ def test_compare_writes_tables_and_plots(tmp_path):
     s = json.load(open(out / "adamw" / "seed0" / "summary.json"))
     assert s["ort_agreement"] >= 0.995 and s["ort_acc"] == pytest.approx(s["integer_acc"], abs=0.005)
     assert "test acc (ORT INT8)" in (out / "results.md").read_text()
+    # a column that only some seeds have says so
+    assert main(["compare", str(recipe), "--optimizers", "adamw", "--seeds", "2", "--out", str(out), "--report-only"]) == 0
+    assert "(1 of 2 seeds)" in (out / "results.md").read_text()
 
 
 def test_help_and_eval(tmp_path, capsys):

@@ -181,16 +181,18 @@ COLUMNS = [("final_acc", "test acc (torch)"), ("ort_acc", "test acc (ORT INT8)")
 def _row(label, opt, runs) -> dict:
     row = {"optimizer": label, "settings": json.dumps(opt, sort_keys=True), "seeds": len(runs), "lr": runs[0].get("lr")}
     for key, _ in COLUMNS:
-        row[key + "_mean"], row[key + "_std"] = _mean_std([r.get(key) for r in runs])
+        values = [r.get(key) for r in runs]
+        row[key + "_mean"], row[key + "_std"] = _mean_std(values)
+        row[key + "_n"] = sum(v is not None for v in values)  # e.g. runs exported: fewer than seeds
     return row
 
 
-def _fmt(m, s, key):
+def _fmt(row, key):
+    m, s, n = row[key + "_mean"], row[key + "_std"], row[key + "_n"]
     if m is None:
         return "n/a"
-    if key in ("final_acc", "ort_acc", "best_acc"):
-        return f"{100 * m:.2f} ± {100 * s:.2f}"
-    return f"{m:.4g} ± {s:.2g}"
+    text = f"{100 * m:.2f} ± {100 * s:.2f}" if key in ("final_acc", "ort_acc", "best_acc") else f"{m:.4g} ± {s:.2g}"
+    return text if n == row["seeds"] else f"{text} ({n} of {row['seeds']} seeds)"
 
 
 def write_tables(rows: list[dict], out: str, split: str = "test") -> None:
@@ -204,7 +206,7 @@ def write_tables(rows: list[dict], out: str, split: str = "test") -> None:
              "|---|---|---|" + "---|" * len(cols)]
     for r in rows:
         lr = f"{r['lr']:.3g}" if isinstance(r["lr"], (int, float)) else "-"
-        lines.append(f"| {r['optimizer']} | {lr} | {r['seeds']} | " + " | ".join(_fmt(r[k + '_mean'], r[k + '_std'], k) for k, _ in cols) + " |")
+        lines.append(f"| {r['optimizer']} | {lr} | {r['seeds']} | " + " | ".join(_fmt(r, k) for k, _ in cols) + " |")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n\nmean ± std over seeds; accuracies in %.\n")
 
