@@ -4,7 +4,7 @@
 # images), 3 epochs at batch 64; AdamW vs S-Adam residual vs S-Adam reference (k=2), 3 seeds, then
 # AdamW at each S-Adam cell's effective lr (`adamw-effective`: of the reference cell).  Two lanes share the two cores (one thread each);
 # every cell is a `qat-sadam compare` call and finished cells are reused.
-#   QAT_SADAM_DATA=../shared/data bash tools/cpu_resnet18_study.sh lane1 & ... lane2; ... report
+#   QAT_SADAM_DATA=../shared/data bash tools/cpu_resnet18_study.sh lane1 & (lane2, lane3 likewise); then exports, report
 set -euo pipefail
 QS=${QS:-.venv/bin/qat-sadam}
 OUT=${OUT:-runs/study-resnet18-cpu}
@@ -25,6 +25,15 @@ lane2() {
   C --first-seed 1 --optimizers sadam-reference@k=2
   C --first-seed 0 --optimizers sadam,adamw-effective@of=sadam
   C --first-seed 2 --optimizers sadam-reference@k=2,adamw-effective
+}
+
+lane3() {  # started beside the two lanes once sadam seed 2 had finished
+  C --first-seed 2 --optimizers sadam,adamw-effective@of=sadam
+  C --first-seed 1 --optimizers sadam-reference@k=2,adamw-effective
+}
+
+exports() {  # seed 0 of the trained cells, exported and run on ONNX Runtime CPU
+  C --report-only --export export/cpu-x86-vnni.yaml --optimizers adamw,sadam,sadam-reference@k=2
 }
 
 report() {
