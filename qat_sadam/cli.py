@@ -1,20 +1,17 @@
-"""The qat-sadam command line: train, eval, compare, export, validate.
+"""The qat-sadam command line: parses arguments and calls the workflows (``qat_sadam.workflows``).
 
-User errors print one line on stderr and exit with code 2; no traceback.
+User errors print one line on stderr and exit with code 2; no traceback. The workflows are
+imported inside the command functions, on purpose: they import torch (seconds), and
+``qat-sadam --help`` or a mistyped flag should answer at once.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import sys
 
+from .errors import TrainingStopped, UserError
+
 EXIT_USER_ERROR = 2
-
-
-class UserError(Exception):
-    pass
 
 
 def _bits(v: str) -> int:
@@ -32,91 +29,44 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def _prepare_out(out: str, force: bool, resume: bool) -> None:
-    if resume:
-        if not os.path.isfile(os.path.join(out, "checkpoints", "last.pt")):
-            raise UserError(f"--resume: no checkpoint at {os.path.join(out, 'checkpoints', 'last.pt')}")
-        return
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        if not force:
-            raise UserError(f"output directory {out} exists and is not empty; use --force to overwrite or --resume to continue")
-        if not os.path.isdir(out) or not ({"recipe.yaml", "metrics.jsonl", "checkpoints"} & set(os.listdir(out))):
-            raise UserError(f"--force: refusing to delete {out}: it does not look like a qat-sadam run directory")
-        shutil.rmtree(out)
-
-
 def cmd_train(a) -> int:
-    from .train import distributed
-    from .train.recipe import load_recipe
-    from .train.trainer import Trainer
+    from .workflows.train_run import train_recipe
 
-    out = a.out or os.path.join("runs", f"{os.path.splitext(os.path.basename(a.recipe))[0]}")
-    if a.resume:
-        from .train.checkpoint import load_checkpoint
-
-        recipe = load_checkpoint(os.path.join(out, "checkpoints", "last.pt"))["recipe"] if os.path.isfile(
-            os.path.join(out, "checkpoints", "last.pt")) else None
-        _prepare_out(out, a.force, True)
-    else:
-        recipe = load_recipe(a.recipe, a.set, bits=a.bits, optimizer=a.optimizer, seed=a.seed)
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 owns the run directory
-            _prepare_out(out, a.force, False)
-    trainer = Trainer(recipe, out, resume=a.resume, progress=not a.quiet)
-    try:
-        summary = trainer.train()
-    finally:
-        distributed.shutdown()
-    if trainer.rank != 0:
-        return 0
-    if summary.get("interrupted"):
-        print(f"interrupted at step {summary['step']}; checkpoint: {summary['checkpoint']} (continue with --resume)")
+    s = train_recipe(a.recipe, a.out, a.set, bits=a.bits, optimizer=a.optimizer, seed=a.seed, resume=a.resume,
+                     force=a.force, progress=not a.quiet)
+    if s.get("interrupted"):
+        print(f"interrupted at step {s['step']}; checkpoint: {s['checkpoint']} (continue with --resume)")
         return 130
-    _print_summary(summary)
-    if recipe["export"]["enabled"]:
-        from .export.cli import export_run
-
-        export_run(out, recipe["export"]["target"], os.path.join(out, "export"))
-    print(f"results: {out}")
     return 0
 
 
-def _print_summary(s: dict) -> None:
-    rows = [("epochs", s["epochs"]), ("steps", s["steps"]), ("final test acc", s["final_acc"]),
-            ("best test acc", s["best_acc"]), ("s / epoch", s["sec_per_epoch"]), ("mean damping", s["mean_damping"]),
-            ("mean osc freq", s.get("osc_freq_mean")), ("skipped steps", s["skipped_steps"])]
-    width = max(len(k) for k, _ in rows)
-    print("\nsummary")
-    for k, v in rows:
-        print(f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
-
-
 def cmd_eval(a) -> int:
-    from .train.checkpoint import find_checkpoint, load_checkpoint
-    from .train.trainer import Trainer
+    from .workflows.train_run import evaluate_run
 
-    path = find_checkpoint(a.run)
-    ck = load_checkpoint(path)
-    recipe = ck["recipe"]
-    if a.data_root:
-        recipe["data"]["root"] = a.data_root
-    trainer = Trainer(recipe, os.path.dirname(os.path.dirname(path)), progress=False, calibrate_scales=False)
-    trainer.model.load_state_dict(ck["model"])
-    print(json.dumps({"checkpoint": path, **trainer.evaluate()}, indent=2))
+    evaluate_run(a.run, a.data_root)
     return 0
 
 
 def cmd_compare(a) -> int:
-    from .train.compare import compare
+    from .workflows.compare import compare_cli
 
-    specs = [s for s in a.optimizers.split(",") if s.strip()]
-    if not specs:
-        raise UserError("--optimizers: give at least one optimizer")
-    out = a.out or os.path.join("runs", "compare-" + os.path.splitext(os.path.basename(a.recipe))[0])
-    compare(a.recipe, specs, a.seeds, out, a.set, bits=a.bits, progress=not a.quiet, first_seed=a.first_seed,
-            export_target=a.export, report_only=a.report_only)
-    print(open(os.path.join(out, "results.md")).read())
-    print(f"results: {out}/results.md, {out}/results.csv, {out}/curves.png")
+    compare_cli(a.recipe, a.optimizers, a.seeds, a.out, a.set, bits=a.bits, progress=not a.quiet,
+                first_seed=a.first_seed, export_target=a.export, report_only=a.report_only)
     return 0
+
+
+def cmd_export(a) -> int:
+    from .workflows.export_run import export_run, run_export_dir
+
+    rep = export_run(a.run, a.target, a.output or run_export_dir(a.run), a.samples, a.data_root)
+    return 0 if rep["passed"] else 1
+
+
+def cmd_validate(a) -> int:
+    from .workflows.export_run import validate_model
+
+    rep = validate_model(a.model, a.target, a.samples, a.run)
+    return 0 if rep["passed"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,25 +103,32 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report-only", action="store_true", help="tabulate and plot the finished runs in --out; train nothing (with --export: export those not yet exported)")
     c.set_defaults(func=cmd_compare)
 
-    from .export.cli import add_export_commands
+    x = sub.add_parser("export", help="export a run to INT8 ONNX and validate it",
+                       description="Export a run's best checkpoint to an INT8 QDQ ONNX model and validate it on ORT.")
+    x.add_argument("run", help="run directory or checkpoint")
+    x.add_argument("--target", help="target profile YAML (default: the recipe's, else export/cpu-x86.yaml)")
+    x.add_argument("-o", "--output", help="output directory (default RUN/export)")
+    x.add_argument("--samples", type=int, help="test samples for parity and accuracy (default: the whole test set)")
+    x.add_argument("--data-root", help="where the dataset lives, if not where the run found it")
+    x.set_defaults(func=cmd_export)
 
-    add_export_commands(sub)
+    v = sub.add_parser("validate", help="validate an INT8 ONNX model on ONNX Runtime",
+                       description="Fusion, parity, latency, size and mobile checks of an INT8 ONNX model.")
+    v.add_argument("model", help="model.onnx")
+    v.add_argument("--run", help="the run it came from: adds torch parity and test accuracy")
+    v.add_argument("--target", help="target profile YAML (default export/cpu-x86.yaml)")
+    v.add_argument("--samples", type=int)
+    v.set_defaults(func=cmd_validate)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train.checkpoint import CheckpointError
-    from .train.recipe import RecipeError
-    from .export.freeze import ExportError
-    from .export.validate import ValidationError
-    from .train.trainer import TrainingStopped
-
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
-    except (UserError, RecipeError, CheckpointError, ExportError, ValidationError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except TrainingStopped as e:

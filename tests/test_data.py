@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from qat_sadam.train.data import DataError, Loader, load_data
-from qat_sadam.train.recipe import RecipeError
+from qat_sadam.errors import DataError, RecipeError
+from qat_sadam.train.data import Loader, load_data
 
 
 def _jpegs(n, size, seed):

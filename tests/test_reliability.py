@@ -14,9 +14,10 @@ import torch
 
 from qat_sadam.cli import main
 from qat_sadam.train import checkpoint as ckpt_mod
-from qat_sadam.train.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from qat_sadam.errors import CheckpointError, TrainingStopped
+from qat_sadam.train.checkpoint import load_checkpoint, save_atomic
 from qat_sadam.train.recipe import load_recipe
-from qat_sadam.train.trainer import Trainer, TrainingStopped
+from qat_sadam.train.trainer import Trainer
 
 TINY = ["data.name=synthetic", "data.image_size=8", "data.batch_size=64", "model.name=small_cnn", "model.width=8",
         "epochs=3", "calibration_batches=1", "data.eval_batch_size=256", "checkpoint.every_steps=4",

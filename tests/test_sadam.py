@@ -127,7 +127,8 @@ def test_reference_lam0_is_adamw_up_to_eps_placement():
 
 def _rho(f, x0, steps=1, **kw):
     x = nn.Parameter(x0.clone())
-    opt = SAdam([x], lr=0.0, weight_decay=0.0, probe_every=1, rho_ema=0.0, **kw)
+    every_step = {"probe_every": 1, "rho_ema": 0.0} if kw.get("lgi", "residual") == "residual" else {}
+    opt = SAdam([x], lr=0.0, weight_decay=0.0, **every_step, **kw)
 
     def closure():
         opt.zero_grad()
@@ -252,10 +253,33 @@ def test_lr_scheduler_and_missing_closure():
 
 @pytest.mark.parametrize("kw,msg", [({"lr": -1}, "Invalid learning rate"), ({"k": 0}, "Invalid number of probe"),
                                     ({"lgi": "magic"}, "lgi must be"), ({"lam": -1}, "Invalid lam"),
-                                    ({"lgi": "reference", "probe_every": 4}, "probe_every must be 1")])
+                                    ({"lgi": "reference", "probe_every": 4}, "probe_every applies to lgi='residual' only"),
+                                    ({"sigma": 0.01}, "sigma applies to lgi='reference' only"),
+                                    ({"lgi": "reference", "probe_radius": 0.01}, "probe_radius applies to lgi='residual' only"),
+                                    ({"lgi": "reference", "probe_scale": 0.01}, "probe_scale applies to lgi='residual' only"),
+                                    ({"stabilize_eps": 1e-6}, "stabilize_eps applies to lgi='reference' only"),
+                                    ({"probe_radius": 0.1, "probe_scale": 0.1}, "not both"),
+                                    ({"probe_scale": 0.0}, "Invalid probe_scale"),
+                                    ({"lgi": "reference", "sigma": -1.0}, "Invalid sigma")])
 def test_invalid_hyperparameters(kw, msg):
     with pytest.raises(ValueError, match=msg):
         SAdam(_net().parameters(), **kw)
+
+
+def test_a_group_option_of_the_other_estimator_is_refused():
+    net = _net()
+    with pytest.raises(ValueError, match="param group: sigma applies to lgi='reference' only"):
+        SAdam([{"params": net[0].parameters(), "sigma": 0.1}, {"params": net[-1].parameters()}])
+
+
+def test_probe_radius_is_absolute_and_probe_scale_relative_to_rms():
+    # The new user's trial of the old API: sum|x| near its kink. An absolute radius of 0.01 contains
+    # every kink (rho high); 0.01 x RMS(x) = 1e-6 does not (rho near 0).
+    near_kink = 1e-4 * _X0
+    absolute = _rho(lambda x: x.abs().sum(), near_kink, k=4, probe_radius=0.01)
+    relative = _rho(lambda x: x.abs().sum(), near_kink, k=4, probe_scale=0.01)
+    scaled_up = _rho(lambda x: x.abs().sum(), near_kink, k=4, probe_scale=100.0)  # 100 x RMS = 0.01 again, about
+    assert absolute > 0.5 and relative < 0.05 and scaled_up > 0.5
 
 
 def test_param_groups_radius_follows_quantization_step():

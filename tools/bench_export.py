@@ -24,10 +24,10 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from qat_sadam.export import export_float_onnx, export_onnx
-from qat_sadam.export.validate import _session
+from qat_sadam.export import ort_session
 from qat_sadam.train.checkpoint import find_checkpoint, load_checkpoint
 from qat_sadam.train.data import Loader, load_data
-from qat_sadam.train.trainer import build_qat_model
+from qat_sadam.train.model import build_qat_model
 
 
 class _Reader(CalibrationDataReader):
@@ -79,7 +79,7 @@ def main():
         quantize_static(pre2, ptq2, _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         models.update({"float-trained model": f2, "ORT quantize_static INT8 of the float-trained model": ptq2})
-    sessions = {k: _session(p) for k, p in models.items()}
+    sessions = {k: ort_session(p) for k, p in models.items()}
     with torch.no_grad():
         torch_acc = np.mean(np.concatenate([model(torch.from_numpy(x)).argmax(1).numpy() == y for x, y in test]))
     acc = {k: np.mean(np.concatenate([s.run(None, {"input": x})[0].argmax(1) == y for x, y in test])) for k, s in sessions.items()}

@@ -30,7 +30,7 @@ def rosenbrock(p):
 OPTIMIZERS = {
     "AdamW": lambda p, lr: torch.optim.AdamW([p], lr=lr, weight_decay=0.0),
     "S-Adam reference (k=5, lam=5)": lambda p, lr: SAdam([p], lr=lr, weight_decay=0.0, lgi="reference", k=5, sigma=0.01, lam=5.0),
-    "S-Adam residual (k=2, lam=5)": lambda p, lr: SAdam([p], lr=lr, weight_decay=0.0, k=2, lam=5.0, probe_every=1, sigma=0.01),
+    "S-Adam residual (k=2, lam=5)": lambda p, lr: SAdam([p], lr=lr, weight_decay=0.0, k=2, lam=5.0, probe_every=1, probe_scale=0.01),
 }
 
 

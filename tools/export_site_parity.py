@@ -28,7 +28,7 @@ from export_acceptance import CASES, briefly_trained, cifar100  # noqa: E402
 
 from qat_sadam.export import export_onnx  # noqa: E402
 from qat_sadam.export.qdq import QuantDequant  # noqa: E402
-from qat_sadam.export.validate import _session  # noqa: E402
+from qat_sadam.export import ort_session  # noqa: E402
 
 
 def _with_site_outputs(path: str, out: str) -> list[str]:
@@ -81,8 +81,8 @@ def main():
     tmp = tempfile.mkdtemp()
     done = export_onnx(model, x[:1], os.path.join(tmp, "m.onnx"), a.target)
     sites = _with_site_outputs(done["path"], os.path.join(tmp, "sites.onnx"))
-    plain = _session(done["path"], optimized_path=os.path.join(tmp, "opt_plain.onnx"))
-    probed = _session(os.path.join(tmp, "sites.onnx"), optimized_path=os.path.join(tmp, "opt_sites.onnx"))
+    plain = ort_session(done["path"], optimized_path=os.path.join(tmp, "opt_plain.onnx"))
+    probed = ort_session(os.path.join(tmp, "sites.onnx"), optimized_path=os.path.join(tmp, "opt_sites.onnx"))
     # Extra outputs only add layout Transposes (NHWC kernels back to NCHW outputs); the kernels stay.
     ops = [collections.Counter(n.op_type for n in onnx.load(os.path.join(tmp, f)).graph.node if n.op_type != "Transpose")
            for f in ("opt_plain.onnx", "opt_sites.onnx")]

@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from qat_sadam.train.compare import _dirname  # noqa: E402
+from qat_sadam.workflows.compare import _dirname  # noqa: E402
 
 CURVES = {"AdamW": "adamw", "S-Adam residual": "sadam", "S-Adam reference k=2": "sadam-reference@k=2"}
 LRS = (1e-4, 3e-4, 1e-3, 3e-3)

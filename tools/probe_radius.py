@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from qat_sadam.optim import SAdam, sadam_param_groups
 from qat_sadam.train.checkpoint import find_checkpoint, load_checkpoint
 from qat_sadam.train.data import Loader, load_data
-from qat_sadam.train.trainer import build_qat_model
+from qat_sadam.train.model import build_qat_model
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

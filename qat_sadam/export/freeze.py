@@ -18,14 +18,10 @@ import copy
 import torch
 from torch import fx, nn
 
-from ..quant import FakeQuantize
-from ..quant.modules import QuantConv2d, QuantLinear
-from ..quant.prepare import _Graph, _set_module
+from ..errors import ExportError
+from ..quant import FakeQuantize, QuantConv2d, QuantLinear
+from ..quant.graph import QuantGraph, set_module
 from .qdq import QConv2d, QLinear, QuantDequant
-
-
-class ExportError(ValueError):
-    """A model or module the exporter cannot turn into an integer graph; the message names it."""
 
 
 def _requantize(w_int: torch.Tensor, scale: torch.Tensor, max_bits: int | None):
@@ -63,7 +59,7 @@ def freeze(qat_model: fx.GraphModule, weight_bits_max: int | None = None) -> tup
         raise ExportError("export needs a model from qat_sadam.prepare_qat (got an unprepared "
                           f"{type(qat_model).__name__})")
     gm = copy.deepcopy(qat_model).eval()
-    g = _Graph(gm)
+    g = QuantGraph(gm)
     modules = g.modules
     qdq_of: dict[fx.Node, QuantDequant] = {}
     report = {"requantized": []}
@@ -75,7 +71,7 @@ def freeze(qat_model: fx.GraphModule, weight_bits_max: int | None = None) -> tup
             if m.spec.per_channel:
                 raise ExportError(f"activation quantizer {node.target!r} is per-channel; integer kernels need per-tensor")
             qdq = QuantDequant.from_quantizer(m)
-            _set_module(gm, node.target, qdq)
+            set_module(gm, node.target, qdq)
             qdq_of[node] = qdq
         elif isinstance(m, nn.BatchNorm2d):
             prev = node.args[0]
@@ -103,7 +99,7 @@ def freeze(qat_model: fx.GraphModule, weight_bits_max: int | None = None) -> tup
         if changed:
             report["requantized"].append(node.target)
         cls = QConv2d if isinstance(layer, nn.Conv2d) else QLinear
-        _set_module(gm, node.target, cls.from_parts(layer, w_int, w_scale, bias, qdq_of[src].scale))
+        set_module(gm, node.target, cls.from_parts(layer, w_int, w_scale, bias, qdq_of[src].scale))
         if bn is not None:
             user.replace_all_uses_with(node)
             gm.graph.erase_node(user)
@@ -135,7 +131,7 @@ def _absorb_clips(gm, modules: dict, qdq_of: dict) -> None:
         gm.graph.erase_node(node)
 
 
-def _requantize_after_pass_ops(gm, g: _Graph, qdq_of: dict) -> None:
+def _requantize_after_pass_ops(gm, g: QuantGraph, qdq_of: dict) -> None:
     for node in list(gm.graph.nodes):
         if not g.is_pass(node) or node.op == "call_module" and isinstance(g.modules[node.target], (nn.Identity, nn.Dropout)):
             continue

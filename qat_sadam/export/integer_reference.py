@@ -10,22 +10,41 @@ layer's outputs differing in isolation grew to 7% top-1 disagreement at the logi
 accumulation, ORT's requantization order), so what still differs from ORT is a fault of the
 exporter or the kernel, not float noise.
 
-Only conv/linear requantization is emulated. Adds, pooling and reshapes keep the float QDQ
-semantics of the frozen graph: isolated op by op they matched ORT on every output measured.
+Emulated: conv/linear requantization, and the element-wise add of two quantized tensors
+(QLinearAdd, with ORT's AVX2 arithmetic on x86: float32 scale ratios, fused multiply-adds, one
+rounding). Pooling and reshapes keep the float QDQ semantics of the frozen graph: fed ORT's own
+inputs, each matched ORT on every output measured (tools/export_site_parity.py).
 """
 from __future__ import annotations
 
+import abc
+import operator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..quant.graph import QuantGraph
 from .qdq import QConv2d, QLinear, QuantDequant
 
 
+class _Pending(abc.ABC):
+    """A fused kernel's result before its output quantizer: ``requantize`` is what the kernel
+    writes, ``dequantize`` what ORT computes when the pattern is not fused."""
+
+    @abc.abstractmethod
+    def dequantize(self) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def requantize(self, q: QuantDequant) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def relu(self) -> "_Pending": ...
+
+
 @dataclass
-class _Accumulator:
+class _Accumulator(_Pending):
     """A conv/linear output before requantization: the exact int32 accumulator and its scale."""
     acc: torch.Tensor  # integer-valued float32 or float64, exact (see _exact_dtype)
     scale: torch.Tensor  # per output channel, float32 s_in * s_w
@@ -35,6 +54,11 @@ class _Accumulator:
 
     def dequantize(self) -> torch.Tensor:
         return self.acc.float() * self.channel(self.scale)
+
+    def requantize(self, q: QuantDequant) -> torch.Tensor:
+        multiplier = self.scale / q.scale  # float32, as the kernel computes it
+        y = torch.round(self.acc.float() * self.channel(multiplier)) + q.zero_point.float()
+        return (torch.clamp(y, 0, q.hi) - q.zero_point.float()) * q.scale
 
     def relu(self) -> "_Accumulator":  # fused: the output quantizer's zero point clamps at 0 too
         return _Accumulator(self.acc.clamp_min(0), self.scale)
@@ -58,46 +82,113 @@ def _accumulate(m: QConv2d | QLinear, x: torch.Tensor) -> _Accumulator:
     return _Accumulator(acc, m.input_scale * m.weight_scale)
 
 
-def _requantize(a: _Accumulator, q: QuantDequant) -> torch.Tensor:
-    multiplier = a.scale / q.scale  # float32, as the kernel computes it
-    y = torch.round(a.acc.float() * a.channel(multiplier)) + q.zero_point.float()
-    return (torch.clamp(y, 0, q.hi) - q.zero_point.float()) * q.scale
+def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float32 fused multiply-add (one rounding): a*b + c is exact in float64 for the operands here
+    (an 8-bit integer times a float32, plus a float32 within 2**30 of it), then rounded once."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+@dataclass
+class _PendingAdd(_Pending):
+    """Two quantized tensors that ORT adds as one QLinearAdd, resolved by the quantizer that follows."""
+    xa: torch.Tensor
+    qa: QuantDequant
+    xb: torch.Tensor
+    qb: QuantDequant
+
+    def dequantize(self) -> torch.Tensor:
+        return self.xa + self.xb
+
+    def requantize(self, qc: QuantDequant) -> torch.Tensor:
+        """ORT's QLinearAdd on x86 with AVX2 (mlas qladd_avx2.cpp): float32 ratios r = s/s_c, a fixed
+        part z_c - (r_a z_a + r_b z_b), then fma(b, r_b, fixed), fma(a, r_a, that), rounded to nearest
+        even and saturated to uint8 (a ReLU before a zero point of 0 adds nothing to that clamp)."""
+        ia, ib = (torch.round(x / q.scale) + q.zero_point.float() for x, q in ((self.xa, self.qa), (self.xb, self.qb)))
+        ra, rb = self.qa.scale / qc.scale, self.qb.scale / qc.scale
+        za, zb, zc = (q.zero_point.float() for q in (self.qa, self.qb, qc))
+        fixed = zc - (ra * za + rb * zb)
+        y = torch.round(_fma32(ia, ra, _fma32(ib, rb, fixed))).clamp(0, 255)
+        return (y.clamp(0, qc.hi) - zc) * qc.scale
+
+    def relu(self) -> "_PendingAdd":  # only matched before a quantizer with zero point 0 (its clamp)
+        return self
 
 
 _RELUS = (torch.relu, F.relu)
+_ADDS = {operator.add, operator.iadd, torch.add}
 
 
 class IntegerReference(fx.Interpreter):
-    """Run a frozen graph with conv/linear -> [ReLU] -> quantize computed as integer kernels."""
+    """Run a frozen graph with conv/linear -> [ReLU] -> quantize and quantized adds computed as
+    ORT's integer kernels compute them."""
+
+    def __init__(self, frozen: fx.GraphModule):
+        super().__init__(frozen)
+        self.roles = QuantGraph(frozen)
+        self._node: fx.Node | None = None
+
+    def run_node(self, n: fx.Node):
+        self._node = n
+        return super().run_node(n)
+
+    def _is_relu(self, n: fx.Node) -> bool:
+        return (n.op == "call_function" and n.target in _RELUS) or (n.op == "call_method" and n.target == "relu") or (
+            isinstance(self.roles.module(n), nn.ReLU))
+
+    def _quantizer(self, n: fx.Node) -> QuantDequant | None:
+        m = self.roles.module(n)
+        return m if isinstance(m, QuantDequant) else None
+
+    def _qlinear_add(self, n: fx.Node, args) -> _PendingAdd | None:
+        """DQ, DQ -> Add [-> ReLU] -> Q, which ORT runs as one QLinearAdd (a ReLU is dropped before a
+        quantizer with zero point 0); None when n is not that pattern."""
+        is_add = (n.op == "call_function" and n.target in _ADDS) or (n.op == "call_method" and n.target in ("add", "add_"))
+        if not (is_add and not n.kwargs and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args)
+                and len(n.users) == 1):
+            return None
+        (user,) = n.users
+        if self._is_relu(user) and len(user.users) == 1:
+            (after,) = user.users
+            q = self._quantizer(after)
+            if q is None or int(q.zero_point) != 0:
+                return None
+        elif self._quantizer(user) is None:
+            return None
+        qa, qb = (self._quantizer(self.roles.source(a)) for a in n.args)  # the grids the inputs lie on
+        if qa is None or qb is None or any(isinstance(a, _Pending) for a in args):
+            return None
+        return _PendingAdd(args[0], qa, args[1], qb)
 
     def call_module(self, target, args, kwargs):
         m = self.fetch_attr(target)
         x = args[0] if args else None
         if isinstance(m, (QConv2d, QLinear)):
             return _accumulate(m, x)
-        if isinstance(x, _Accumulator):
+        if isinstance(x, _Pending):
             if isinstance(m, QuantDequant):
-                return _requantize(x, m)
+                return x.requantize(m)
             if isinstance(m, nn.ReLU):
                 return x.relu()
         return super().call_module(target, tuple(self._floats(args)), kwargs)
 
     def call_function(self, target, args, kwargs):
-        if target in _RELUS and isinstance(args[0], _Accumulator):
+        if target in _RELUS and isinstance(args[0], _Pending):
             return args[0].relu()
-        return super().call_function(target, tuple(self._floats(args)), kwargs)
+        return self._qlinear_add(self._node, args) or super().call_function(target, tuple(self._floats(args)), kwargs)
 
     def call_method(self, target, args, kwargs):
-        return super().call_method(target, tuple(self._floats(args)), kwargs)
+        if target == "relu" and isinstance(args[0], _Pending):
+            return args[0].relu()
+        return self._qlinear_add(self._node, args) or super().call_method(target, tuple(self._floats(args)), kwargs)
 
     @staticmethod
     def _floats(args):
-        # An accumulator that meets any other op is not a fused pattern: ORT runs it dequantized.
-        return (a.dequantize() if isinstance(a, _Accumulator) else a for a in args)
+        # A pending result that meets any other op is not a fused pattern: ORT runs it dequantized.
+        return (a.dequantize() if isinstance(a, _Pending) else a for a in args)
 
     def output(self, target, args, kwargs):
         out = args[0]
-        return out.dequantize() if isinstance(out, _Accumulator) else out
+        return out.dequantize() if isinstance(out, _Pending) else out
 
 
 def integer_reference(frozen: fx.GraphModule):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..quant import FakeQuantize
-from .freeze import ExportError, freeze
+from .freeze import freeze
 from .integer_reference import integer_reference
 from .target import Target, load_target
 
@@ -57,5 +57,3 @@ def export_float_onnx(model: nn.Module, example_input: torch.Tensor, path: str, 
     _onnx_export(float_model(model), example_input.detach().cpu(), path, load_target(target))
     return path
 
-
-__all__ = ["export_onnx", "export_float_onnx", "float_model", "ExportError"]

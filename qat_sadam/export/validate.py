@@ -19,17 +19,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from ..errors import ValidationError
 from .target import Target, load_target
 
 FLOAT_COMPUTE = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
 INTEGER_KERNELS = {"QLinearConv", "NhwcQLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger"}
 
 
-class ValidationError(ValueError):
-    pass
-
-
-def _session(path: str, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, optimized_path: str | None = None):
+def ort_session(path: str, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, optimized_path: str | None = None):
+    """An ORT CPU session; ValidationError with ORT's first line when the model does not load."""
     so = ort.SessionOptions()
     so.graph_optimization_level = level
     so.log_severity_level = 3
@@ -56,7 +54,7 @@ def fusion(path: str, workdir: str) -> dict:
     """Op histogram of ORT's optimized graph: every float conv/linear must have become an integer kernel."""
     before = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
     opt = os.path.join(workdir, "optimized.onnx")
-    _session(path, optimized_path=opt)
+    ort_session(path, optimized_path=opt)
     after = collections.Counter(n.op_type for n in onnx.load(opt).graph.node)
     expected = sum(before[o] for o in FLOAT_COMPUTE)
     integer = sum(after[o] for o in INTEGER_KERNELS)
@@ -93,7 +91,7 @@ def _run(sess, batches):
 
 def latency(int8_path: str, float_path: str, shape: tuple, batches=(1, 32), rounds: int = 5, iters: int = 10) -> dict:
     """Median ms per run, float ONNX vs INT8 ONNX on ORT CPU, interleaved round by round."""
-    sessions = {"float": _session(float_path), "int8": _session(int8_path)}
+    sessions = {"float": ort_session(float_path), "int8": ort_session(int8_path)}
     out = {}
     for b in batches:
         x = np.random.default_rng(0).standard_normal((b, *shape[1:])).astype(np.float32)
@@ -160,8 +158,8 @@ def validate(path: str, *, target: "str | Target | None" = None, inputs: list[np
         scale = output_scale(model)
         rep["output_lsb"] = scale
         if inputs is not None and ("parity" in target.checks or "accuracy" in target.checks):
-            full = _run(_session(path), inputs)
-            plain = _run(_session(path, ort.GraphOptimizationLevel.ORT_DISABLE_ALL), inputs)
+            full = _run(ort_session(path), inputs)
+            plain = _run(ort_session(path, ort.GraphOptimizationLevel.ORT_DISABLE_ALL), inputs)
             parity = {"ort_all_vs_ort_no_opt": _lsb(full, plain, scale)}
             refs = {k: v for k, v in zip(ACCURACY_KEYS, (integer_outputs, frozen_outputs, torch_outputs)) if v is not None}
             parity.update({f"{k}_vs_ort": _lsb(v, full, scale) for k, v in refs.items()})
@@ -182,7 +180,7 @@ def validate(path: str, *, target: "str | Target | None" = None, inputs: list[np
             ort_file = os.path.join(rep["mobile"]["ort_dir"], rep["mobile"]["ort_files"][0]) if rep["mobile"]["ort_files"] else None
             if ort_file and inputs is not None:
                 rep["mobile"]["ort_file"] = ort_file
-                rep["mobile"]["parity_ort_format_vs_onnx"] = _lsb(_run(_session(ort_file), inputs), _run(_session(path), inputs), scale)
+                rep["mobile"]["parity_ort_format_vs_onnx"] = _lsb(_run(ort_session(ort_file), inputs), _run(ort_session(path), inputs), scale)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rep["passed"], rep["failures"] = _verdict(rep)
@@ -242,4 +240,30 @@ def to_markdown(rep: dict) -> str:
             p = m["parity_ort_format_vs_onnx"]
             L.append(f"; .ort vs .onnx: max {p['max_lsb']:.2f} LSB, top-1 agreement {100 * p['top1_agreement']:.2f}%")
         L.append("")
+    return "\n".join(L)
+
+
+def format_report(rep: dict, out_dir: str) -> str:
+    """The validation report as a few lines for the terminal (validation.md has the tables)."""
+    L = [f"validation {'PASSED' if rep['passed'] else 'FAILED'} (target {rep['target']}); providers run: "
+         f"{', '.join(rep['providers_run'])}"]
+    if "fusion" in rep:
+        L.append(f"  integer kernels: {rep['fusion']['integer_kernels']} for {rep['fusion']['float_ops_in_export']} conv/linear; "
+                 f"float compute left: {rep['fusion']['float_compute_left'] or 'none'}")
+    for key, name in (("torch_integer_vs_ort", "torch integer reference"), ("torch_frozen_vs_ort", "torch frozen graph"),
+                      ("torch_qat_graph_vs_ort", "torch QAT graph")):
+        p = rep.get("parity", {}).get(key)
+        if p:
+            L.append(f"  {name} vs ORT: max {p['max_lsb']:.1f} LSB, p99 {p['p99_lsb']:.1f} LSB, "
+                     f"top-1 agreement {100 * p['top1_agreement']:.2f}%")
+    if "accuracy" in rep:
+        a = rep["accuracy"]
+        L.append(f"  accuracy on {a['samples']}: ORT INT8 {100 * a['ort_int8']:.2f}%"
+                 + "".join(f", {k.replace('_', ' ')} {100 * a[k]:.2f}%" for k in ACCURACY_KEYS if k in a))
+    if "size" in rep and "int8_over_float" in rep["size"]:
+        L.append(f"  size INT8/float: {rep['size']['int8_over_float']:.3f}")
+    for k, v in rep.get("latency", {}).items():
+        L.append(f"  latency {k}: float {v['float_ms']:.2f} ms, INT8 {v['int8_ms']:.2f} ms, ratio {v['int8_over_float']:.2f}")
+    L += [f"  FAIL: {f}" for f in rep["failures"]]
+    L.append(f"  report: {os.path.join(out_dir, 'validation.md')}")
     return "\n".join(L)

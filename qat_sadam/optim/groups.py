@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..quant import FakeQuantize
+from .sadam import rms
 
 DEFAULT_RADIUS_MULTIPLE = 1.0
 
@@ -17,22 +18,24 @@ def quantized_weights(model: nn.Module) -> dict[torch.Tensor, FakeQuantize]:
 
 class QuantStepRadius:
     """Probe radius: ``multiple`` x the current quantization step of a quantized weight (per channel
-    where the scale is per channel); ``sigma_rel`` x RMS for any other tensor."""
+    where the scale is per channel); ``probe_scale`` x RMS for any other tensor."""
 
-    def __init__(self, model: nn.Module, multiple: float = DEFAULT_RADIUS_MULTIPLE, sigma_rel: float = 0.01):
+    def __init__(self, model: nn.Module, multiple: float = DEFAULT_RADIUS_MULTIPLE, probe_scale: float = 0.01):
         self.quantizers = quantized_weights(model)
-        self.multiple, self.sigma_rel = multiple, sigma_rel
+        self.multiple, self.probe_scale = multiple, probe_scale
 
     def __call__(self, p: torch.Tensor):
         q = self.quantizers.get(p)
         if q is None:
-            return self.sigma_rel * p.detach().pow(2).mean().sqrt().clamp_min(1e-3)
+            return self.probe_scale * rms(p)
         return self.multiple * q.step_size(p)
 
 
 def sadam_param_groups(model: nn.Module, weight_decay: float = 1e-2, radius_multiple: float = DEFAULT_RADIUS_MULTIPLE,
-                       lam: float | None = None, scale_lam: float = 0.0, scale_lr: float | None = None) -> list[dict]:
-    """Three groups: weights (decayed, probed and damped, radius = multiple x quant step); other
+                       lam: float | None = None, scale_lam: float = 0.0, scale_lr: float | None = None,
+                       probe_scale: float = 0.01) -> list[dict]:
+    """Three groups: weights (decayed, probed and damped, radius = multiple x quant step, or
+    ``probe_scale`` x RMS for a weight without a quantizer); other
     float params such as biases and BatchNorm (no decay, not damped); learnable quantizer scales
     (no decay, damped only if ``scale_lam`` > 0, learning rate ``scale_lr`` if given). Adam moves
     every parameter by about lr per step whatever its size, so scales of 1e-3 need a far smaller
@@ -43,7 +46,7 @@ def sadam_param_groups(model: nn.Module, weight_decay: float = 1e-2, radius_mult
         if not p.requires_grad:
             continue
         (scales if id(p) in scale_ids else weights if p.dim() > 1 else others).append(p)
-    weight_group = dict(name="weights", params=weights, weight_decay=weight_decay, probe_radius=QuantStepRadius(model, radius_multiple))
+    weight_group = dict(name="weights", params=weights, weight_decay=weight_decay, probe_radius=QuantStepRadius(model, radius_multiple, probe_scale))
     if lam is not None:
         weight_group["lam"] = lam
     scale_group = dict(name="quant_scales", params=scales, weight_decay=0.0, lam=scale_lam, **({"lr": scale_lr} if scale_lr is not None else {}))

@@ -27,48 +27,80 @@ from .functional import adamw_update
 
 Radius = float | Callable[[Tensor], "Tensor | float"] | None
 _NOT_SAVED = ("probe_radius",)  # callables: supplied again by whoever builds the optimizer
+# Options that only one estimator reads, with their defaults; setting one for the other is an error.
+MODE_OPTIONS = {
+    "residual": {"probe_radius": None, "probe_scale": 0.01, "probe_every": 8, "rho_ema": 0.9},
+    "reference": {"sigma": 0.01, "stabilize_eps": 1e-6},
+}
+_HINTS = {"sigma": "the residual estimator's probe size is probe_radius (absolute) or probe_scale (relative to RMS)",
+          "probe_radius": "the reference estimator's probe step is sigma", "probe_scale": "the reference estimator's probe step is sigma",
+          "probe_every": "the reference estimator probes every step", "rho_ema": "the reference estimator does not smooth rho",
+          "stabilize_eps": "it is a term of the reference estimator's denominator"}
 
 
 class SAdam(Optimizer):
     """S-Adam. ``step`` needs a closure on probe steps: it zeroes grads, runs forward, calls
     backward only when ``torch.is_grad_enabled()``, and returns the loss.
 
-    Per-group options: lr, betas, eps, weight_decay, lam (0 turns damping and probes off),
-    k (number of probe directions), sigma (reference: absolute step; residual: radius relative
-    to the tensor's RMS when probe_radius is None), stabilize_eps (the reference estimator's
-    denominator term), probe_radius (a float, or a callable
-    param -> radius tensor broadcastable to the param), probe_every, rho_ema.
-    ``probe_buffers``: tensors (e.g. ``model.buffers()``) restored after the residual probes.
+    Per-group options, both estimators: lr, betas, eps, weight_decay, lam (0 turns damping and
+    probes off), k (number of probe directions).
+    ``lgi="residual"`` only: probe_radius (absolute: a float, or a callable param -> radius tensor
+    broadcastable to the param), probe_scale (radius = probe_scale x the tensor's RMS, used where
+    probe_radius is not given), probe_every, rho_ema; ``probe_buffers``: tensors (e.g.
+    ``model.buffers()``) restored after the probes.
+    ``lgi="reference"`` only: sigma (the absolute probe step, as the paper names it),
+    stabilize_eps (its denominator term).
+    Setting an option the chosen estimator does not read raises ValueError.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, lgi: str = "residual", k: int = 2, lam: float = 2.0,
-                 sigma: float = 0.01, probe_radius: Radius = None, probe_every: int | None = None,
-                 rho_ema: float = 0.9, stabilize_eps: float = 1e-6, seed: int = 0,
-                 probe_buffers: Iterable[Tensor] | None = None, foreach: bool | None = None):
-        if lgi not in ("residual", "reference"):
+                 probe_radius: Radius = None, probe_scale: float | None = None, probe_every: int | None = None,
+                 rho_ema: float | None = None, sigma: float | None = None, stabilize_eps: float | None = None,
+                 seed: int = 0, probe_buffers: Iterable[Tensor] | None = None, foreach: bool | None = None):
+        if lgi not in MODE_OPTIONS:
             raise ValueError(f"lgi must be 'residual' or 'reference', got {lgi!r}")
-        probe_every = (1 if lgi == "reference" else 8) if probe_every is None else probe_every
+        self.lgi, self.seed, self.foreach = lgi, seed, foreach
+        given = dict(probe_radius=probe_radius, probe_scale=probe_scale, probe_every=probe_every, rho_ema=rho_ema,
+                     sigma=sigma, stabilize_eps=stabilize_eps)
+        self._check_mode({k_: v for k_, v in given.items() if v is not None}, "SAdam")
+        if probe_buffers is not None and lgi == "reference":
+            raise ValueError("probe_buffers applies to lgi='residual' only: the reference estimator probes in train "
+                             "mode and leaves buffers as the probes left them, as published")
+        mode = {**MODE_OPTIONS[lgi], **{k_: v for k_, v in given.items() if k_ in MODE_OPTIONS[lgi] and v is not None}}
         checks = [(lr >= 0, f"Invalid learning rate: {lr}"), (eps >= 0, f"Invalid epsilon value: {eps}"),
                   (0 <= betas[0] < 1, f"Invalid beta parameter at index 0: {betas[0]}"),
                   (0 <= betas[1] < 1, f"Invalid beta parameter at index 1: {betas[1]}"),
                   (weight_decay >= 0, f"Invalid weight_decay value: {weight_decay}"),
                   (isinstance(k, int) and k >= 1, f"Invalid number of probe directions k: {k}"),
-                  (lam >= 0, f"Invalid lam (damping strength): {lam}"), (sigma > 0, f"Invalid sigma: {sigma}"),
-                  (isinstance(probe_every, int) and probe_every >= 1, f"Invalid probe_every: {probe_every}"),
-                  (lgi == "residual" or probe_every == 1, "the reference estimator probes every step: probe_every must be 1"),
-                  (0 <= rho_ema < 1, f"Invalid rho_ema: {rho_ema}"),
-                  (stabilize_eps > 0, f"Invalid stabilize_eps: {stabilize_eps}")]
+                  (lam >= 0, f"Invalid lam (damping strength): {lam}")]
+        if lgi == "residual":
+            checks += [(mode["probe_scale"] > 0, f"Invalid probe_scale: {probe_scale}"),
+                       (isinstance(mode["probe_every"], int) and mode["probe_every"] >= 1, f"Invalid probe_every: {probe_every}"),
+                       (0 <= mode["rho_ema"] < 1, f"Invalid rho_ema: {rho_ema}")]
+        else:
+            checks += [(mode["sigma"] > 0, f"Invalid sigma: {sigma}"),
+                       (mode["stabilize_eps"] > 0, f"Invalid stabilize_eps: {stabilize_eps}")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, k=k, lam=lam, sigma=sigma,
-                        probe_radius=probe_radius, probe_every=probe_every, rho_ema=rho_ema,
-                        stabilize_eps=stabilize_eps, rho=0.0, damping=1.0, probes=0, t=0)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, k=k, lam=lam, **mode,
+                        rho=0.0, damping=1.0, probes=0, t=0)
         super().__init__(params, defaults)
-        self.lgi, self.seed = lgi, seed
-        self.foreach = foreach
         self.probe_buffers = list(probe_buffers) if probe_buffers is not None else []
+
+    def _check_mode(self, options: dict, where: str) -> None:
+        other = "reference" if self.lgi == "residual" else "residual"
+        for key in options:
+            if key in MODE_OPTIONS[other]:
+                raise ValueError(f"{where}: {key} applies to lgi={other!r} only, this optimizer has lgi={self.lgi!r} "
+                                 f"({_HINTS[key]})")
+        if options.get("probe_radius") is not None and options.get("probe_scale") is not None:
+            raise ValueError(f"{where}: give probe_radius (absolute) or probe_scale (relative to the tensor's RMS), not both")
+
+    def add_param_group(self, param_group: dict) -> None:
+        self._check_mode(param_group, "param group")
+        super().add_param_group(param_group)
 
     # -- logging --------------------------------------------------------------------------
     @property
@@ -92,15 +124,16 @@ class SAdam(Optimizer):
         extra = state_dict.pop("sadam", {"lgi": self.lgi, "seed": self.seed})
         if extra["lgi"] != self.lgi:
             raise ValueError(f"state_dict is from lgi={extra['lgi']!r}, this optimizer has lgi={self.lgi!r}")
-        radii = [g["probe_radius"] for g in self.param_groups]
+        radii = [g.get("probe_radius") for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for g, r in zip(self.param_groups, radii):
-            g["probe_radius"] = r
+        if self.lgi == "residual":
+            for g, r in zip(self.param_groups, radii):
+                g["probe_radius"] = r
         self.seed = extra["seed"]
 
     # -- step -----------------------------------------------------------------------------
     def _probing(self, group) -> bool:
-        return group["lam"] > 0 and group["t"] % group["probe_every"] == 0
+        return group["lam"] > 0 and (self.lgi == "reference" or group["t"] % group["probe_every"] == 0)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None):
@@ -126,7 +159,7 @@ class SAdam(Optimizer):
         for p in grads:
             p.grad = None
         try:
-            for group, on in zip(self.param_groups, probing):
+            for index, (group, on) in enumerate(zip(self.param_groups, probing)):
                 if not on:
                     continue
                 params = [p for p in group["params"] if grads[p] is not None]
@@ -137,7 +170,7 @@ class SAdam(Optimizer):
                     group["rho"], group["damping"] = rho, math.exp(-group["lam"] * min(rho, 10.0))
                 else:
                     with restored(self.probe_buffers):
-                        raw = self._residual_rho(group, params, [grads[p] for p in params], closure, rng)
+                        raw = self._residual_rho(index, group, params, [grads[p] for p in params], closure, rng)
                     if not math.isfinite(raw):  # a probe hit a non-finite loss: keep the last estimate
                         continue
                     ema = group["rho_ema"] if group["probes"] > 0 else 0.0
@@ -153,13 +186,13 @@ class SAdam(Optimizer):
     def _radii(self, group, params) -> list:
         r = group["probe_radius"]
         if r is None:
-            return [group["sigma"] * p.detach().pow(2).mean().sqrt().clamp_min(1e-3) for p in params]
+            return [group["probe_scale"] * rms(p) for p in params]
         return [r(p) for p in params] if callable(r) else [r] * len(params)
 
-    def _residual_rho(self, group, params, grads, closure, rng) -> float:
+    def _residual_rho(self, index, group, params, grads, closure, rng) -> float:
         device = params[0].device
         gen = torch.Generator(device=device)
-        gen.manual_seed(_mix(self.seed, self.param_groups.index(group), group["t"]))
+        gen.manual_seed(_mix(self.seed, index, group["t"]))
         radii = self._radii(group, params)
         backup = [p.detach().clone() for p in params]
         pert = [torch.empty_like(p) for p in params]  # one perturbation buffer, reused for all k
@@ -225,6 +258,11 @@ def _reference_rho(group, params, closure, loss0: float) -> float:
     mean = sum(d) / k
     var = sum((x - mean) ** 2 for x in d) / (k - 1)
     return var / (sum(x * x for x in d) / k + group["stabilize_eps"])
+
+
+def rms(p: Tensor) -> Tensor:
+    """The root mean square of a tensor, floored at 1e-3 so that a zero tensor still gets probed."""
+    return p.detach().pow(2).mean().sqrt().clamp_min(1e-3)
 
 
 def _mean_over_ranks(t: Tensor) -> Tensor:

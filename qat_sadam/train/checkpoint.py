@@ -6,9 +6,7 @@ import tempfile
 
 import torch
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or read; the message names the file."""
+from ..errors import CheckpointError
 
 
 def save_atomic(obj, path: str) -> None:

@@ -16,16 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
+from PIL import Image
 
-from .recipe import RecipeError
+from ..errors import DataError, RecipeError
 
 DATASETS = ("synthetic", "digits", "cifar10", "cifar100", "tinyimagenet")
 _CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
 _CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
-
-
-class DataError(RecipeError):
-    """Data that cannot be found or read; the message says where to put it."""
 
 
 @dataclass
@@ -75,7 +73,7 @@ def _synthetic(image_size: int = 16, classes: int = 10, n_train: int = 1024, n_t
 
 
 def _digits() -> tuple[Split, Split, int]:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn takes a second to import: only for digits
 
     d = load_digits()
     x = (d.images * (255.0 / 16.0)).round().astype(np.uint8)
@@ -95,8 +93,6 @@ def _cifar(name: str, cfg: dict) -> tuple[Split, Split, int]:
         te = np.load(test)
         return (_split(np.concatenate([p["x"] for p in tr]), np.concatenate([p["y"] for p in tr])),
                 _split(te["x"], te["y"]), classes)
-    import torchvision
-
     cls = torchvision.datasets.CIFAR100 if name == "cifar100" else torchvision.datasets.CIFAR10
     if root is None and not cfg.get("download"):
         raise DataError(f"{name}: no data found {where}; set data.root (or QAT_SADAM_DATA) to a folder holding "
@@ -113,8 +109,6 @@ def _cifar(name: str, cfg: dict) -> tuple[Split, Split, int]:
 
 
 def _decode(buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    from PIL import Image
-
     return np.stack([np.asarray(Image.open(io.BytesIO(buf[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
                      for i in range(len(offsets) - 1)])
 
@@ -134,8 +128,6 @@ def _tinyimagenet(cfg: dict) -> tuple[Split, Split, int]:
         c = np.load(cache)
         return _split(c["xtr"], c["ytr"].astype(np.int64)), _split(c["xte"], c["yte"].astype(np.int64)), 200
     if root and os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val")):
-        import torchvision
-
         sets = [torchvision.datasets.ImageFolder(os.path.join(root, s)) for s in ("train", "val")]
         if sets[0].classes != sets[1].classes:
             raise DataError(f"tinyimagenet: {root}/val must be an ImageFolder with the classes of {root}/train")

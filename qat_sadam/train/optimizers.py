@@ -4,14 +4,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import RecipeError
 from ..optim import ProxSGD, SAdam, sadam_param_groups
-from .recipe import RecipeError
 
 _ADAM = {"lr", "betas", "eps", "weight_decay", "scale_lr_ratio"}
 SCALE_LR_RATIO = 0.01  # learnable quantizer scales train at 1% of the weights' lr (see sadam_param_groups)
 KEYS = {
     "adamw": _ADAM,
-    "sadam": _ADAM | {"lgi", "k", "lam", "sigma", "probe_every", "rho_ema", "stabilize_eps", "radius_multiple", "scale_lam"},
+    "sadam": _ADAM | {"lgi", "k", "lam", "sigma", "probe_every", "rho_ema", "stabilize_eps", "radius_multiple", "probe_scale",
+                      "scale_lam"},
     "prox_sgd": {"lr", "momentum", "l1"},
     "sgd": {"lr", "momentum", "weight_decay", "nesterov"},
 }
@@ -47,10 +48,13 @@ def build_optimizer(cfg: dict, model: nn.Module, seed: int = 0, probe_buffers=No
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), **kw)
     wd = kw.pop("weight_decay", 1e-2)
-    radius = kw.pop("radius_multiple", None)
+    radius = {k: kw[k] for k in ("probe_scale",) if k in kw}  # SAdam reads it too: for groups without a radius
+    if "radius_multiple" in kw:
+        if kw.get("lgi") == "reference":
+            raise ValueError("radius_multiple applies to lgi='residual' only (the reference estimator's probe step is sigma)")
+        radius["radius_multiple"] = kw.pop("radius_multiple")
     scale_lr = kw.get("lr", 1e-3) * kw.pop("scale_lr_ratio", SCALE_LR_RATIO)
-    groups = sadam_param_groups(model, weight_decay=wd, **({"radius_multiple": radius} if radius is not None else {}),
-                                scale_lam=kw.pop("scale_lam", 0.0), scale_lr=scale_lr)
+    groups = sadam_param_groups(model, weight_decay=wd, scale_lam=kw.pop("scale_lam", 0.0), scale_lr=scale_lr, **radius)
     if name == "adamw":
         return torch.optim.AdamW([{k: v for k, v in g.items() if k in ("name", "params", "weight_decay", "lr")} for g in groups], **kw)
     if kw.get("lgi") == "reference":  # the published method: one probed group (quantizer scales apart, as above)

@@ -7,10 +7,11 @@ from typing import Any
 
 import yaml
 
-
-class RecipeError(ValueError):
-    """A user error in a recipe or its overrides; the message names the key or file."""
-
+from ..errors import RecipeError
+from ..models import MODELS
+from ..quant import QATConfig
+from .data import DATASETS
+from .optimizers import check_optimizer
 
 _NUM = (int, float)
 # key -> type (a tuple of types, or a nested schema). "quant" and "optimizer" are checked by their builders too.
@@ -177,17 +178,11 @@ def load_recipe(path: str | None = None, overrides: list[str] = (), bits: int | 
 
 
 def _validate_sections(r: dict) -> None:
-    from ..quant import QATConfig
-    from .optimizers import check_optimizer
-
     try:
         QATConfig.from_dict(r["quant"])
     except ValueError as e:
         raise RecipeError(str(e) if str(e).startswith("quant") else f"quant: {e}") from None
     check_optimizer(r["optimizer"])
-    from ..models import MODELS
-    from .data import DATASETS
-
     if r["model"]["name"] not in MODELS:
         raise RecipeError(f"unknown model {r['model']['name']!r}; choose one of {', '.join(MODELS)}")
     if r["model"].get("cifar_stem") and not r["model"]["name"].startswith("resnet"):

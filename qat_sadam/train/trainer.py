@@ -5,6 +5,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 from collections import deque
 
@@ -12,17 +13,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..export.freeze import ExportError, freeze
-from ..export.integer_reference import integer_reference
-from ..models import build_model
+from ..errors import ExportError, TrainingStopped
+from ..export import freeze, integer_reference
 from ..optim import SAdam
-from ..quant import QATConfig, calibrate, prepare_qat
+from ..quant import calibrate
 from . import distributed
 from .checkpoint import load_checkpoint, save_atomic
 from .data import Loader, load_data
+from .model import build_qat_model
 from .optimizers import build_optimizer
 from .oscillation import OscillationTracker
-from .recipe import RecipeError, dump_recipe
+from .recipe import dump_recipe
 
 LOSS_WINDOW = 50
 
@@ -33,27 +34,12 @@ class NonFiniteError(RuntimeError):
         self.what = what
 
 
-class TrainingStopped(RuntimeError):
-    """Training stopped on purpose (non-finite loss under nan_policy: stop); the message says where."""
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainingStopped("device: cuda was asked for but no CUDA device is available")
     return torch.device(name)
-
-
-def build_qat_model(recipe: dict, info: dict) -> torch.nn.Module:
-    """The recipe's model, prepared for QAT (not calibrated). ``info``: num_classes, in_channels, image_size."""
-    m = recipe["model"]
-    kw = {k: m[k] for k in ("cifar_stem", "widths", "width", "dropout") if k in m}
-    model = build_model(m["name"], info["num_classes"], image_size=info["image_size"], in_channels=info["in_channels"], **kw)
-    try:
-        return prepare_qat(model, QATConfig.from_dict(recipe["quant"]))
-    except ValueError as e:  # a pattern that matches nothing, a module that cannot be quantized
-        raise RecipeError(str(e)) from None
 
 
 def _lr_lambda(epochs_steps: int, warmup: int, kind: str, min_ratio: float):
@@ -340,6 +326,4 @@ def _record_step(line: str) -> int | None:
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()

@@ -11,13 +11,17 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import statistics
 
+import numpy as np
 import yaml
 
-from .optimizers import KEYS
-from .recipe import RecipeError, load_recipe
-from .trainer import Trainer
+from ..errors import ExportError, RecipeError
+from ..train.optimizers import KEYS
+from ..train.recipe import load_recipe
+from ..train.trainer import Trainer
+from .export_run import export_run
 
 PRESETS = {
     "adamw": {"name": "adamw"},
@@ -59,6 +63,18 @@ def _source_cell(cells, i):
     if not sadams:
         raise RecipeError("adamw-effective needs an S-Adam cell listed before it in --optimizers")
     return (ref or sadams)[0]
+
+
+def compare_cli(recipe_path: str, optimizers: str, seeds: int, out: str | None, overrides: list[str] = (), **kw) -> list[dict]:
+    """``qat-sadam compare``: cells from a comma-separated list, tables printed when done."""
+    specs = [s for s in optimizers.split(",") if s.strip()]
+    if not specs:
+        raise RecipeError("--optimizers: give at least one optimizer")
+    out = out or os.path.join("runs", "compare-" + os.path.splitext(os.path.basename(recipe_path))[0])
+    rows = compare(recipe_path, specs, seeds, out, overrides, **kw)
+    print(open(os.path.join(out, "results.md")).read())
+    print(f"results: {out}/results.md, {out}/results.csv, {out}/curves.png")
+    return rows
 
 
 def compare(recipe_path: str, specs: list[str], seeds: int, out: str, overrides: list[str] = (), bits: int | None = None,
@@ -127,8 +143,6 @@ def _run(path, overrides, bits, opt, seed, run_dir, progress, export_target=None
     recipe = _recipe(path, overrides, bits, opt, seed)
     resume = os.path.isfile(os.path.join(run_dir, "checkpoints", "last.pt"))
     if not resume and os.path.isdir(run_dir):
-        import shutil
-
         shutil.rmtree(run_dir)  # a cell that died before its first checkpoint
     result = Trainer(recipe, run_dir, resume=resume, progress=progress).train()
     if result.get("interrupted"):
@@ -154,9 +168,6 @@ def _exported(run_dir: str, summary: dict, target: str | None) -> dict:
 
 
 def _export(run_dir: str, target: str) -> dict:
-    from ..export.cli import export_run
-    from ..export.freeze import ExportError
-
     try:
         rep = export_run(run_dir, target, os.path.join(run_dir, "export"))
     except ExportError as e:  # e.g. the paper's placement quantizes conv inputs only: no integer graph
@@ -213,11 +224,10 @@ def write_tables(rows: list[dict], out: str, split: str = "test") -> None:
 
 def plot_cells(out: str, labels: list[str], seeds: int, first_seed: int = 0) -> list[str]:
     """loss, test accuracy, damping/rho and oscillation frequency over steps, seed-averaged per cell."""
-    import matplotlib
+    import matplotlib  # a second of import time, paid only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     panels = [("loss", "step", "training loss (EMA 0.98)"), ("test_acc", "epoch", "test accuracy (torch)"),
               ("damping", "step", "S-Adam damping exp(-lam rho)"), ("osc_freq_mean", "step", "mean oscillation frequency")]

@@ -1,0 +1,73 @@
+"""Export a run's checkpoint for a deployment target and validate it; validate a model file."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ..export import check_model_file, export_float_onnx, export_onnx, format_report, load_target, validate
+from ..train.checkpoint import find_checkpoint, load_checkpoint
+from ..train.data import Loader, load_data
+from ..train.model import build_qat_model
+
+DEFAULT_TARGET = "export/cpu-x86.yaml"
+
+
+def run_export_dir(run: str) -> str:
+    """Where a run's export goes by default: RUN/export (beside the checkpoint file given)."""
+    return os.path.join(run if os.path.isdir(run) else os.path.dirname(run), "export")
+
+
+def _test_batches(recipe: dict, info: dict, samples: int | None, batch: int):
+    test = load_data(recipe["data"]).test
+    if samples:
+        test = type(test)(test.x[:samples], test.y[:samples])
+    return Loader(test, batch, info["mean"], info["std"], shuffle=False).batches()
+
+
+def export_run(run: str, target: str | None, out_dir: str, samples: int | None = None, data_root: str | None = None) -> dict:
+    """Export a run's best checkpoint for ``target`` and validate it; returns the validation report."""
+    ck = load_checkpoint(find_checkpoint(run))
+    recipe, info = ck["recipe"], ck["info"]
+    if data_root:
+        recipe["data"]["root"] = data_root
+    model = build_qat_model(recipe, info)
+    model.load_state_dict(ck["model"])
+    model.eval()
+    tgt = load_target(target or recipe["export"].get("target") or DEFAULT_TARGET)
+    batch = tgt.fixed_batch or 64
+    batches = [(x, y) for x, y in _test_batches(recipe, info, samples, batch) if not tgt.fixed_batch or len(x) == batch]
+    path = os.path.join(out_dir, "model.onnx")
+    done = export_onnx(model, batches[0][0][:1], path, tgt)
+    float_path = export_float_onnx(model, batches[0][0][:1], os.path.join(out_dir, "float.onnx"), tgt)
+    with torch.no_grad():
+        qat_out = np.concatenate([model(x).numpy() for x, _ in batches])
+        frozen_out = np.concatenate([done["frozen"](x).numpy() for x, _ in batches])
+        integer_out = np.concatenate([done["integer"](x).numpy() for x, _ in batches])
+    rep = validate(path, target=tgt, inputs=[x.numpy() for x, _ in batches], labels=np.concatenate([y.numpy() for _, y in batches]),
+                   torch_outputs=qat_out, frozen_outputs=frozen_out, integer_outputs=integer_out, float_path=float_path,
+                   out_dir=out_dir)
+    rep["requantized_to_max_bits"] = done["requantized_to_max_bits"]
+    print(format_report(rep, out_dir))
+    return rep
+
+
+def validate_model(model: str, target: str | None = None, samples: int | None = None, run: str | None = None) -> dict:
+    """Validate a model file; with ``run`` (the run it came from) re-export that run beside it for
+    torch parity and accuracy on real data, else compare ORT with and without optimizations on
+    random inputs."""
+    out_dir = os.path.dirname(os.path.abspath(model))
+    if run:
+        return export_run(run, target, out_dir, samples)
+    m = check_model_file(model)
+    shape = [d.dim_value or 8 for d in m.graph.input[0].type.tensor_type.shape.dim]
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
+    float_path = os.path.join(out_dir, "float.onnx")
+    rep = validate(model, target=target or DEFAULT_TARGET, inputs=inputs,
+                   float_path=float_path if os.path.isfile(float_path) else None)
+    print("no --run given: parity compares ORT with and without graph optimizations on random inputs; "
+          "pass --run RUN_DIR for torch parity and accuracy on real data")
+    print(format_report(rep, out_dir))
+    return rep
