@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The user's path on built-in data: a float model, then its W4A4 fine-tune with the accuracy ladder.
 demo: $(STAMP)
-	$(BIN)/qat-sadam train recipes/quickstart.yaml --out runs/quickstart --force
+	$(BIN)/qat-sadam train recipes/quickstart_float.yaml --out runs/quickstart_float --force --quiet
+	$(BIN)/qat-sadam train recipes/quickstart_finetune.yaml --out runs/quickstart_finetune --force --quiet
 
 clean:
 	rm -rf runs .pytest_cache

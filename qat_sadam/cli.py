@@ -40,6 +40,13 @@ def cmd_train(a) -> int:
     return 0
 
 
+def cmd_ptq(a) -> int:
+    from .workflows.ptq import ptq
+
+    s = ptq(a.recipe, a.out, a.set, bits=a.bits, force=a.force, progress=not a.quiet)
+    return 0 if s["validation_passed"] else 1
+
+
 def cmd_eval(a) -> int:
     from .workflows.train_run import evaluate_run
 
@@ -84,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
+
+    q = sub.add_parser("ptq", help="post-training quantization of a trained float model",
+                       description="Calibrate a recipe's trained float model (model.checkpoint or model.weights), "
+                                   "export it to INT8 and validate it: the baseline a QAT fine-tune must beat.")
+    q.add_argument("recipe", help="recipe YAML with model.checkpoint or model.weights")
+    q.add_argument("--bits", type=_bits, help="W{bits}A{bits} with 8-bit first/last layers")
+    q.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
+    q.add_argument("--out", help="run directory (default runs/<recipe name>-ptq)")
+    q.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=cmd_ptq)
 
     e = sub.add_parser("eval", help="evaluate a run or checkpoint", description="Test accuracy of a run's best checkpoint.")
     e.add_argument("run", help="run directory or checkpoint file")

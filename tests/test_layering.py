@@ -14,7 +14,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "qat_sadam"
 # Lowest first. A unit is a subpackage or a top-level module of qat_sadam.
 LAYERS = [
-    {"errors", "buffers", "models"},   # no imports of the package
+    {"errors"},                         # the user-error hierarchy
+    {"buffers", "models"},              # buffer snapshots; model builders and weight loading
     {"quant"},                          # quantizers
     {"optim", "export"},                # the optimizer, the deployment core: on the quantizers
     {"train"},                          # the trainer: on all of the above

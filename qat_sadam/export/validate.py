@@ -134,9 +134,13 @@ ACCURACY_KEYS = ("torch_integer", "torch_frozen", "torch_qat_graph")  # the torc
 def validate(path: str, *, target: "str | Target | None" = None, inputs: list[np.ndarray] | None = None,
              labels: np.ndarray | None = None, torch_outputs: np.ndarray | None = None,
              frozen_outputs: np.ndarray | None = None, integer_outputs: np.ndarray | None = None,
-             float_path: str | None = None, out_dir: str | None = None) -> dict:
+             float_path: str | None = None, out_dir: str | None = None, ladder: dict | None = None,
+             rung: str = "qat_acc") -> dict:
     """Validate an INT8 ONNX model on real input batches ``inputs`` with classes ``labels``.
 
+    ``ladder``: the accuracies of the rungs below this model (``float_acc``, and ``ptq_acc`` for a
+    fine-tuned one); this model's ORT accuracy is added as ``rung`` and, with all three, the
+    recovery (qat - ptq) / (float - ptq).
     ``torch_outputs``: logits of the QAT graph (BatchNorm unfolded, float bias), as trained;
     ``frozen_outputs``: logits of the frozen torch graph (BatchNorm folded, int32 bias) in float
     QDQ semantics; ``integer_outputs``: the same graph computed as integer kernels
@@ -183,12 +187,32 @@ def validate(path: str, *, target: "str | Target | None" = None, inputs: list[np
                 rep["mobile"]["parity_ort_format_vs_onnx"] = _lsb(_run(ort_session(ort_file), inputs), _run(ort_session(path), inputs), scale)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if ladder is not None and "accuracy" in rep:
+        rep["ladder"] = accuracy_ladder({**ladder, rung: rep["accuracy"]["ort_int8"]}, rep["accuracy"]["samples"])
     rep["passed"], rep["failures"] = _verdict(rep)
     with open(os.path.join(out_dir, "validation.json"), "w") as f:
         json.dump(rep, f, indent=2)
     with open(os.path.join(out_dir, "validation.md"), "w") as f:
         f.write(to_markdown(rep))
     return rep
+
+
+LADDER_KEYS = ("float_acc", "ptq_acc", "qat_acc", "recovery")
+
+
+def accuracy_ladder(rungs: dict, samples: int) -> dict:
+    """float, PTQ INT8 and QAT INT8 accuracy with recovery = (qat - ptq) / (float - ptq): the share of
+    the accuracy PTQ lost that QAT won back (None where a rung is missing or PTQ lost nothing)."""
+    out = {k: rungs.get(k) for k in LADDER_KEYS[:3]}
+    f, p, q = out["float_acc"], out["ptq_acc"], out["qat_acc"]
+    out["recovery"] = (q - p) / (f - p) if None not in (f, p, q) and f != p else None
+    return {**out, "samples": samples}
+
+
+def format_ladder(ladder: dict) -> list[str]:
+    """The ladder's four cells as text: accuracies in %, recovery as a ratio, '-' where missing."""
+    cells = ["-" if ladder.get(k) is None else f"{100 * ladder[k]:.2f}%" for k in LADDER_KEYS[:3]]
+    return cells + ["-" if ladder.get("recovery") is None else f"{ladder['recovery']:.3f}"]
 
 
 def _verdict(rep: dict) -> tuple[bool, list[str]]:
@@ -226,6 +250,10 @@ def to_markdown(rep: dict) -> str:
               "torch integer = the frozen graph computed as ORT's integer kernels compute it (int32 accumulation, one "
               "requantization); torch frozen = BatchNorm folded, int32 bias, float QDQ semantics; torch qat graph = the "
               "trained graph (BatchNorm unfolded, float bias).", ""]
+    if "ladder" in rep:
+        L += ["## Accuracy ladder", "", "| float | PTQ INT8 (ORT) | QAT INT8 (ORT) | recovery |", "|---|---|---|---|",
+              "| " + " | ".join(format_ladder(rep["ladder"])) + " |", "",
+              f"{rep['ladder']['samples']} test samples; float in torch, PTQ and QAT as deployed (INT8 on ORT).", ""]
     if "latency" in rep:
         L += ["## Latency on ORT CPU (median, interleaved)", "", "| batch | float ms | INT8 ms | INT8 / float |", "|---|---|---|---|"]
         L += [f"| {k[5:]} | {v['float_ms']:.2f} | {v['int8_ms']:.2f} | {v['int8_over_float']:.2f} |" for k, v in rep["latency"].items()] + [""]
@@ -260,6 +288,8 @@ def format_report(rep: dict, out_dir: str) -> str:
         a = rep["accuracy"]
         L.append(f"  accuracy on {a['samples']}: ORT INT8 {100 * a['ort_int8']:.2f}%"
                  + "".join(f", {k.replace('_', ' ')} {100 * a[k]:.2f}%" for k in ACCURACY_KEYS if k in a))
+    if "ladder" in rep:
+        L.append("  ladder: float {}, PTQ INT8 {}, QAT INT8 {}, recovery {}".format(*format_ladder(rep["ladder"])))
     if "size" in rep and "int8_over_float" in rep["size"]:
         L.append(f"  size INT8/float: {rep['size']['int8_over_float']:.3f}")
     for k, v in rep.get("latency", {}).items():

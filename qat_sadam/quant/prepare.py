@@ -1,4 +1,4 @@
-"""prepare_qat: turn an ordinary PyTorch model into a QAT model; calibrate: set scales from data.
+"""prepare_qat: turn an ordinary PyTorch model into a QAT model.
 
 The model is traced with torch.fx (``graph.py`` says where quantizers go); Conv2d/Linear become
 QuantConv2d/QuantLinear and activation FakeQuantize modules are inserted as call_module nodes.
@@ -7,13 +7,8 @@ quantization commutes with the per-channel BN scale, so folding keeps the intege
 """
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable
-
-import torch
 from torch import fx, nn
 
-from ..buffers import batchnorm_buffers, restored
 from .config import QATConfig
 from .fake_quant import FakeQuantize
 from .graph import QuantGraph, set_module, site_name, trace
@@ -74,33 +69,3 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None) -> fx.
 def quantizers(model: nn.Module, kind: str | None = None) -> list[tuple[str, FakeQuantize]]:
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, FakeQuantize) and (kind is None or m.kind == kind)]
-
-
-@torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable, max_batches: int | None = None) -> int:
-    """Initialise activation scales from data, seen as training will see it.
-
-    The model runs in train mode (BatchNorm normalises with batch statistics, as in QAT; in eval
-    mode an untrained network's activations can vanish with depth), and the BatchNorm running
-    statistics are restored afterwards. ``batches`` yields inputs or (input, target) pairs.
-    Returns the number of batches used.
-    """
-    acts = [q for _, q in quantizers(model, "activation")]
-    was_training = model.training
-    model.train()
-    for q in acts:
-        q.start_calibration()
-    used = 0
-    device = next(model.parameters()).device
-    try:
-        with restored(batchnorm_buffers(model)):
-            for batch in itertools.islice(batches, max_batches):
-                model((batch[0] if isinstance(batch, (tuple, list)) else batch).to(device))
-                used += 1
-    finally:
-        for q in acts:
-            q.finish_calibration()
-        model.train(was_training)
-    if used == 0:
-        raise ValueError("calibrate: no batches were given")
-    return used

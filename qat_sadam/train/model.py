@@ -1,19 +1,57 @@
-"""The recipe's model: built by name and prepared for QAT."""
+"""The recipe's model: built by name, loaded from its starting point, prepared for QAT."""
 from __future__ import annotations
+
+import os
 
 from torch import nn
 
-from ..errors import RecipeError
-from ..models import build_model
-from ..quant import QATConfig, prepare_qat
+from ..errors import CheckpointError, RecipeError
+from ..models import build_model, load_weights, read_state_dict, torchvision_state_dict
+from ..quant import prepare_qat
+from .checkpoint import load_checkpoint
+from .recipe import qat_config, quantized, starts_trained
 
 
-def build_qat_model(recipe: dict, info: dict) -> nn.Module:
-    """The recipe's model, prepared for QAT (not calibrated). ``info``: num_classes, in_channels, image_size."""
+def build_float_model(recipe: dict, info: dict, load_start: bool = True) -> tuple[nn.Module, dict]:
+    """The recipe's float model, with the trained weights it starts from when ``load_start`` and the
+    recipe names some (``model.checkpoint`` or ``model.weights``). Returns the model and what was
+    loaded: {"source": ..., "reset_classifier": [keys left at a fresh init]} or {}.
+    ``info``: num_classes, in_channels, image_size."""
     m = recipe["model"]
     kw = {k: m[k] for k in ("cifar_stem", "widths", "width", "dropout") if k in m}
     model = build_model(m["name"], info["num_classes"], image_size=info["image_size"], in_channels=info["in_channels"], **kw)
+    if not (load_start and starts_trained(recipe)):
+        return model, {}
+    sd, source = _start_state_dict(m)
+    reset = load_weights(model, sd, source, info["num_classes"], m["reset_classifier"])
+    return model, {"source": source, "reset_classifier": reset}
+
+
+def _start_state_dict(m: dict) -> tuple[dict, str]:
+    if m["weights"]:
+        return torchvision_state_dict(m["name"], m["weights"]), f"model.weights {m['weights']}"
+    path = m["checkpoint"]
+    if not os.path.isdir(path):
+        return read_state_dict(path), f"model.checkpoint {path}"
+    # A qat-sadam float run: its final weights (checkpoints/last.pt), not a test-selected best.
+    ck = load_checkpoint(os.path.join(path, "checkpoints", "last.pt"))
+    if quantized(ck["recipe"]):
+        raise CheckpointError(f"model.checkpoint: {path} is a QAT run; start from a float run (quant.enabled: false) "
+                              "or a float state_dict")
+    return ck["model"], f"model.checkpoint {path}"
+
+
+def quantize_model(recipe: dict, model: nn.Module) -> nn.Module:
+    """The model prepared for QAT (a copy; not calibrated), or the model itself for a float recipe."""
+    if not quantized(recipe):
+        return model
     try:
-        return prepare_qat(model, QATConfig.from_dict(recipe["quant"]))
+        return prepare_qat(model, qat_config(recipe))
     except ValueError as e:  # a pattern that matches nothing, a module that cannot be quantized
         raise RecipeError(str(e)) from None
+
+
+def build_qat_model(recipe: dict, info: dict) -> nn.Module:
+    """The recipe's model as its run checkpoints store it (prepared for QAT unless a float recipe),
+    with random weights: the caller loads a checkpoint into it."""
+    return quantize_model(recipe, build_float_model(recipe, info, load_start=False)[0])

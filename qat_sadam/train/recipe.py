@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from ..errors import RecipeError
-from ..models import MODELS
+from ..models import CIFAR_STEM_MODELS, MODELS, weight_names
 from ..quant import QATConfig
 from .data import DATASETS
 from .optimizers import check_optimizer
@@ -17,7 +17,8 @@ _NUM = (int, float)
 # key -> type (a tuple of types, or a nested schema). "quant" and "optimizer" are checked by their builders too.
 SCHEMA: dict[str, Any] = {
     "name": str,
-    "model": {"name": str, "cifar_stem": bool, "widths": list, "width": int, "dropout": _NUM, "sync_bn": bool},
+    "model": {"name": str, "cifar_stem": bool, "widths": list, "width": int, "dropout": _NUM, "sync_bn": bool,
+              "checkpoint": (str, type(None)), "weights": (str, type(None)), "reset_classifier": bool},
     "data": {"name": str, "root": (str, type(None)), "batch_size": int, "eval_batch_size": int,
              "classes": (int, type(None)), "subset": (int, type(None)), "test_subset": (int, type(None)), "val_split": _NUM,
              "eval_on": str, "download": bool, "image_size": (int, type(None)),
@@ -30,20 +31,22 @@ SCHEMA: dict[str, Any] = {
     "seed": int,
     "device": str,
     "calibration_batches": int,
+    "bn_reestimate_batches": (int, type(None)),
     "grad_clip": (_NUM, type(None)),
     "nan_policy": str,
     "logging": {"every": int, "oscillations": bool},
     "checkpoint": {"every_steps": int},
-    "export": {"target": (str, type(None)), "enabled": bool},
+    "export": {"target": (str, type(None)), "enabled": bool, "checkpoint": str},
 }
+FINETUNE_BN_BATCHES = 32  # BatchNorm re-estimation before export, on by default when starting from trained weights
 
 DEFAULTS: dict[str, Any] = {
     "name": "run",
-    "model": {"name": "small_cnn"},
+    "model": {"name": "small_cnn", "checkpoint": None, "weights": None, "reset_classifier": False},
     "data": {"name": "synthetic", "root": None, "batch_size": 64, "eval_batch_size": 512, "classes": None, "subset": None,
              "test_subset": None, "val_split": 0.0, "eval_on": "test", "download": False, "image_size": None,
              "augment": {"crop_padding": 0, "flip": False}},
-    "quant": {"bits": 8},
+    "quant": {},
     "optimizer": {"name": "adamw", "lr": 1e-3},
     "schedule": {"name": "constant", "warmup_epochs": 0, "min_lr": 0.0},
     "epochs": 1,
@@ -51,15 +54,16 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "auto",
     "calibration_batches": 2,
+    "bn_reestimate_batches": None,
     "grad_clip": None,
     "nan_policy": "stop",
     "logging": {"every": 10, "oscillations": True},
     "checkpoint": {"every_steps": 0},
-    "export": {"target": None, "enabled": False},
+    "export": {"target": None, "enabled": False, "checkpoint": "best"},
 }
 
 CHOICES = {"schedule.name": ("constant", "cosine"), "nan_policy": ("stop", "skip"),
-           "data.eval_on": ("test", "val"), "device": ("auto", "cpu", "cuda")}
+           "data.eval_on": ("test", "val"), "device": ("auto", "cpu", "cuda"), "export.checkpoint": ("best", "last")}
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -174,19 +178,45 @@ def load_recipe(path: str | None = None, overrides: list[str] = (), bits: int | 
     recipe = _merge(DEFAULTS, raw)
     _check(recipe, SCHEMA)
     _validate_sections(recipe)
+    if recipe["bn_reestimate_batches"] is None:
+        recipe["bn_reestimate_batches"] = FINETUNE_BN_BATCHES if starts_trained(recipe) and quantized(recipe) else 0
     return recipe
 
 
+def quantized(recipe: dict) -> bool:
+    """False for a float recipe (``quant: {enabled: false}``)."""
+    return recipe["quant"].get("enabled", True)
+
+
+def starts_trained(recipe: dict) -> bool:
+    """Whether the recipe starts from trained weights (a fine-tune) rather than random ones."""
+    return bool(recipe["model"]["checkpoint"] or recipe["model"]["weights"])
+
+
+def qat_config(recipe: dict) -> QATConfig:
+    """The recipe's quantizer configuration (its ``quant`` section without ``enabled``)."""
+    return QATConfig.from_dict({k: v for k, v in recipe["quant"].items() if k != "enabled"})
+
+
 def _validate_sections(r: dict) -> None:
+    if not isinstance(r["quant"].get("enabled", True), bool):
+        raise RecipeError(f"recipe key 'quant.enabled' must be true or false, got {r['quant']['enabled']!r}")
+    if not quantized(r):
+        extra = sorted(set(r["quant"]) - {"enabled"})
+        if extra:  # a float recipe: quantizer settings would be silently ignored
+            raise RecipeError(f"recipe key 'quant.{extra[0]}' has no effect with quant.enabled: false (a float run)")
+        if r["export"]["enabled"]:
+            raise RecipeError("recipe key 'export.enabled' needs quantization: a float run (quant.enabled: false) has no INT8 model")
     try:
-        QATConfig.from_dict(r["quant"])
+        qat_config(r)
     except ValueError as e:
         raise RecipeError(str(e) if str(e).startswith("quant") else f"quant: {e}") from None
     check_optimizer(r["optimizer"])
+    _check_start(r["model"])
     if r["model"]["name"] not in MODELS:
         raise RecipeError(f"unknown model {r['model']['name']!r}; choose one of {', '.join(MODELS)}")
-    if r["model"].get("cifar_stem") and not r["model"]["name"].startswith("resnet"):
-        raise RecipeError(f"recipe key 'model.cifar_stem' applies to ResNets, not {r['model']['name']}")
+    if r["model"].get("cifar_stem") and r["model"]["name"] not in CIFAR_STEM_MODELS:
+        raise RecipeError(f"recipe key 'model.cifar_stem' applies to {', '.join(CIFAR_STEM_MODELS)}, not {r['model']['name']}")
     if r["data"]["name"] not in DATASETS:
         raise RecipeError(f"unknown dataset {r['data']['name']!r}; choose one of {', '.join(DATASETS)}")
     for key, lo in (("epochs", 1), ("data.batch_size", 1), ("data.eval_batch_size", 1), ("calibration_batches", 0),
@@ -199,6 +229,22 @@ def _validate_sections(r: dict) -> None:
         raise RecipeError(f"recipe key 'data.val_split' must be in [0, 1), got {r['data']['val_split']}")
     if r["data"]["eval_on"] == "val" and r["data"]["val_split"] <= 0:
         raise RecipeError("recipe key 'data.eval_on' is 'val' but data.val_split is 0")
+    if r["bn_reestimate_batches"] is not None and r["bn_reestimate_batches"] < 0:
+        raise RecipeError(f"recipe key 'bn_reestimate_batches' must be at least 0, got {r['bn_reestimate_batches']}")
+
+
+def _check_start(m: dict) -> None:
+    """The starting point exists and fits the model, checked before any data is read."""
+    if m["checkpoint"] and m["weights"]:
+        raise RecipeError("recipe keys 'model.checkpoint' and 'model.weights' both name a starting point; give one")
+    if m["checkpoint"] and not os.path.exists(m["checkpoint"]):
+        raise RecipeError(f"recipe key 'model.checkpoint': no such file or run directory: {m['checkpoint']}")
+    if m["weights"]:
+        names = weight_names(m["name"])
+        if not names:
+            raise RecipeError(f"recipe key 'model.weights' applies to torchvision models; {m['name']!r} is not one")
+        if m["weights"] not in names + ["DEFAULT"]:
+            raise RecipeError(f"recipe key 'model.weights': {m['name']} has no weights {m['weights']!r}; choose from {', '.join(names)}")
 
 
 def dump_recipe(recipe: dict, path: str) -> None:

@@ -1,4 +1,9 @@
-"""The QAT trainer: recipe in, run directory out (metrics.jsonl, checkpoints, summary)."""
+"""The trainer: recipe in, run directory out (metrics.jsonl, checkpoints, summary).
+
+A run starts from random weights or, for a fine-tune, from trained float weights: then the float
+model's accuracy is measured first, the prepared model is calibrated and its BatchNorm statistics
+re-estimated with the quantized weights, and that post-training-quantized state is saved as
+``checkpoints/ptq.pt`` before the first step (the PTQ rung of the accuracy ladder)."""
 from __future__ import annotations
 
 import json
@@ -16,16 +21,18 @@ from tqdm import tqdm
 from ..errors import ExportError, TrainingStopped
 from ..export import freeze, integer_reference
 from ..optim import SAdam
-from ..quant import calibrate
+from ..quant import calibrate, reestimate_batchnorm
 from . import distributed
 from .checkpoint import load_checkpoint, save_atomic
 from .data import Loader, load_data
-from .model import build_qat_model
+from .model import build_float_model, quantize_model
 from .optimizers import build_optimizer
 from .oscillation import OscillationTracker
-from .recipe import dump_recipe
+from .recipe import dump_recipe, quantized
+from .run_dir import write_summary
 
 LOSS_WINDOW = 50
+PTQ_CHECKPOINT = "ptq.pt"
 
 
 class NonFiniteError(RuntimeError):
@@ -52,7 +59,10 @@ def _lr_lambda(epochs_steps: int, warmup: int, kind: str, min_ratio: float):
 
 
 class Trainer:
-    def __init__(self, recipe: dict, run_dir: str, resume: bool = False, progress: bool = True, calibrate_scales: bool = True):
+    """``resume``: continue from the run's last checkpoint. ``initialize=False``: build the model
+    without its starting weights or calibration, for a caller that loads a checkpoint into it."""
+
+    def __init__(self, recipe: dict, run_dir: str, resume: bool = False, progress: bool = True, initialize: bool = True):
         self.recipe, self.run_dir = recipe, run_dir
         self.rank, self.world, local_rank = distributed.init_from_env()
         self.progress = progress and self.rank == 0
@@ -70,9 +80,14 @@ class Trainer:
         # role, seeded by (seed, epoch) like its set_epoch): N ranks with B/N match one process with B.
         self.train_loader = Loader(data.train, recipe["data"]["batch_size"], data.mean, data.std,
                                    rank=self.rank, world=self.world, **loader)
-        calibration_loader = Loader(data.train, recipe["data"]["batch_size"], data.mean, data.std, **loader)
+        # Unsharded: calibration and BatchNorm re-estimation see the same batches on every rank.
+        self.calibration_loader = Loader(data.train, recipe["data"]["batch_size"], data.mean, data.std, **loader)
         self.test_loader = Loader(data.test, recipe["data"]["eval_batch_size"], data.mean, data.std, shuffle=False, device=self.device)
-        self.model = build_qat_model(recipe, self.info).to(self.device)
+        float_model, self.start = build_float_model(recipe, self.info, load_start=initialize and not resume)
+        float_model.to(self.device)
+        if self.start:  # the top rung of the ladder, before any quantizer
+            self.start["float_acc"], self.start["float_loss"] = self._score(float_model.eval())
+        self.model = quantize_model(recipe, float_model)
         self.optimizer = build_optimizer(recipe["optimizer"], self.model, seed=recipe["seed"], probe_buffers=list(self.model.buffers()))
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = recipe["epochs"] * self.steps_per_epoch
@@ -87,13 +102,25 @@ class Trainer:
         self.best_acc, self.skipped = -1.0, 0
         self.losses: deque = deque(maxlen=LOSS_WINDOW)
         self._stop_requested = False
+        self.bn_report: dict = {}
         if resume:
             self._restore(load_checkpoint(self.path_last(), map_location=self.device))
-        elif calibrate_scales and recipe["calibration_batches"]:
-            calibrate(self.model, calibration_loader.batches(epoch=-1), recipe["calibration_batches"])
-            if self.tracker:  # integer weights after calibration are the reference for the first flip
-                self.tracker = OscillationTracker(self.model)
+        elif initialize and quantized(recipe):
+            self._initialize()
         self.net = self._data_parallel() if self.world > 1 else self.model
+
+    def _initialize(self) -> None:
+        """Calibrate the activation scales; from trained weights also re-estimate BatchNorm with the
+        quantized weights: the post-training-quantized model that QAT starts from."""
+        if self.recipe["calibration_batches"]:
+            calibrate(self.model, self.calibration_loader.batches(epoch=-1), self.recipe["calibration_batches"])
+        if self.start and self.recipe["bn_reestimate_batches"]:
+            self.start["bn_reestimate"] = self._reestimate_bn()
+        if self.tracker:  # integer weights after calibration are the reference for the first flip
+            self.tracker = OscillationTracker(self.model)
+
+    def _reestimate_bn(self) -> dict:
+        return reestimate_batchnorm(self.model, self.calibration_loader.batches(epoch=-2), self.recipe["bn_reestimate_batches"])
 
     def _data_parallel(self) -> torch.nn.Module:
         if self.recipe["model"].get("sync_bn"):
@@ -118,7 +145,7 @@ class Trainer:
                 "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "best_acc": self.best_acc, "skipped": self.skipped, "losses": list(self.losses),
-                "recipe": self.recipe, "info": self.info}
+                "start": self.start, "bn_report": self.bn_report, "recipe": self.recipe, "info": self.info}
 
     def save(self, name: str = "last.pt") -> str:
         if self.rank == 0:  # every rank holds the same state
@@ -136,6 +163,7 @@ class Trainer:
             torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng_cuda"]])
         self.epoch, self.step_in_epoch, self.global_step = ck["epoch"], ck["step_in_epoch"], ck["global_step"]
         self.best_acc, self.skipped = ck["best_acc"], ck["skipped"]
+        self.start, self.bn_report = ck["start"], ck["bn_report"]
         self.losses.extend(ck["losses"])
         self._truncate_metrics()
 
@@ -193,6 +221,10 @@ class Trainer:
         evaluated as trained."""
         was = self.model.training
         self.model.eval()
+        if not quantized(self.recipe):
+            acc, loss = self._score(self.model)
+            self.model.train(was)
+            return {"test_acc": acc, "test_loss": loss, "eval_graph": "float"}
         try:
             frozen, _ = freeze(self.model)
         except ExportError:
@@ -204,6 +236,7 @@ class Trainer:
         acc, loss = self._score(integer_reference(frozen))
         return {"test_acc": acc, "test_loss": loss, "eval_graph": "integer", "test_acc_qat_graph": qat[0]}
 
+    @torch.no_grad()
     def _score(self, net) -> tuple[float, float]:
         correct = total = 0
         loss_sum = 0.0
@@ -221,15 +254,21 @@ class Trainer:
 
     # -- loop -----------------------------------------------------------------------------
     def train(self) -> dict:
-        if self.rank == 0:
-            os.makedirs(self.path("checkpoints"), exist_ok=True)
-            dump_recipe(self.recipe, self.path("recipe.yaml"))
+        self.write_run_files()
         previous = signal.signal(signal.SIGINT, self._request_stop) if _main_thread() else None
         try:
             return self._loop()
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
+
+    def write_run_files(self) -> None:
+        """The run directory, its recipe.yaml and, before the first step of a fine-tune, the PTQ state."""
+        if self.rank == 0:
+            os.makedirs(self.path("checkpoints"), exist_ok=True)
+            dump_recipe(self.recipe, self.path("recipe.yaml"))
+        if self.global_step == 0 and self.start and quantized(self.recipe):
+            self.save(PTQ_CHECKPOINT)
 
     def _request_stop(self, *_):
         self._stop_requested = True
@@ -281,11 +320,17 @@ class Trainer:
         return self.summary()
 
     def _end_epoch(self, seconds: float, losses: list, dampings: list, complete: bool = True) -> None:
-        """Evaluate and checkpoint; a run cut by max_steps ends a partial epoch that --resume continues."""
+        """Evaluate and checkpoint; a run cut by max_steps ends a partial epoch that --resume continues.
+        After the last step BatchNorm is re-estimated with the final quantized weights (if the recipe
+        says so), and the accuracy before it is logged beside the one after."""
+        before = {}
+        if self.global_step >= self.total_steps and self.recipe["bn_reestimate_batches"] and quantized(self.recipe):
+            before = {"test_acc_before_bn_reestimate": self.evaluate()["test_acc"]}
+            self.bn_report = self._reestimate_bn()
         ev = self.evaluate()
         rec = {"type": "epoch", "epoch": self.epoch + 1, "complete": complete, "step": self.global_step, "sec_epoch": seconds,
                "train_loss": sum(losses) / len(losses) if losses else None,
-               "mean_damping": sum(dampings) / len(dampings) if dampings else None, **ev}
+               "mean_damping": sum(dampings) / len(dampings) if dampings else None, **ev, **before, **self.bn_report}
         self._log(rec)
         if complete:
             self.epoch += 1
@@ -312,9 +357,10 @@ class Trainer:
                    "sec_per_epoch": sum(e["sec_epoch"] for e in epochs) / len(epochs) if epochs else None,
                    "mean_damping": sum(damp) / len(damp) if damp else None, "skipped_steps": self.skipped,
                    "loss_var50": last.get("loss_var50"), "world_size": self.world, "rank_max_state_diff": rank_diff,
+                   "start": self.start, "bn_reestimate": self.bn_report,
+                   **({"float_acc": self.start["float_acc"]} if "float_acc" in self.start else {}),
                    **{k: last[k] for k in ("osc_freq_mean", "osc_frac_0.005", "osc_frac_0.01") if k in last}}
-        with open(self.path("summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        write_summary(self.run_dir, summary)
         return summary
 
 

@@ -20,8 +20,9 @@ import yaml
 from ..errors import ExportError, RecipeError
 from ..train.optimizers import KEYS
 from ..train.recipe import load_recipe
+from ..train.run_dir import read_summary, write_summary
 from ..train.trainer import Trainer
-from .export_run import export_run
+from .export_run import export_finished_run
 
 PRESETS = {
     "adamw": {"name": "adamw"},
@@ -99,12 +100,12 @@ def compare(recipe_path: str, specs: list[str], seeds: int, out: str, overrides:
             run_dir = os.path.join(out, _dirname(label), f"seed{seed}")
             if report_only:
                 if os.path.isfile(os.path.join(run_dir, "summary.json")):
-                    runs.append(_exported(run_dir, _summary(run_dir), export_target))
+                    runs.append(_exported(run_dir, read_summary(run_dir), export_target))
                 continue
             opt_s = dict(opt)
             if preset == "adamw-effective":
                 src = _source_cell(cells, i)
-                s = _summary(os.path.join(out, _dirname(src[0]), f"seed{seed}"))
+                s = read_summary(os.path.join(out, _dirname(src[0]), f"seed{seed}"))
                 nominal = _recipe(recipe_path, overrides, bits, src[2], seed)["optimizer"].get("lr", 1e-3)
                 opt_s["lr"] = nominal * s["mean_damping"]
             runs.append(_run(recipe_path, overrides, bits, opt_s, seed, run_dir, progress, export_target))
@@ -132,14 +133,9 @@ def _recipe(path, overrides, bits, opt, seed):
     return load_recipe(path, list(overrides) + [f"optimizer={json.dumps(merged)}"], bits=bits, seed=seed)
 
 
-def _summary(run_dir: str) -> dict:
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        return json.load(f)
-
-
 def _run(path, overrides, bits, opt, seed, run_dir, progress, export_target=None) -> dict:
     if os.path.isfile(os.path.join(run_dir, "summary.json")):
-        return _exported(run_dir, _summary(run_dir), export_target)
+        return _exported(run_dir, read_summary(run_dir), export_target)
     recipe = _recipe(path, overrides, bits, opt, seed)
     resume = os.path.isfile(os.path.join(run_dir, "checkpoints", "last.pt"))
     if not resume and os.path.isdir(run_dir):
@@ -148,32 +144,25 @@ def _run(path, overrides, bits, opt, seed, run_dir, progress, export_target=None
     if result.get("interrupted"):
         raise KeyboardInterrupt
     result["lr"] = recipe["optimizer"].get("lr")
-    _write_summary(run_dir, result)
+    write_summary(run_dir, result)
     return _exported(run_dir, result, export_target)
-
-
-def _write_summary(run_dir: str, summary: dict) -> None:
-    tmp = os.path.join(run_dir, "summary.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, os.path.join(run_dir, "summary.json"))
 
 
 def _exported(run_dir: str, summary: dict, target: str | None) -> dict:
     """The summary with the run's ORT INT8 accuracy, exporting the run first if none is recorded."""
     if target and "ort_acc" not in summary:
         summary = {**summary, **_export(run_dir, target)}
-        _write_summary(run_dir, summary)
+        write_summary(run_dir, summary)
     return summary
 
 
 def _export(run_dir: str, target: str) -> dict:
     try:
-        rep = export_run(run_dir, target, os.path.join(run_dir, "export"))
+        rep = export_finished_run(run_dir, target)
     except ExportError as e:  # e.g. the paper's placement quantizes conv inputs only: no integer graph
         return {"ort_acc": None, "export_error": str(e)}
     return {"ort_acc": rep["accuracy"]["ort_int8"], "integer_acc": rep["accuracy"].get("torch_integer"),
-            "ort_agreement": rep["parity"]["torch_integer_vs_ort"]["top1_agreement"]}
+            "ort_agreement": rep["parity"]["torch_integer_vs_ort"]["top1_agreement"], **rep.get("ladder", {})}
 
 
 def _mean_std(values):
@@ -184,7 +173,8 @@ def _mean_std(values):
 
 
 # "torch": the integer reference of the frozen graph where the model has one, else the QAT graph.
-COLUMNS = [("final_acc", "test acc (torch)"), ("ort_acc", "test acc (ORT INT8)"), ("best_acc", "best acc"),
+COLUMNS = [("float_acc", "float acc"), ("ptq_acc", "PTQ INT8 (ORT)"), ("qat_acc", "QAT INT8 (ORT)"), ("recovery", "recovery"),
+           ("final_acc", "test acc (torch)"), ("ort_acc", "test acc (ORT INT8)"), ("best_acc", "best acc"),
            ("osc_freq_mean", "osc freq"), ("osc_frac_0.005", "osc > 0.005"), ("osc_frac_0.01", "osc > 0.01"),
            ("loss_var50", "loss var (50 steps)"), ("mean_damping", "mean damping"), ("sec_per_epoch", "s / epoch")]
 
@@ -202,7 +192,7 @@ def _fmt(row, key):
     m, s, n = row[key + "_mean"], row[key + "_std"], row[key + "_n"]
     if m is None:
         return "n/a"
-    text = f"{100 * m:.2f} ± {100 * s:.2f}" if key in ("final_acc", "ort_acc", "best_acc") else f"{m:.4g} ± {s:.2g}"
+    text = f"{100 * m:.2f} ± {100 * s:.2f}" if key.endswith("_acc") else f"{m:.4g} ± {s:.2g}"
     return text if n == row["seeds"] else f"{text} ({n} of {row['seeds']} seeds)"
 
 

@@ -10,6 +10,8 @@ from ..export import check_model_file, export_float_onnx, export_onnx, format_re
 from ..train.checkpoint import find_checkpoint, load_checkpoint
 from ..train.data import Loader, load_data
 from ..train.model import build_qat_model
+from ..train.run_dir import read_summary, run_recipe, write_summary
+from ..train.trainer import PTQ_CHECKPOINT
 
 DEFAULT_TARGET = "export/cpu-x86.yaml"
 
@@ -26,9 +28,19 @@ def _test_batches(recipe: dict, info: dict, samples: int | None, batch: int):
     return Loader(test, batch, info["mean"], info["std"], shuffle=False).batches()
 
 
-def export_run(run: str, target: str | None, out_dir: str, samples: int | None = None, data_root: str | None = None) -> dict:
-    """Export a run's best checkpoint for ``target`` and validate it; returns the validation report."""
-    ck = load_checkpoint(find_checkpoint(run))
+def run_checkpoint(run: str) -> str:
+    """The checkpoint a run exports: the file given, else the one its recipe's ``export.checkpoint``
+    names (best: the best test accuracy; last: the final weights), else what exists."""
+    if not os.path.isdir(run) or not os.path.isfile(os.path.join(run, "recipe.yaml")):
+        return find_checkpoint(run)
+    return find_checkpoint(run, f"{run_recipe(run).get('export', {}).get('checkpoint', 'best')}.pt")
+
+
+def export_run(run: str, target: str | None, out_dir: str, samples: int | None = None, data_root: str | None = None,
+               ladder: dict | None = None, rung: str = "qat_acc") -> dict:
+    """Export a run's checkpoint (``run_checkpoint``) for ``target`` and validate it; returns the
+    validation report (with the accuracy ladder when ``ladder`` gives the rungs below)."""
+    ck = load_checkpoint(run_checkpoint(run))
     recipe, info = ck["recipe"], ck["info"]
     if data_root:
         recipe["data"]["root"] = data_root
@@ -47,9 +59,26 @@ def export_run(run: str, target: str | None, out_dir: str, samples: int | None =
         integer_out = np.concatenate([done["integer"](x).numpy() for x, _ in batches])
     rep = validate(path, target=tgt, inputs=[x.numpy() for x, _ in batches], labels=np.concatenate([y.numpy() for _, y in batches]),
                    torch_outputs=qat_out, frozen_outputs=frozen_out, integer_outputs=integer_out, float_path=float_path,
-                   out_dir=out_dir)
+                   out_dir=out_dir, ladder=ladder, rung=rung)
     rep["requantized_to_max_bits"] = done["requantized_to_max_bits"]
     print(format_report(rep, out_dir))
+    return rep
+
+
+def export_finished_run(run_dir: str, target: str | None) -> dict:
+    """Export a finished run into RUN/export and validate it. A fine-tune (a run that started from
+    trained weights) also exports its PTQ state into RUN/export-ptq, and both validation reports
+    and summary.json carry the accuracy ladder: float, PTQ INT8 and QAT INT8 on ORT, recovery."""
+    summary = read_summary(run_dir)
+    float_acc = summary.get("start", {}).get("float_acc")
+    ptq_path = os.path.join(run_dir, "checkpoints", PTQ_CHECKPOINT)
+    ladder = None
+    if float_acc is not None and os.path.isfile(ptq_path):
+        ptq = export_run(ptq_path, target, os.path.join(run_dir, "export-ptq"), ladder={"float_acc": float_acc}, rung="ptq_acc")
+        ladder = {"float_acc": float_acc, "ptq_acc": ptq["accuracy"]["ort_int8"]}
+    rep = export_run(run_dir, target, os.path.join(run_dir, "export"), ladder=ladder)
+    if "ladder" in rep:
+        write_summary(run_dir, {**summary, **rep["ladder"], "qat_checkpoint": os.path.basename(run_checkpoint(run_dir))})
     return rep
 
 

@@ -9,10 +9,9 @@ from ..errors import UserError
 from ..train import distributed
 from ..train.checkpoint import find_checkpoint, load_checkpoint
 from ..train.recipe import load_recipe
+from ..train.run_dir import RUN_FILES
 from ..train.trainer import Trainer
-from .export_run import export_run
-
-RUN_FILES = {"recipe.yaml", "metrics.jsonl", "checkpoints"}
+from .export_run import export_finished_run
 
 
 def prepare_out(out: str, force: bool, resume: bool) -> None:
@@ -53,7 +52,7 @@ def train_recipe(recipe_path: str, out: str | None = None, overrides: list[str] 
         return summary
     print_summary(summary)
     if recipe["export"]["enabled"]:
-        export_run(out, recipe["export"]["target"], os.path.join(out, "export"))
+        export_finished_run(out, recipe["export"]["target"])
     print(f"results: {out}")
     return summary
 
@@ -75,7 +74,7 @@ def evaluate_run(run: str, data_root: str | None = None) -> dict:
     recipe = ck["recipe"]
     if data_root:
         recipe["data"]["root"] = data_root
-    trainer = Trainer(recipe, os.path.dirname(os.path.dirname(path)), progress=False, calibrate_scales=False)
+    trainer = Trainer(recipe, os.path.dirname(os.path.dirname(path)), progress=False, initialize=False)
     trainer.model.load_state_dict(ck["model"])
     result = {"checkpoint": path, **trainer.evaluate()}
     print(json.dumps(result, indent=2))

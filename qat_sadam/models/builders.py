@@ -43,9 +43,25 @@ class SmallCNN(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+CIFAR_STEM_MODELS = ("resnet18", "resnet50", "mobilenet_v2")
+
+
+def _cifar_stem(name: str, model: nn.Module) -> None:
+    """Adapt an ImageNet network to 32x32 inputs: total stride 8 instead of 32, as the CIFAR
+    versions of these networks do. ResNets: a 3x3 stride-1 conv1 and no max-pool. MobileNetV2:
+    stride 1 in the stem conv and in the first 24-channel block (4x4 final feature map)."""
+    if name.startswith("resnet"):
+        model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    else:
+        model.features[0][0].stride = (1, 1)
+        model.features[2].conv[1][0].stride = (1, 1)
+
+
 def build_model(name: str, num_classes: int, image_size: int = 32, in_channels: int = 3,
                 cifar_stem: bool = False, widths=(16, 32), width: int = 16, dropout: float = 0.25) -> nn.Module:
-    """Build a model by name. ``cifar_stem`` gives ResNets a 3x3 stride-1 conv1 and no max-pool."""
+    """Build a model by name, with random weights (``weights.py`` loads trained ones).
+    ``cifar_stem`` adapts ResNets and MobileNetV2 to 32x32 inputs (``_cifar_stem``)."""
     if name == "paper_cnn":
         return PaperCNN(num_classes, image_size, tuple(widths), in_channels, dropout)
     if name == "small_cnn":
@@ -54,8 +70,7 @@ def build_model(name: str, num_classes: int, image_size: int = 32, in_channels: 
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
     if cifar_stem:
-        if not name.startswith("resnet"):
-            raise ValueError(f"cifar_stem applies to ResNets, not {name}")
-        model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        model.maxpool = nn.Identity()
+        if name not in CIFAR_STEM_MODELS:
+            raise ValueError(f"cifar_stem applies to {', '.join(CIFAR_STEM_MODELS)}, not {name}")
+        _cifar_stem(name, model)
     return model

@@ -1,0 +1,168 @@
+"""Start from a trained float model: starting points, float training, PTQ, the accuracy ladder."""
+import json
+import os
+
+import pytest
+import safetensors.torch
+import torch
+import torchvision
+
+from qat_sadam.cli import main
+from qat_sadam.errors import CheckpointError
+from qat_sadam.models import build_model
+from qat_sadam.quant import FakeQuantize, calibrate, prepare_qat, reestimate_batchnorm
+from qat_sadam.train.checkpoint import load_checkpoint
+from qat_sadam.train.recipe import load_recipe
+from qat_sadam.train.trainer import Trainer
+
+SYNTH = ["data.name=synthetic", "data.image_size=8", "data.batch_size=64", "model.name=small_cnn", "model.width=8",
+         "data.eval_batch_size=256", "calibration_batches=1"]
+FLOAT = SYNTH + ["quant={enabled: false}", "epochs=3", "optimizer.lr=0.01"]
+
+
+def _float_run(tmp_path, name="float"):
+    run = tmp_path / name
+    Trainer(load_recipe(None, FLOAT, optimizer="adamw"), str(run), progress=False).train()
+    return run
+
+
+def _start(tmp_path, *extra):
+    """The float model a recipe starts from, and what was loaded."""
+    t = Trainer(load_recipe(None, SYNTH + ["quant.bits=4", "epochs=1"] + list(extra), optimizer="adamw"),
+                str(tmp_path / "ft"), progress=False)
+    return t
+
+
+def test_float_recipe_trains_without_any_quantizer(tmp_path):
+    run = _float_run(tmp_path)
+    ck = load_checkpoint(str(run / "checkpoints" / "last.pt"))
+    assert not any("quant" in k or "scale" in k for k in ck["model"])
+    t = Trainer(ck["recipe"], str(tmp_path / "again"), progress=False)
+    assert not any(isinstance(m, FakeQuantize) for m in t.model.modules())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_acc"] > 0.5  # synthetic templates: learnable in one epoch
+    ev = json.loads([line for line in open(run / "metrics.jsonl") if '"epoch"' in line and '"type": "epoch"' in line][-1])
+    assert ev["eval_graph"] == "float"
+
+
+@pytest.mark.parametrize("kind", ["pt", "wrapped", "safetensors", "run_dir"])
+def test_each_kind_of_starting_point_loads_the_same_weights(tmp_path, kind):
+    run = _float_run(tmp_path)
+    sd = load_checkpoint(str(run / "checkpoints" / "last.pt"))["model"]
+    path = {"run_dir": run, "pt": tmp_path / "m.pt", "wrapped": tmp_path / "w.pth", "safetensors": tmp_path / "m.safetensors"}[kind]
+    if kind == "pt":
+        torch.save(sd, path)
+    elif kind == "wrapped":  # how timm and Lightning save: a dict with the state_dict inside, DataParallel prefixes
+        torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
+    elif kind == "safetensors":
+        safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    t = _start(tmp_path, f"model.checkpoint={path}", "bn_reestimate_batches=0")  # BatchNorm statistics as saved
+    assert t.start["source"] == f"model.checkpoint {path}" and t.start["reset_classifier"] == []
+    assert t.start["float_acc"] > 0.5  # measured before any quantizer
+    loaded = {k: v for k, v in t.model.state_dict().items() if k in sd}
+    assert len(loaded) == len(sd) and all(torch.equal(loaded[k].cpu(), sd[k]) for k in sd)
+
+
+def test_torchvision_weights_load_through_the_hub_cache(tmp_path, monkeypatch):
+    """The real loading path of torchvision's weight enums, with a state_dict this test writes where
+    torchvision looks (a temporary TORCH_HOME), and the classifier reset for 10 classes."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.manual_seed(5)
+    imagenet = torchvision.models.resnet18(num_classes=1000)
+    torch.save(imagenet.state_dict(), cache / os.path.basename(weights.url))
+    recipe = ["data.name=synthetic", "data.image_size=16", "data.batch_size=32", "model.name=resnet18", "quant.bits=8",
+              "calibration_batches=1", "model.weights=IMAGENET1K_V1"]
+    with pytest.raises(CheckpointError, match="trained for 1000 classes, the model has 10 .*model.reset_classifier"):
+        Trainer(load_recipe(None, recipe), str(tmp_path / "a"), progress=False)
+    t = Trainer(load_recipe(None, recipe + ["model.reset_classifier=true"]), str(tmp_path / "b"), progress=False)
+    assert t.start["reset_classifier"] == ["fc.weight", "fc.bias"]
+    assert torch.equal(t.model.get_submodule("layer1.0.conv1").weight.cpu(), imagenet.layer1[0].conv1.weight)
+
+
+def test_uncached_torchvision_weights_name_the_file_and_the_cache_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    code = main(["train", "recipes/quickstart.yaml", "--out", str(tmp_path / "run"), "--set", "model.name=resnet18",
+                 "--set", "model.weights=IMAGENET1K_V1", "--set", "data.name=synthetic", "--set", "export.enabled=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "resnet18-f37072fd.pth is not in the torch hub cache" in err and str(tmp_path / "empty" / "hub" / "checkpoints") in err
+
+
+def test_mismatched_keys_exit_2_naming_them(tmp_path, capsys):
+    other = build_model("paper_cnn", 10)
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    code = main(["train", "recipes/quickstart.yaml", "--out", str(tmp_path / "run"), "--set", f"model.checkpoint={tmp_path / 'other.pt'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "does not match the model's keys: 14 missing (stem.0.weight, stem.1.weight" in err and "6 unexpected (features.0.weight" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_qat_run_is_refused_as_a_float_starting_point(tmp_path):
+    qat = tmp_path / "qat"
+    Trainer(load_recipe(None, SYNTH + ["quant.bits=4", "epochs=1"], optimizer="adamw"), str(qat), progress=False).train()
+    with pytest.raises(CheckpointError, match="is a QAT run; start from a float run"):
+        _start(tmp_path, f"model.checkpoint={qat}")
+
+
+@pytest.mark.parametrize("sets,msg", [
+    (["quant={enabled: false, bits: 4}"], "'quant.bits' has no effect with quant.enabled: false"),
+    (["quant={enabled: false}", "export.enabled=true"], "a float run (quant.enabled: false) has no INT8 model"),
+    (["model.checkpoint=/nonexistent.pt"], "no such file or run directory: /nonexistent.pt"),
+    (["model.weights=IMAGENET1K_V1"], "'model.weights' applies to torchvision models; 'small_cnn' is not one"),
+    (["model.name=resnet18", "model.weights=IMAGENET9K"], "resnet18 has no weights 'IMAGENET9K'; choose from IMAGENET1K_V1"),
+    (["model.name=mobilenet_v3_small", "model.cifar_stem=true"], "applies to resnet18, resnet50, mobilenet_v2, not mobilenet_v3_small"),
+])
+def test_bad_starting_points_are_refused_up_front(tmp_path, capsys, sets, msg):
+    argv = ["train", "recipes/quickstart.yaml", "--out", str(tmp_path / "run")]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_mobilenet_v2_cifar_stem_keeps_a_4x4_feature_map():
+    m = build_model("mobilenet_v2", 10, cifar_stem=True)
+    assert m.features(torch.randn(1, 3, 32, 32)).shape[-2:] == (4, 4)
+
+
+def test_batchnorm_reestimation_changes_running_statistics_only():
+    torch.manual_seed(0)
+    model = prepare_qat(build_model("small_cnn", 10), {"bits": 3})
+    x = [torch.randn(32, 3, 8, 8) * 2 + 1 for _ in range(4)]
+    calibrate(model, x)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = reestimate_batchnorm(model, x)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked") for k in changed)
+    assert report["bn_layers"] == 2 and report["bn_batches"] == 4 and report["bn_mean_error"] > 0.1
+    assert not model.training
+    # the new statistics are those of the batches, as the quantized model computes them
+    bn = model.get_submodule("stem.1")
+    with torch.no_grad():
+        feats = torch.cat([model.get_submodule("stem.0")(model.activation_quantizers.x(b)) for b in x])
+    torch.testing.assert_close(bn.running_mean, feats.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_ptq_then_finetune_ladder_on_digits(tmp_path, capsys):
+    """The user's path on built-in data: float -> PTQ -> QAT, at 2 bits where PTQ costs digits 7 points."""
+    float_run = tmp_path / "float"
+    assert main(["train", "recipes/quickstart_float.yaml", "--out", str(float_run), "--quiet"]) == 0
+    sets = ["--set", f"model.checkpoint={float_run}", "--bits", "2", "--quiet"]
+    assert main(["ptq", "recipes/quickstart_finetune.yaml", "--out", str(tmp_path / "ptq")] + sets) == 0
+    ptq = json.loads((tmp_path / "ptq" / "summary.json").read_text())
+    assert main(["train", "recipes/quickstart_finetune.yaml", "--out", str(tmp_path / "ft"), "--set", "epochs=3"] + sets) == 0
+    ft = json.loads((tmp_path / "ft" / "summary.json").read_text())
+    assert {"float_acc", "ptq_acc", "qat_acc", "recovery"} <= set(ft)
+    assert ft["ptq_acc"] == ptq["ptq_acc"] and ft["float_acc"] == ptq["float_acc"]  # one PTQ, two ways to get it
+    assert 0.2 < ft["ptq_acc"] < ft["qat_acc"] <= ft["float_acc"] + 0.02  # above chance (0.1), below QAT
+    assert ft["recovery"] == pytest.approx((ft["qat_acc"] - ft["ptq_acc"]) / (ft["float_acc"] - ft["ptq_acc"]))
+    report = json.loads((tmp_path / "ft" / "export" / "validation.json").read_text())
+    assert report["ladder"]["qat_acc"] == report["accuracy"]["ort_int8"] == ft["qat_acc"]
+    assert "## Accuracy ladder" in (tmp_path / "ft" / "export" / "validation.md").read_text()
+    assert ft["start"]["bn_reestimate"]["bn_batches"] > 0 and ft["bn_reestimate"]["bn_batches"] > 0
