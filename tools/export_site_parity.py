@@ -34,8 +34,8 @@ from qat_sadam.export import ort_session  # noqa: E402
 def _with_site_outputs(path: str, out: str) -> list[str]:
     """Add the uint8 input of every activation DequantizeLinear as a graph output; returns their names."""
     m = onnx.load(path)
-    constant = {i.name for i in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant" for o in n.output}
-    sites = [n.input[0] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in constant]
+    quantized = {o for n in m.graph.node if n.op_type in ("QuantizeLinear", "Clip") for o in n.output}
+    sites = [n.input[0] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in quantized]
     m.graph.output.extend(onnx.helper.make_tensor_value_info(s, onnx.TensorProto.UINT8, None) for s in sites)
     onnx.save(m, out)
     return sites

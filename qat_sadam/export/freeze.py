@@ -3,6 +3,9 @@
 - BatchNorm is folded into the preceding conv. Weights are symmetric per output channel, so
   folding only rescales each channel: the integer weights stay those trained, the scale
   becomes s * |a| and the sign of a moves into the integers (narrow range: -q never overflows).
+  A BatchNorm that follows no conv (DenseNet's pre-activation) becomes a per-channel affine.
+- Dropout and stochastic depth are removed (identities at inference); layers that compute a
+  constant from parameters (Swin V2's position-bias MLP) stay float: the ONNX exporter folds them.
 - Activation quantizers become QuantDequant nodes in a uint8 container: the n-bit range
   [qmin, qmax] is shifted to [0, qmax - qmin] (a Clip keeps it there below 8 bits).
 - Biases become int32 at scale s_in * s_w, as ONNX Runtime's integer kernels need.
@@ -20,8 +23,8 @@ from torch import fx, nn
 
 from ..errors import ExportError
 from ..quant import FakeQuantize, QuantConv2d, QuantLinear
-from ..quant.graph import QuantGraph, set_module
-from .qdq import QConv2d, QLinear, QuantDequant
+from ..quant.graph import RANDOM_IN_TRAINING, QuantGraph, set_module
+from .qdq import ChannelAffine, QConv2d, QLinear, QuantDequant
 
 
 def _requantize(w_int: torch.Tensor, scale: torch.Tensor, max_bits: int | None):
@@ -73,17 +76,19 @@ def freeze(qat_model: fx.GraphModule, weight_bits_max: int | None = None) -> tup
             qdq = QuantDequant.from_quantizer(m)
             set_module(gm, node.target, qdq)
             qdq_of[node] = qdq
-        elif isinstance(m, nn.BatchNorm2d):
-            prev = node.args[0]
-            if not (isinstance(prev, fx.Node) and prev.op == "call_module" and isinstance(modules[prev.target], QuantConv2d)
-                    and len(prev.users) == 1):
-                raise ExportError(f"BatchNorm {node.target!r} does not follow a quantized conv; it cannot be folded")
-        elif isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, (QuantConv2d, QuantLinear)):
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and not _follows_conv(node, modules):
+            # No conv to fold into: the next conv's input quantizer sits between, so folding forward
+            # would move the BatchNorm past a quantizer and change the numbers. A per-channel affine
+            # in float between DQ and Q computes exactly what the QAT model computes.
+            set_module(gm, node.target, ChannelAffine.from_batchnorm(m))
+        elif isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, (QuantConv2d, QuantLinear)) and node not in g.constant:
             raise ExportError(f"module {node.target!r} ({type(m).__name__}) has no weight quantizer; an integer graph "
                               "needs every conv and linear quantized (check quant.overrides)")
         elif isinstance(m, nn.Dropout):
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
+            _bypass(gm, node)
+    for node in list(gm.graph.nodes):  # dropout and stochastic depth in functional form: identities at inference
+        if node.op == "call_function" and node.target in RANDOM_IN_TRAINING:
+            _bypass(gm, node)
     _absorb_clips(gm, modules, qdq_of)
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(modules[node.target], (QuantConv2d, QuantLinear)):
@@ -112,6 +117,18 @@ def freeze(qat_model: fx.GraphModule, weight_bits_max: int | None = None) -> tup
     return gm, report
 
 
+def _follows_conv(node: fx.Node, modules: dict) -> bool:
+    """A BatchNorm2d right after a quantized conv that nothing else reads: folded into it."""
+    prev = node.args[0]
+    return (isinstance(modules[node.target], nn.BatchNorm2d) and isinstance(prev, fx.Node) and prev.op == "call_module"
+            and isinstance(modules[prev.target], QuantConv2d) and len(prev.users) == 1)
+
+
+def _bypass(gm: fx.GraphModule, node: fx.Node) -> None:
+    node.replace_all_uses_with(node.args[0])
+    gm.graph.erase_node(node)
+
+
 def _absorb_clips(gm, modules: dict, qdq_of: dict) -> None:
     """ReLU6 (Hardtanh(0, m)) before a quantizer with zero point 0 -> ReLU and the quantizer's upper
     bound lowered to round(m / scale): exactly the same values, and ORT fuses Conv-ReLU-Q into an
@@ -132,9 +149,14 @@ def _absorb_clips(gm, modules: dict, qdq_of: dict) -> None:
 
 
 def _requantize_after_pass_ops(gm, g: QuantGraph, qdq_of: dict) -> None:
+    """A Q/DQ pair with its source's parameters after each chain of grid-preserving ops (reshape,
+    permute, max-pool, window partition), so that the op after it reads a dequantized input, as ORT's
+    integer kernels need (the values are already on the grid: the pair changes nothing)."""
     for node in list(gm.graph.nodes):
         if not g.is_pass(node) or node.op == "call_module" and isinstance(g.modules[node.target], (nn.Identity, nn.Dropout)):
             continue
+        if g.returns_tuple(node) or (node.users and all(g.is_pass(u) for u in node.users)):
+            continue  # requantized at the end of the chain, or element by element after a split
         src = g.source(node)
         if src not in qdq_of or any(u.op == "call_module" and isinstance(g.modules.get(u.target), QuantDequant) for u in node.users):
             continue

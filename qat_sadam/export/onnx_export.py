@@ -7,24 +7,65 @@ import warnings
 
 import onnx
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
+from ..errors import ExportError
 from ..quant import FakeQuantize
+from ..quant.graph import failing_module, set_module
 from .freeze import freeze
 from .integer_reference import integer_reference
 from .target import Target, load_target
+
+
+class Replicate(nn.Module):
+    """Adaptive average pooling from h x w to (k h) x (l w): each value copied into a k x l block
+    (nearest-neighbour upsampling, exact), which ONNX expresses where adaptive pooling cannot."""
+
+    def __init__(self, factor: tuple[int, int]):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=self.factor, mode="nearest")
+
+
+def _exportable_pooling(model: nn.Module, example: torch.Tensor) -> None:
+    """The ONNX exporter takes adaptive average pooling only where the input size is a multiple of
+    the output size; where the output is a multiple of the input (VGG's 7x7 pool of a 1x1 map at
+    small inputs) the pooling is a replication. Sizes come from a run on the example input."""
+    if not isinstance(model, fx.GraphModule):
+        return
+    ShapeProp(model).propagate(example)
+    for node in model.graph.nodes:
+        m = model.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(m, nn.AdaptiveAvgPool2d):
+            continue
+        (h, w), (oh, ow) = node.args[0].meta["tensor_meta"].shape[-2:], node.meta["tensor_meta"].shape[-2:]
+        if h % oh == 0 and w % ow == 0:
+            continue
+        if oh % h or ow % w:
+            raise ExportError(f"module {node.target!r} (AdaptiveAvgPool2d) pools {h}x{w} to {oh}x{ow}: neither size "
+                              "divides the other, which ONNX cannot express; export at an input size where one does")
+        set_module(model, node.target, Replicate((oh // h, ow // w)))
 
 
 def _onnx_export(model: nn.Module, example: torch.Tensor, path: str, target: Target) -> None:
     dynamic = None if target.fixed_batch else {"input": {0: "batch"}, "logits": {0: "batch"}}
     if target.fixed_batch:
         example = example[:1].expand(target.fixed_batch, *example.shape[1:]).contiguous()
+    _exportable_pooling(model, example)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         # dynamo=False: the TorchScript exporter honours autograd.Function.symbolic, which is how
         # the Q/DQ nodes are written (the dynamo exporter does not translate fake-quant, docs/export.md).
-        torch.onnx.export(model, (example,), path, dynamo=False, opset_version=target.opset, input_names=["input"],
-                          output_names=["logits"], dynamic_axes=dynamic, do_constant_folding=True)
+        try:
+            torch.onnx.export(model, (example,), path, dynamo=False, opset_version=target.opset, input_names=["input"],
+                              output_names=["logits"], dynamic_axes=dynamic, do_constant_folding=True)
+        except Exception as e:  # the exporter's errors name the op it cannot translate
+            raise ExportError(f"the ONNX exporter refused {failing_module(model, e)}: "
+                              f"{str(e).splitlines()[0][:240] or type(e).__name__}") from None
     onnx.checker.check_model(onnx.load(path))
 
 
@@ -48,8 +89,7 @@ def float_model(model: nn.Module) -> nn.Module:
     m = copy.deepcopy(model).cpu().eval()
     for name, q in list(m.named_modules()):
         if isinstance(q, FakeQuantize):
-            parent, _, leaf = name.rpartition(".")
-            setattr(m.get_submodule(parent) if parent else m, leaf, nn.Identity())
+            set_module(m, name, nn.Identity())
     return m
 
 

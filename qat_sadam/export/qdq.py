@@ -64,6 +64,28 @@ class QuantDequant(nn.Module):
         return f"scale={self.scale.item():.4g}, zero_point={int(self.zero_point)}, range=[0,{self.hi}]"
 
 
+class ChannelAffine(nn.Module):
+    """A BatchNorm that no conv precedes, in inference: y = x * a + b per channel (axis 1). Written
+    as two element-wise ops (ONNX Mul and Add) that ORT computes in float32 exactly as torch does,
+    one rounding each, between the DequantizeLinear of its input and the next QuantizeLinear."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.register_buffer("a", a.detach().float().clone())
+        self.register_buffer("b", b.detach().float().clone())
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> "ChannelAffine":
+        a = torch.rsqrt(bn.running_var + bn.eps)
+        a = a * bn.weight.detach() if bn.affine else a
+        b = (bn.bias.detach() if bn.affine else torch.zeros_like(a)) - bn.running_mean * a
+        return cls(a, b)
+
+    def forward(self, x):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.a.view(shape) + self.b.view(shape)
+
+
 class _FrozenWeights(nn.Module):
     """int8 weight and int32 bias with per-output-channel scales (bias scale = s_in * s_w)."""
 
@@ -108,4 +130,9 @@ class QLinear(_FrozenWeights):
 
     def forward(self, x):
         w, b = self.weight_bias()
-        return F.linear(x, w, b)
+        if x.dim() == 2:
+            return F.linear(x, w, b)
+        # A linear layer on (..., C) exports as MatMul + Add, which ORT runs as MatMulIntegerToFloat
+        # with a float bias; flattened to 2-D it is a Gemm that becomes QGemm with its int32 bias,
+        # the arithmetic of every other layer (and of the integer reference).
+        return F.linear(x.reshape(-1, x.shape[-1]), w, b).reshape(x.shape[:-1] + (w.shape[0],))

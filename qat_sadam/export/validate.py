@@ -22,8 +22,35 @@ import onnxruntime as ort
 from ..errors import ValidationError
 from .target import Target, load_target
 
-FLOAT_COMPUTE = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
-INTEGER_KERNELS = {"QLinearConv", "NhwcQLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger"}
+FLOAT_COMPUTE = {"Conv", "Gemm", "MatMul", "ConvTranspose", "Einsum"}
+INTEGER_KERNELS = {"QLinearConv", "NhwcQLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger",
+                   "MatMulIntegerToFloat"}
+# Ops that compute nothing (Q/DQ, integer element-wise kernels, data movement, shape arithmetic).
+_NOT_FLOAT_MATH = {"QuantizeLinear", "DequantizeLinear", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearSoftmax",
+                   "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu",
+                   "QLinearReduceMean", "QLinearWhere", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze",
+                   "Identity", "Constant", "Shape", "Gather", "Concat", "Slice", "Split", "Expand", "Tile", "Pad", "Cast",
+                   "ConstantOfShape", "Range", "Equal", "Where", "MaxPool", "Clip", "Relu"} | INTEGER_KERNELS
+# Why an op runs in float in an INT8 graph, by op type.
+_NO_INTEGER_KERNEL = "no integer kernel in ORT CPU: runs in float between DequantizeLinear and QuantizeLinear"
+FLOAT_OP_REASONS = {
+    "LayerNormalization": f"LayerNorm: {_NO_INTEGER_KERNEL}",
+    "Erf": f"GELU (erf form): {_NO_INTEGER_KERNEL}",
+    "Gelu": f"GELU: {_NO_INTEGER_KERNEL}", "Tanh": f"tanh: {_NO_INTEGER_KERNEL}",
+    "Sigmoid": f"sigmoid (SiLU, squeeze-excite gates): {_NO_INTEGER_KERNEL}",
+    "HardSigmoid": f"hard sigmoid: {_NO_INTEGER_KERNEL}", "HardSwish": f"hard swish: {_NO_INTEGER_KERNEL}",
+    "Softmax": "softmax whose input or output is not quantized: float",
+    "Mul": "element-wise product with a constant (BatchNorm without a conv, layer scale, attention scale, "
+           "activation formulas): float", "Add": "element-wise sum with a constant (BatchNorm without a conv, "
+           "position bias, attention mask, activation formulas): float",
+    "Div": f"division (GELU, normalisation): {_NO_INTEGER_KERNEL}", "Sub": f"subtraction: {_NO_INTEGER_KERNEL}",
+    "Sqrt": f"square root (normalisation): {_NO_INTEGER_KERNEL}", "Pow": f"power (normalisation): {_NO_INTEGER_KERNEL}",
+    "ReduceMean": "mean not fused: float", "ReduceL2": f"L2 norm (cosine attention): {_NO_INTEGER_KERNEL}",
+    "Exp": f"exp: {_NO_INTEGER_KERNEL}", "Max": "maximum (a clamp): float", "Min": "minimum (a clamp): float",
+    "Resize": "adaptive pooling to a larger size, a replication: exact in float",
+    "GlobalAveragePool": "pooling not fused: float", "AveragePool": "pooling not fused: float",
+    "BatchNormalization": f"BatchNorm kept as an op: {_NO_INTEGER_KERNEL}",
+}
 
 
 def ort_session(path: str, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, optimized_path: str | None = None):
@@ -59,23 +86,37 @@ def fusion(path: str, workdir: str) -> dict:
     expected = sum(before[o] for o in FLOAT_COMPUTE)
     integer = sum(after[o] for o in INTEGER_KERNELS)
     left = {o: after[o] for o in FLOAT_COMPUTE if after[o]}
-    return {"ok": not left and integer >= expected, "float_ops_in_export": expected, "integer_kernels": integer,
-            "float_compute_left": left, "optimized_ops": dict(sorted(after.items(), key=lambda kv: -kv[1]))}
+    float_ops = {o: {"count": c, "reason": FLOAT_OP_REASONS.get(o, _NO_INTEGER_KERNEL)}
+                 for o, c in sorted(after.items(), key=lambda kv: -kv[1]) if o not in _NOT_FLOAT_MATH | FLOAT_COMPUTE}
+    # ORT folds layers that compute constants (Swin V2's position-bias MLP): they need no kernel.
+    return {"ok": not left, "float_ops_in_export": expected, "integer_kernels": integer, "float_compute_left": left,
+            "float_ops": float_ops, "optimized_ops": dict(sorted(after.items(), key=lambda kv: -kv[1]))}
+
+
+SHAPE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity"}
 
 
 def output_scale(model: onnx.ModelProto) -> float | None:
-    """The scale of the DequantizeLinear that produces the output (one output LSB)."""
-    out = model.graph.output[0].name
+    """The scale of the DequantizeLinear that produces the output (one output LSB), found through
+    the reshapes after it; None if the output is not dequantized."""
+    producer = {o: n for n in model.graph.node for o in n.output}
     inits = {i.name: i for i in model.graph.initializer}
-    consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
-    for n in model.graph.node:
-        if out in n.output and n.op_type == "DequantizeLinear":
-            name = n.input[1]
-            if name in inits:
-                return float(onnx.numpy_helper.to_array(inits[name]).reshape(-1)[0])
-            if name in consts:
-                return float(onnx.numpy_helper.to_array(consts[name].attribute[0].t).reshape(-1)[0])
-    return None
+
+    def constant(name: str):
+        while name in producer and producer[name].op_type == "Identity":  # the exporter aliases shared constants
+            name = producer[name].input[0]
+        if name in inits:
+            return onnx.numpy_helper.to_array(inits[name])
+        node = producer.get(name)
+        return onnx.numpy_helper.to_array(node.attribute[0].t) if node is not None and node.op_type == "Constant" else None
+
+    node = producer.get(model.graph.output[0].name)
+    while node is not None and node.op_type in SHAPE_OPS:
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "DequantizeLinear":
+        return None
+    scale = constant(node.input[1])
+    return None if scale is None else float(scale.reshape(-1)[0])
 
 
 def _lsb(a: np.ndarray, b: np.ndarray, scale: float) -> dict:
@@ -160,6 +201,9 @@ def validate(path: str, *, target: "str | Target | None" = None, inputs: list[np
         if "fusion" in target.checks:
             rep["fusion"] = fusion(path, work)
         scale = output_scale(model)
+        if scale is None:
+            raise ValidationError(f"{path}: the output is not dequantized from an integer tensor; there is no output "
+                                  "LSB to measure parity in (export it with qat_sadam.export_onnx)")
         rep["output_lsb"] = scale
         if inputs is not None and ("parity" in target.checks or "accuracy" in target.checks):
             full = _run(ort_session(path), inputs)
@@ -238,6 +282,9 @@ def to_markdown(rep: dict) -> str:
               f"{fu['integer_kernels']} integer kernels for {fu['float_ops_in_export']} conv/linear ops; float compute left: "
               f"{fu['float_compute_left'] or 'none'}", "", "| op | count |", "|---|---|"]
         L += [f"| {k} | {v} |" for k, v in fu["optimized_ops"].items()] + [""]
+        if fu["float_ops"]:
+            L += ["Float ops left, and why:", "", "| op | count | reason |", "|---|---|---|"]
+            L += [f"| {k} | {v['count']} | {v['reason']} |" for k, v in fu["float_ops"].items()] + [""]
     if "parity" in rep:
         L += ["## Parity (output LSB = %.4g)" % rep["output_lsb"], "", "| pair | max LSB | p99 LSB | outputs off by >0.5 LSB | top-1 agreement |", "|---|---|---|---|---|"]
         for k, v in rep["parity"].items():
@@ -276,8 +323,11 @@ def format_report(rep: dict, out_dir: str) -> str:
     L = [f"validation {'PASSED' if rep['passed'] else 'FAILED'} (target {rep['target']}); providers run: "
          f"{', '.join(rep['providers_run'])}"]
     if "fusion" in rep:
-        L.append(f"  integer kernels: {rep['fusion']['integer_kernels']} for {rep['fusion']['float_ops_in_export']} conv/linear; "
-                 f"float compute left: {rep['fusion']['float_compute_left'] or 'none'}")
+        fu = rep["fusion"]
+        L.append(f"  integer kernels: {fu['integer_kernels']} for {fu['float_ops_in_export']} conv/linear/matmul; "
+                 f"float compute left: {fu['float_compute_left'] or 'none'}")
+        if fu["float_ops"]:
+            L.append("  float ops between DQ and Q: " + ", ".join(f"{k} x{v['count']}" for k, v in fu["float_ops"].items()))
     for key, name in (("torch_integer_vs_ort", "torch integer reference"), ("torch_frozen_vs_ort", "torch frozen graph"),
                       ("torch_qat_graph_vs_ort", "torch QAT graph")):
         p = rep.get("parity", {}).get(key)

@@ -5,7 +5,11 @@ import torch
 import torchvision
 from torch import nn
 
-MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "paper_cnn", "small_cnn")
+OWN_MODELS = ("paper_cnn", "small_cnn")
+SOURCES = ("torchvision", "timm")
+# Builder arguments that make a torchvision model trainable as any other: one output in train mode.
+_TORCHVISION_KW = {"googlenet": {"aux_logits": False, "init_weights": True},
+                   "inception_v3": {"aux_logits": False, "init_weights": True}}
 
 
 class PaperCNN(nn.Module):
@@ -58,17 +62,41 @@ def _cifar_stem(name: str, model: nn.Module) -> None:
         model.features[2].conv[1][0].stride = (1, 1)
 
 
-def build_model(name: str, num_classes: int, image_size: int = 32, in_channels: int = 3,
-                cifar_stem: bool = False, widths=(16, 32), width: int = 16, dropout: float = 0.25) -> nn.Module:
-    """Build a model by name, with random weights (``weights.py`` loads trained ones).
-    ``cifar_stem`` adapts ResNets and MobileNetV2 to 32x32 inputs (``_cifar_stem``)."""
+def timm_module():
+    """timm, an optional dependency (``pip install 'qat-sadam[timm]'``; ``make venv`` installs it)."""
+    try:
+        import timm
+    except ImportError:
+        raise ValueError("model.source 'timm' needs timm: pip install 'qat-sadam[timm]' (make venv installs it)") from None
+    return timm
+
+
+def check_model(name: str, source: str = "torchvision") -> None:
+    """ValueError naming the problem when ``name`` is not a model of ``source``."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown model source {source!r}; choose one of {', '.join(SOURCES)}")
+    if source == "timm":
+        if not timm_module().is_model(name):
+            raise ValueError(f"unknown timm model {name!r} (timm.list_models() lists them)")
+    elif name not in OWN_MODELS and name not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"unknown model {name!r}: neither {' nor '.join(OWN_MODELS)} nor a torchvision classifier "
+                         "(torchvision.models.list_models(); for timm's set model.source: timm)")
+
+
+def build_model(name: str, num_classes: int, image_size: int = 32, in_channels: int = 3, cifar_stem: bool = False,
+                widths=(16, 32), width: int = 16, dropout: float = 0.25, source: str = "torchvision") -> nn.Module:
+    """Build a model by name, with random weights (``weights.py`` loads trained ones): qat-sadam's own
+    small networks, any torchvision classifier (ViTs at ``image_size``), or with ``source="timm"``
+    any timm model. ``cifar_stem`` adapts ResNets and MobileNetV2 to 32x32 inputs (``_cifar_stem``)."""
+    check_model(name, source)
+    if source == "timm":
+        return timm_module().create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
     if name == "paper_cnn":
         return PaperCNN(num_classes, image_size, tuple(widths), in_channels, dropout)
     if name == "small_cnn":
         return SmallCNN(num_classes, in_channels, width)
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    kw = dict(_TORCHVISION_KW.get(name, {}), **({"image_size": image_size} if name.startswith("vit_") else {}))
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
     if cifar_stem:
         if name not in CIFAR_STEM_MODELS:
             raise ValueError(f"cifar_stem applies to {', '.join(CIFAR_STEM_MODELS)}, not {name}")

@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 
 from ..errors import CheckpointError
+from .builders import timm_module
 
 # Where trainers nest the state_dict inside a saved dict (timm, Lightning, torchtune, qat-sadam).
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "module")
@@ -76,6 +77,21 @@ def torchvision_state_dict(model_name: str, weights: str) -> dict[str, torch.Ten
         raise CheckpointError(f"model.weights {model_name}.{w.name}: {file} is not in the torch hub cache {cache} and "
                               f"downloading it failed ({getattr(e, 'reason', e)}); put the file there "
                               "(or point TORCH_HOME at a cache that has it)") from None
+
+
+def timm_state_dict(model_name: str) -> dict[str, torch.Tensor]:
+    """The state_dict of timm's pretrained weights for a model, through timm's API (the Hugging Face
+    hub cache); offline and not cached, the error names the repository and the cache folder."""
+    timm = timm_module()
+    import huggingface_hub  # installed with timm, the optional dependency checked above
+    try:
+        return timm.create_model(model_name, pretrained=True).state_dict()
+    except Exception as e:  # huggingface_hub raises several types when offline or the file is missing
+        cfg = timm.models.get_pretrained_cfg(model_name)
+        repo = getattr(cfg, "hf_hub_id", None) or model_name
+        raise CheckpointError(f"model.weights pretrained for timm {model_name}: {repo} is not in the Hugging Face cache "
+                              f"{huggingface_hub.constants.HF_HUB_CACHE} and downloading it failed ({type(e).__name__}); "
+                              "put it there (or point HF_HOME at a cache that has it)") from None
 
 
 def _names(keys: list[str]) -> str:

@@ -9,11 +9,20 @@ import torch
 from torch import nn
 
 from ..buffers import batchnorm_buffers, restored
+from .graph import failing_module
 from .prepare import quantizers
 
 
 def _inputs(batch, device) -> torch.Tensor:
     return (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
+
+
+def _run(model: nn.Module, x: torch.Tensor, what: str) -> None:
+    try:
+        model(x)
+    except Exception as e:  # a shape or type error deep in the user's model: name where
+        raise ValueError(f"{what}: {failing_module(model, e)} failed on input {tuple(x.shape)}: "
+                         f"{str(e).splitlines()[0][:200] or type(e).__name__}") from e
 
 
 @torch.no_grad()
@@ -35,7 +44,7 @@ def calibrate(model: nn.Module, batches: Iterable, max_batches: int | None = Non
     try:
         with restored(batchnorm_buffers(model)):
             for batch in itertools.islice(batches, max_batches):
-                model(_inputs(batch, device))
+                _run(model, _inputs(batch, device), "calibrate")
                 used += 1
     finally:
         for q in acts:
@@ -69,7 +78,7 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int |
     used = 0
     try:
         for batch in itertools.islice(batches, max_batches):
-            model(_inputs(batch, device))
+            _run(model, _inputs(batch, device), "reestimate_batchnorm")
             used += 1
     finally:
         for m, momentum in zip(bns, momenta):

@@ -70,6 +70,8 @@ class FakeQuantize(nn.Module):
 
     def _qparams(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.spec
+        if s.fixed_scale is not None:
+            return torch.full_like(lo, s.fixed_scale), torch.full_like(lo, s.qmin, dtype=torch.int32)
         if s.symmetric:
             top = s.max_level if s.max_level is not None else s.qmax
             scale = torch.maximum(-lo, hi) / top

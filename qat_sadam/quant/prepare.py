@@ -27,7 +27,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None) -> fx.
     edge_sites = set()
     if config.first_last_bits is not None:
         first, last = layers[0], layers[-1]
-        edge_sites = {g.source(first.args[0]), g.source(last.args[0]), g.chain_end(last)}
+        edge_sites = {g.source(first.args[0]), g.source(last.args[0]), g.chain_end(last), *g.output_sources()}
 
     def bits(name: str, kind: str, default: int, is_edge: bool) -> int | None:
         b = config.first_last_bits if is_edge and config.first_last_bits is not None else default
@@ -56,7 +56,10 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None) -> fx.
         if b is None:
             continue
         key = name.replace(".", "_")
-        gm.activation_quantizers[key] = FakeQuantize(config.activation.with_(bits=b), "activation")
+        spec = config.activation.with_(bits=b)
+        if g.is_unit_range(n):
+            spec = spec.with_(scale_mode="frozen", fixed_scale=2.0 ** -b)
+        gm.activation_quantizers[key] = FakeQuantize(spec, "activation")
         with gm.graph.inserting_after(n):
             q = gm.graph.call_module(f"activation_quantizers.{key}", (n,))
         n.replace_all_uses_with(q, delete_user_cb=lambda u, q=q: u is not q)

@@ -18,6 +18,8 @@ class QuantSpec:
       - "frozen": set once by calibration, then fixed.
     max_level: the integer level that the observed max|x| maps to (default: qmax). The paper
       maps max|x| to 1.5 at 2 bits, which clips the top level; recipes reproduce it with this.
+    fixed_scale: a scale that data never changes, with the zero point at qmin: for outputs whose
+      range is known (a softmax's [0, 1] at 1/2^bits, what ORT's QLinearSoftmax assumes).
     """
 
     bits: int = 8
@@ -32,6 +34,7 @@ class QuantSpec:
     observer_momentum: float = 0.01
     max_level: float | None = None
     scale_floor: float = 1e-8
+    fixed_scale: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
@@ -48,6 +51,9 @@ class QuantSpec:
             raise ValueError(f"scale_floor must be positive, got {self.scale_floor}")
         if self.max_level is not None and self.max_level <= 0:
             raise ValueError(f"max_level must be positive, got {self.max_level}")
+        if self.fixed_scale is not None and (self.fixed_scale <= 0 or self.scale_mode != "frozen"):
+            raise ValueError(f"fixed_scale must be positive and go with scale_mode 'frozen', got {self.fixed_scale}, "
+                             f"{self.scale_mode!r}")
 
     @property
     def qmin(self) -> int:

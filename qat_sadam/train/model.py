@@ -6,7 +6,7 @@ import os
 from torch import nn
 
 from ..errors import CheckpointError, RecipeError
-from ..models import build_model, load_weights, read_state_dict, torchvision_state_dict
+from ..models import build_model, load_weights, read_state_dict, timm_state_dict, torchvision_state_dict
 from ..quant import prepare_qat
 from .checkpoint import load_checkpoint
 from .recipe import qat_config, quantized, starts_trained
@@ -18,7 +18,7 @@ def build_float_model(recipe: dict, info: dict, load_start: bool = True) -> tupl
     loaded: {"source": ..., "reset_classifier": [keys left at a fresh init]} or {}.
     ``info``: num_classes, in_channels, image_size."""
     m = recipe["model"]
-    kw = {k: m[k] for k in ("cifar_stem", "widths", "width", "dropout") if k in m}
+    kw = {k: m[k] for k in ("cifar_stem", "widths", "width", "dropout", "source") if k in m}
     model = build_model(m["name"], info["num_classes"], image_size=info["image_size"], in_channels=info["in_channels"], **kw)
     if not (load_start and starts_trained(recipe)):
         return model, {}
@@ -29,7 +29,8 @@ def build_float_model(recipe: dict, info: dict, load_start: bool = True) -> tupl
 
 def _start_state_dict(m: dict) -> tuple[dict, str]:
     if m["weights"]:
-        return torchvision_state_dict(m["name"], m["weights"]), f"model.weights {m['weights']}"
+        sd = timm_state_dict(m["name"]) if m["source"] == "timm" else torchvision_state_dict(m["name"], m["weights"])
+        return sd, f"model.weights {m['weights']}"
     path = m["checkpoint"]
     if not os.path.isdir(path):
         return read_state_dict(path), f"model.checkpoint {path}"

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from ..errors import RecipeError
-from ..models import CIFAR_STEM_MODELS, MODELS, weight_names
+from ..models import CIFAR_STEM_MODELS, check_model, weight_names
 from ..quant import QATConfig
 from .data import DATASETS
 from .optimizers import check_optimizer
@@ -18,7 +18,7 @@ _NUM = (int, float)
 SCHEMA: dict[str, Any] = {
     "name": str,
     "model": {"name": str, "cifar_stem": bool, "widths": list, "width": int, "dropout": _NUM, "sync_bn": bool,
-              "checkpoint": (str, type(None)), "weights": (str, type(None)), "reset_classifier": bool},
+              "checkpoint": (str, type(None)), "weights": (str, type(None)), "reset_classifier": bool, "source": str},
     "data": {"name": str, "root": (str, type(None)), "batch_size": int, "eval_batch_size": int,
              "classes": (int, type(None)), "subset": (int, type(None)), "test_subset": (int, type(None)), "val_split": _NUM,
              "eval_on": str, "download": bool, "image_size": (int, type(None)),
@@ -42,7 +42,7 @@ FINETUNE_BN_BATCHES = 32  # BatchNorm re-estimation before export, on by default
 
 DEFAULTS: dict[str, Any] = {
     "name": "run",
-    "model": {"name": "small_cnn", "checkpoint": None, "weights": None, "reset_classifier": False},
+    "model": {"name": "small_cnn", "source": "torchvision", "checkpoint": None, "weights": None, "reset_classifier": False},
     "data": {"name": "synthetic", "root": None, "batch_size": 64, "eval_batch_size": 512, "classes": None, "subset": None,
              "test_subset": None, "val_split": 0.0, "eval_on": "test", "download": False, "image_size": None,
              "augment": {"crop_padding": 0, "flip": False}},
@@ -213,8 +213,10 @@ def _validate_sections(r: dict) -> None:
         raise RecipeError(str(e) if str(e).startswith("quant") else f"quant: {e}") from None
     check_optimizer(r["optimizer"])
     _check_start(r["model"])
-    if r["model"]["name"] not in MODELS:
-        raise RecipeError(f"unknown model {r['model']['name']!r}; choose one of {', '.join(MODELS)}")
+    try:
+        check_model(r["model"]["name"], r["model"]["source"])
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
     if r["model"].get("cifar_stem") and r["model"]["name"] not in CIFAR_STEM_MODELS:
         raise RecipeError(f"recipe key 'model.cifar_stem' applies to {', '.join(CIFAR_STEM_MODELS)}, not {r['model']['name']}")
     if r["data"]["name"] not in DATASETS:
@@ -239,7 +241,10 @@ def _check_start(m: dict) -> None:
         raise RecipeError("recipe keys 'model.checkpoint' and 'model.weights' both name a starting point; give one")
     if m["checkpoint"] and not os.path.exists(m["checkpoint"]):
         raise RecipeError(f"recipe key 'model.checkpoint': no such file or run directory: {m['checkpoint']}")
-    if m["weights"]:
+    if m["weights"] and m["source"] == "timm":
+        if m["weights"] != "pretrained":
+            raise RecipeError(f"recipe key 'model.weights' for a timm model is 'pretrained' (timm's weights), got {m['weights']!r}")
+    elif m["weights"]:
         names = weight_names(m["name"])
         if not names:
             raise RecipeError(f"recipe key 'model.weights' applies to torchvision models; {m['name']!r} is not one")

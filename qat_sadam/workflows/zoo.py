@@ -1,0 +1,68 @@
+"""One row of the model zoo: a model a user brings, prepared, exported and validated on ORT.
+
+Random weights and random inputs: what is checked is that the model prepares, that every conv,
+linear and matmul runs as an integer kernel, which ops stay float and why, and that the integer
+reference equals ORT (max LSB, top-1 agreement), not accuracy.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import torch
+
+from ..errors import UserError
+from ..export import Target, export_onnx, validate
+from ..models import build_model
+from ..quant import calibrate, prepare_qat
+
+SIZES = (32, 64, 96, 128, 224, 256)
+TARGET = Target(name="cpu-x86", weight_bits_max=7, checks=["fusion", "parity"])
+
+
+def smallest_input(name: str, source: str) -> tuple[torch.nn.Module, int]:
+    """The model built for the smallest of SIZES it accepts (a float forward pass succeeds)."""
+    error = None
+    for size in SIZES:
+        try:
+            model = build_model(name, 10, image_size=size, source=source).eval()
+            with torch.no_grad():
+                model(torch.randn(2, 3, size, size))
+            return model, size
+        except Exception as e:  # models refuse sizes in many ways (asserts, shape errors)
+            error = e
+    raise ValueError(f"no input size of {SIZES} runs: {str(error).splitlines()[0][:160]}")
+
+
+def zoo_row(name: str, source: str = "torchvision", bits: int = 8, images: int = 16, seed: int = 0) -> dict:
+    """Prepare, calibrate, export for the cpu-x86 profile and validate one model; the row says where
+    it stopped and why if it did."""
+    torch.manual_seed(seed)
+    row = {"model": name, "source": source, "bits": bits, "stage": "build"}
+    t0 = time.perf_counter()
+    try:
+        model, size = smallest_input(name, source)
+        row.update(size=size, params_m=sum(p.numel() for p in model.parameters()) / 1e6, stage="prepare")
+        qat = prepare_qat(model, {"bits": bits})
+        x = torch.randn(images, 3, size, size)
+        row["stage"] = "calibrate"
+        calibrate(qat, [x])
+        qat.eval()
+        row["stage"] = "export"
+        with tempfile.TemporaryDirectory() as tmp:
+            done = export_onnx(qat, x[:1], os.path.join(tmp, "model.onnx"), TARGET)
+            row["stage"] = "validate"
+            with torch.no_grad():
+                integer = done["integer"](x).numpy()
+            rep = validate(done["path"], target=TARGET, inputs=[x.numpy()], integer_outputs=integer, out_dir=tmp)
+            size_ratio = os.path.getsize(done["path"]) / (4e6 * row["params_m"])
+        fu, parity = rep["fusion"], rep["parity"]["torch_integer_vs_ort"]
+        row.update(stage="done", integer_kernels=fu["integer_kernels"], float_compute_left=fu["float_compute_left"],
+                   float_ops={k: v["count"] for k, v in fu["float_ops"].items()}, max_lsb=parity["max_lsb"],
+                   top1_agreement=parity["top1_agreement"], int8_over_float=size_ratio,
+                   fully_integer=fu["ok"], bit_exact=fu["ok"] and parity["max_lsb"] == 0)
+    except (ValueError, UserError) as e:  # ExportError is a UserError; anything else is a bug to fix
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:240]}" if str(e) else type(e).__name__
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
