@@ -108,6 +108,53 @@ def test_quantized_add_is_computed_as_ort_computes_it(tmp_path):
     assert (np.abs(float_qdq - ort) / lsb > 0.5).sum() > 0  # the case is not trivial: ties occur
 
 
+def _ort_op(op: str, inputs: dict, consts: dict, **attrs) -> list:
+    """Run one com.microsoft op of ORT on uint8 inputs with the given constant inputs."""
+    names = list(inputs) + list(consts)
+    node = onnx.helper.make_node(op, [n for n in attrs.pop("order", names)], ["y"], domain="com.microsoft", **attrs)
+    graph = onnx.helper.make_graph(
+        [node], "g", [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.UINT8, None) for n in inputs],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.UINT8, None)],
+        [onnx.numpy_helper.from_array(v, n) for n, v in consts.items()])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("com.microsoft", 1)])
+    import onnxruntime
+    return onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+
+
+def _qdq(scale, zero_point, hi=255):
+    from qat_sadam.export.qdq import QuantDequant
+
+    return QuantDequant(torch.tensor(scale), torch.tensor(zero_point), hi)
+
+
+def _dequantized(q, ints: np.ndarray) -> torch.Tensor:
+    return (torch.from_numpy(ints.astype(np.float32)) - q.zero_point.float()) * q.scale
+
+
+def test_kernel_emulations_match_ort_op_by_op():
+    """The integer reference's QLinearAdd and QLinearSoftmax against ORT's kernels, at random scales
+    and zero points: every output integer equal."""
+    from qat_sadam.export.integer_reference import _PendingAdd, _PendingSoftmax
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        s, z = rng.uniform(1e-4, 0.05, 3).astype(np.float32), rng.integers(1, 255, 3).astype(np.uint8)
+        a, b = (rng.integers(0, 256, 50_000).astype(np.uint8) for _ in range(2))
+        ort = _ort_op("QLinearAdd", {"a": a, "b": b}, {"sa": s[0], "za": z[0], "sb": s[1], "zb": z[1], "sc": s[2], "zc": z[2]},
+                      order=["a", "sa", "za", "b", "sb", "zb", "sc", "zc"])
+        qa, qb, qc = (_qdq(float(s[i]), int(z[i])) for i in range(3))
+        ours = _PendingAdd(_dequantized(qa, a), qa, _dequantized(qb, b), qb).requantize(qc) / qc.scale + qc.zero_point.float()
+        assert np.array_equal(torch.round(ours).numpy(), ort)
+    for d in (5, 49, 197):
+        x = rng.integers(0, 256, (5_000, d)).astype(np.uint8)
+        xs = np.float32(rng.uniform(0.003, 0.2))
+        ort = _ort_op("QLinearSoftmax", {"x": x}, {"xs": xs, "xz": np.uint8(0), "ys": np.float32(1 / 256), "yz": np.uint8(0)},
+                      axis=-1, opset=13)
+        qx, qy = _qdq(float(xs), 0), _qdq(1 / 256, 0)
+        ours = _PendingSoftmax(_dequantized(qx, x), qx, -1).requantize(qy) / qy.scale
+        assert np.array_equal(torch.round(ours).numpy(), ort), d
+
+
 def test_batchnorm_folding_moves_a_block_output_by_at_most_one_lsb():
     model, x = _qat("resnet18", 4, cifar_stem=True)
     frozen, _ = freeze(model)

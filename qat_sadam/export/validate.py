@@ -127,7 +127,10 @@ def _lsb(a: np.ndarray, b: np.ndarray, scale: float) -> dict:
 
 def _run(sess, batches):
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x})[0] for x in batches])
+    try:
+        return np.concatenate([sess.run(None, {name: x})[0] for x in batches])
+    except Exception as e:  # ORT's own exception types: a kernel refused the graph at run time
+        raise ValidationError(f"ONNX Runtime failed to run the model: {str(e).splitlines()[0][:300]}") from None
 
 
 def latency(int8_path: str, float_path: str, shape: tuple, batches=(1, 32), rounds: int = 5, iters: int = 10) -> dict:

@@ -18,7 +18,7 @@ from torch import fx, nn
 from torchvision.ops import stochastic_depth
 
 from .modules import QUANT_MODULES
-from .traceable import DATA_MOVEMENT_FUNCS, MASK_FUNCS, make_traceable, visible_attention
+from .traceable import DATA_MOVEMENT_FUNCS, MASK_FUNCS, make_traceable, visible_ops
 
 # Ops with integer kernels whose output an integer-only graph keeps quantized.
 ANCHOR_MODULES = (nn.Conv2d, nn.Linear, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
@@ -33,9 +33,12 @@ MULTI_INPUT_METHODS = {"add", "add_", "mul", "mul_", "matmul", "bmm"}
 EXTEND_MODULES = (nn.BatchNorm2d, nn.ReLU, nn.Hardtanh)  # ReLU6 is a Hardtanh
 EXTEND_FUNCS = {F.relu, torch.relu, F.relu6, F.hardtanh}
 EXTEND_METHODS = {"relu", "relu_"}
-# Ops that move values without changing them: a quantized input stays quantized.
+# Ops that move values without changing them: a quantized input stays quantized. Dropout and
+# stochastic depth count among them: identities at inference, where the grid matters (a quantizer
+# after them would meet the one before them at export, and ORT merges such pairs).
 PASS_MODULES = (nn.MaxPool2d, nn.Dropout, nn.Identity, nn.Flatten, nn.ZeroPad2d, nn.ChannelShuffle, nn.PixelShuffle)
-PASS_FUNCS = {torch.flatten, F.max_pool2d, F.dropout, F.pad, torch.reshape, torch.permute, torch.transpose, torch.swapaxes,
+PASS_FUNCS = {torch.flatten, F.max_pool2d, F.dropout, F.dropout1d, F.dropout2d, stochastic_depth, F.pad, torch.reshape,
+              torch.permute, torch.transpose, torch.swapaxes,
               torch.squeeze, torch.unsqueeze, torch.roll, torch.chunk, torch.split, torch.unbind, operator.getitem,
               torch.channel_shuffle, F.pixel_shuffle} | DATA_MOVEMENT_FUNCS
 PASS_METHODS = {"flatten", "view", "reshape", "contiguous", "permute", "transpose", "swapaxes", "squeeze", "unsqueeze",
@@ -237,7 +240,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     error = None
     for tracer in _tracers(model):
         try:
-            with visible_attention():
+            with visible_ops():
                 gm = fx.GraphModule(copied, tracer.trace(copied), type(model).__name__)
             break
         except Exception as e:  # fx raises many types; the user needs the module and op that failed

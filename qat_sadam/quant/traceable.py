@@ -72,6 +72,33 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return torch.matmul(F.dropout(attn.softmax(dim=-1), dropout_p), value)
 
 
+_EINSUM = torch.einsum
+
+
+def einsum(equation: str, *operands):
+    """torch.einsum of two operands that is a batched matrix product (one contracted index, at most
+    one free index per operand) as permutes and a matmul, which ORT runs as QLinearMatMul (it has
+    no integer Einsum); any other equation is torch.einsum itself."""
+    operands = tuple(operands[0]) if len(operands) == 1 and isinstance(operands[0], (list, tuple)) else operands
+    spec = equation.replace(" ", "")
+    if "->" not in spec or "." in spec or len(operands) != 2 or spec.count(",") != 1:
+        return _EINSUM(equation, *operands)
+    (a, b), out = spec.split("->")[0].split(","), spec.split("->")[1]
+    batch = [c for c in out if c in a and c in b]
+    contracted = [c for c in a if c in b and c not in out]
+    a_free, b_free = [c for c in a if c not in b], [c for c in b if c not in a]
+    if len(contracted) != 1 or len(a_free) > 1 or len(b_free) > 1 or len(set(a)) < len(a) or len(set(b)) < len(b) \
+            or sorted(out) != sorted(batch + a_free + b_free):
+        return _EINSUM(equation, *operands)
+    x = operands[0].permute([a.index(c) for c in batch + a_free + contracted])
+    y = operands[1].permute([b.index(c) for c in batch + contracted + b_free])
+    r = torch.matmul(x if a_free else x.unsqueeze(-2), y if b_free else y.unsqueeze(-1))
+    r = r if b_free else r.squeeze(-1)
+    r = r if a_free else r.squeeze(-2 if b_free else -1)
+    order = batch + a_free + b_free
+    return r.permute([order.index(c) for c in out])
+
+
 def _pads(x: torch.Tensor, window: list[int]) -> tuple[int, int]:
     return (window[0] - x.shape[1] % window[0]) % window[0], (window[1] - x.shape[2] % window[1]) % window[1]
 
@@ -135,7 +162,39 @@ def same_pad(x: torch.Tensor, kernel: tuple, stride: tuple, dilation: tuple) -> 
     return F.pad(x, (pads[1][0], pads[1][1], pads[0][0], pads[0][1]))
 
 
-for _name in ("window_partition", "window_mask", "window_merge", "same_pad"):
+def mobilevit_unfold(x: torch.Tensor, patch: tuple) -> torch.Tensor:
+    """MobileViT's (B, C, H, W) -> (B * patch area, patches, C), resized to whole patches first (timm)."""
+    b, c, h, w = x.shape
+    nh, nw = -(h // -patch[0]), -(w // -patch[1])
+    if (nh * patch[0], nw * patch[1]) != (h, w):
+        x = F.interpolate(x, size=(nh * patch[0], nw * patch[1]), mode="bilinear", align_corners=False)
+    x = x.reshape(b * c * nh, patch[0], nw, patch[1]).transpose(1, 2)
+    return x.reshape(b, c, nh * nw, patch[0] * patch[1]).transpose(1, 3).reshape(b * patch[0] * patch[1], nh * nw, -1)
+
+
+def mobilevit_fold(t: torch.Tensor, x: torch.Tensor, patch: tuple) -> torch.Tensor:
+    """The inverse of mobilevit_unfold for the feature map x."""
+    b, c, h, w = x.shape
+    nh, nw = -(h // -patch[0]), -(w // -patch[1])
+    t = t.contiguous().view(b, patch[0] * patch[1], nh * nw, -1).transpose(1, 3).reshape(b * c * nh, nw, patch[0], patch[1])
+    y = t.transpose(1, 2).reshape(b, c, nh * patch[0], nw * patch[1])
+    return y if (nh * patch[0], nw * patch[1]) == (h, w) else F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
+
+
+class _TraceableMobileVitBlock:
+    """timm's MobileVitBlock with its shape-dependent unfold and fold as wrapped functions (they may
+    resize, so they are float ops, not grid-preserving ones)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv_1x1(self.conv_kxk(x))
+        y = self.conv_proj(mobilevit_fold(self.norm(self.transformer(mobilevit_unfold(y, self.patch_size))), y, self.patch_size))
+        return y if self.conv_fusion is None else self.conv_fusion(torch.cat((x, y), dim=1))
+
+
+# timm classes made traceable by name, without importing timm.
+_TRACEABLE_BY_NAME = {"MobileVitBlock": _TraceableMobileVitBlock}
+
+for _name in ("window_partition", "window_mask", "window_merge", "same_pad", "mobilevit_unfold", "mobilevit_fold"):
     torch.fx.wrap(_name)  # shape-dependent Python: one opaque node each in the traced graph
 DATA_MOVEMENT_FUNCS = {window_partition, window_merge, same_pad}
 MASK_FUNCS = {window_mask}
@@ -219,6 +278,8 @@ def make_traceable(model: nn.Module) -> nn.Module:
         if new is not None:
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, new)
+        elif type(m).__name__ in _TRACEABLE_BY_NAME:
+            m.__class__ = type(f"Traceable{type(m).__name__}", (_TRACEABLE_BY_NAME[type(m).__name__], type(m)), {})
         elif type(m) is ShiftedWindowAttentionV2:
             _keep_key_bias_zero(m)
             m.__class__ = TraceableShiftedWindowAttentionV2
@@ -228,11 +289,11 @@ def make_traceable(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def visible_attention():
-    """While tracing, F.scaled_dot_product_attention is the decomposed version above."""
-    original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = scaled_dot_product_attention
+def visible_ops():
+    """While tracing, F.scaled_dot_product_attention and torch.einsum are the decomposed versions above."""
+    sdpa = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention, torch.einsum = scaled_dot_product_attention, einsum
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = original
+        F.scaled_dot_product_attention, torch.einsum = sdpa, _EINSUM

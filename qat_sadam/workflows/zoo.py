@@ -21,29 +21,45 @@ SIZES = (32, 64, 96, 128, 224, 256)
 TARGET = Target(name="cpu-x86", weight_bits_max=7, checks=["fusion", "parity"])
 
 
-def smallest_input(name: str, source: str) -> tuple[torch.nn.Module, int]:
-    """The model built for the smallest of SIZES it accepts (a float forward pass succeeds)."""
+def runnable_sizes(name: str, source: str):
+    """(model, size) for each of SIZES at which the float model runs, smallest first."""
     error = None
     for size in SIZES:
         try:
             model = build_model(name, 10, image_size=size, source=source).eval()
             with torch.no_grad():
                 model(torch.randn(2, 3, size, size))
-            return model, size
+            yield model, size
+        except (ValueError, UserError):
+            raise
         except Exception as e:  # models refuse sizes in many ways (asserts, shape errors)
             error = e
-    raise ValueError(f"no input size of {SIZES} runs: {str(error).splitlines()[0][:160]}")
+    if error is not None:
+        raise ValueError(f"no input size of {SIZES} runs: {str(error).splitlines()[0][:160]}")
 
 
-def zoo_row(name: str, source: str = "torchvision", bits: int = 8, images: int = 16, seed: int = 0) -> dict:
-    """Prepare, calibrate, export for the cpu-x86 profile and validate one model; the row says where
-    it stopped and why if it did."""
-    torch.manual_seed(seed)
+def zoo_row(name: str, source: str = "torchvision", bits: int = 8, images: int = 16, seed: int = 0,
+            attempts: int = 2) -> dict:
+    """Prepare, calibrate, export for the cpu-x86 profile and validate one model, at the smallest
+    input size where that works (of the first ``attempts`` sizes the float model runs at); the row
+    says where it stopped and why if it did."""
     row = {"model": name, "source": source, "bits": bits, "stage": "build"}
+    try:
+        for i, (model, size) in enumerate(runnable_sizes(name, source)):
+            row = _row_at(model, name, source, size, bits, images, seed)
+            if "error" not in row or i + 1 >= attempts:
+                break
+    except (ValueError, UserError) as e:
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:240]}"
+    return row
+
+
+def _row_at(model, name: str, source: str, size: int, bits: int, images: int, seed: int) -> dict:
+    torch.manual_seed(seed)
+    row = {"model": name, "source": source, "bits": bits, "size": size,
+           "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "stage": "prepare"}
     t0 = time.perf_counter()
     try:
-        model, size = smallest_input(name, source)
-        row.update(size=size, params_m=sum(p.numel() for p in model.parameters()) / 1e6, stage="prepare")
         qat = prepare_qat(model, {"bits": bits})
         x = torch.randn(images, 3, size, size)
         row["stage"] = "calibrate"
