@@ -35,8 +35,9 @@ def cmd_train(a) -> int:
     s = train_recipe(a.recipe, a.out, a.set, bits=a.bits, optimizer=a.optimizer, seed=a.seed, resume=a.resume,
                      force=a.force, progress=not a.quiet)
     if s.get("interrupted"):
-        print(f"interrupted at step {s['step']}; checkpoint: {s['checkpoint']} (continue with --resume)")
-        return 130
+        if s["rank"] == 0:
+            print(f"interrupted by {s['signal']} at step {s['step']}; checkpoint: {s['checkpoint']} (continue with --resume)")
+        return 143 if s["signal"].startswith("SIGTERM") else 130  # 128 + the signal, as a shell reports it
     return 0
 
 
@@ -63,9 +64,9 @@ def cmd_compare(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from .workflows.export_run import export_run, run_export_dir
+    from .workflows.export_run import export_command, run_export_dir
 
-    rep = export_run(a.run, a.target, a.output or run_export_dir(a.run), a.samples, a.data_root)
+    rep = export_command(a.run, a.target, a.output or run_export_dir(a.run), a.samples, a.data_root)
     return 0 if rep["passed"] else 1
 
 

@@ -35,7 +35,7 @@ def test_tinyimagenet_npz_is_decoded_once_and_cached(tmp_path, monkeypatch):
 def test_cifar_npz_parts_and_validation_split(tmp_path):
     rng = np.random.default_rng(0)
     for name, n in (("cifar100_train_part1", 60), ("cifar100_train_part2", 40), ("cifar100_test", 20)):
-        np.savez(tmp_path / f"{name}.npz", x=rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8), y=rng.integers(0, 100, n).astype(np.uint8))
+        np.savez(tmp_path / f"{name}.npz", x=rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8), y=rng.permutation(np.arange(n) % 100).astype(np.uint8))
     d = load_data({"name": "cifar100", "root": str(tmp_path), "val_split": 0.2, "eval_on": "val"})
     assert len(d.train.y) == 80 and len(d.test.y) == 20 and d.num_classes == 100
     d2 = load_data({"name": "cifar100", "root": str(tmp_path)})

@@ -45,3 +45,33 @@ def test_ranks_stay_identical_through_sadam_training(tmp_path, optimizer):
     _, summary = _train(tmp_path / "two", 2, "sadam", extra + ["quant.activation.scale_mode=observer"])
     # parameters, LSQ scales, observer scales and buffers: bit-identical on both ranks after 16 steps
     assert summary["rank_max_state_diff"] == 0.0
+
+
+def test_sigterm_stops_every_rank_at_one_step_and_resume_matches(tmp_path):
+    """torchrun forwards SIGTERM to its workers; they agree on the step to stop at (one all-reduce of
+    the stop flag per step), save once, and a resumed data-parallel run ends where an uninterrupted
+    one ends."""
+    import signal
+    import time
+
+    extra = ["epochs=3", "checkpoint.every_steps=4"]
+    ref, _ = _train(tmp_path / "ref", 2, "sgd", extra)
+    sets = [a for s in TINY + extra for a in ("--set", s)]
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "qat_sadam", "train", "recipes/quickstart.yaml",
+           "--optimizer", "sgd", "--out", str(tmp_path / "run"), "--quiet"] + sets
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or metrics.read_text().count('"type": "step"') < 5) and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert out.count("interrupted by SIGTERM") == 1  # rank 0 reports for both
+    step = load_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.pt"))["global_step"]
+    assert 5 <= step < 48
+    resumed = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "qat_sadam", "train", "x", "--resume",
+                              "--out", str(tmp_path / "run"), "--quiet"], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = load_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.pt"))["model"]
+    assert all(torch.equal(got[k], ref[k]) for k in ref)

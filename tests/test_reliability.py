@@ -183,3 +183,71 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path):
     subprocess.run(_cli(run, "--resume"), check=True, capture_output=True)
     final, got = _weights(ref / "checkpoints" / "last.pt"), _weights(run / "checkpoints" / "last.pt")
     assert all(torch.equal(got[k], final[k]) for k in final)
+
+
+def _wait_for_steps(run, n, p, timeout=120):
+    deadline = time.time() + timeout
+    while _steps_logged(run) < n and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert p.poll() is None, "the run ended before the signal could be sent"
+
+
+def test_sigterm_saves_mid_epoch_and_resume_equals_an_uninterrupted_run(tmp_path):
+    """What SLURM and Kubernetes send before they preempt: a clean save at the next step, exit 143."""
+    ref = tmp_path / "ref"
+    subprocess.run(_cli(ref), check=True, capture_output=True)
+    run = tmp_path / "run"
+    p = subprocess.Popen(_cli(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(run, 6, p)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 143 and "interrupted by SIGTERM" in out
+    step = load_checkpoint(str(run / "checkpoints" / "last.pt"))["global_step"]
+    assert 6 <= step < 48 and step % 16 != 0  # the signal landed mid-epoch, mid-run (3 epochs of 16 steps)
+    subprocess.run(_cli(run, "--resume"), check=True, capture_output=True)
+    final, got = _weights(ref / "checkpoints" / "last.pt"), _weights(run / "checkpoints" / "last.pt")
+    assert all(torch.equal(got[k], final[k]) for k in final)
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path, capsys):
+    run = tmp_path / "run"
+    p = subprocess.Popen(_cli(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_steps(run, 2, p)
+    for argv in (_cli(run, "--force")[3:], ["export", str(run)], ["train", "x", "--resume", "--out", str(run)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"run directory {run} is in use by process {p.pid}" in err and err.count("\n") == 1
+    p.send_signal(signal.SIGKILL)  # the kernel releases the lock of a killed process: no stale lock
+    p.wait()
+    assert (run / "checkpoints").exists()  # --force deleted nothing while the lock was held
+    assert main(_cli(run, "--force")[3:]) == 0
+    steps = [json.loads(line)["step"] for line in open(run / "metrics.jsonl") if '"type": "step"' in line]
+    assert steps == list(range(1, 49))  # one writer's records, each step once
+
+
+def test_resume_applies_safe_overrides_and_records_them(tmp_path):
+    run = tmp_path / "run"
+    assert main(_cli(run, "--set", "epochs=1")[3:]) == 0
+    assert main(["train", "x", "--resume", "--out", str(run), "--set", "epochs=2", "--set", "checkpoint.every_steps=5",
+                 "--quiet"]) == 0
+    summary = json.load(open(run / "summary.json"))
+    assert summary["epochs"] == 2 and summary["steps"] == 32
+    assert "epochs: 2" in (run / "recipe.yaml").read_text()
+    history = [json.loads(line) for line in open(run / "recipe_history.jsonl")]
+    assert history == [{"step": 16, "changes": {"checkpoint.every_steps": [4, 5], "epochs": [1, 2]}}]
+
+
+def test_an_unreadable_last_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    ref = tmp_path / "ref"  # a constant lr: max_steps below must not reshape the schedule
+    subprocess.run(_cli(ref, "--set", "schedule.name=constant"), check=True, capture_output=True)
+    run = tmp_path / "run"
+    assert main(_cli(run, "--set", "max_steps=22", "--set", "schedule.name=constant")[3:]) == 0  # saves at 4, 8, ... 20, 22
+    last = run / "checkpoints" / "last.pt"
+    assert load_checkpoint(str(run / "checkpoints" / "last.prev.pt"))["global_step"] == 20
+    last.write_bytes(last.read_bytes()[:1000])  # a copy cut short
+    capsys.readouterr()
+    assert main(["train", "x", "--resume", "--out", str(run), "--set", "max_steps=null", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {last} is unusable" in err and "resuming from" in err and "(step 20)" in err
+    final, got = _weights(ref / "checkpoints" / "last.pt"), _weights(last)
+    assert all(torch.equal(got[k], final[k]) for k in final)

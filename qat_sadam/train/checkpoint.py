@@ -9,8 +9,9 @@ import torch
 from ..errors import CheckpointError
 
 
-def save_atomic(obj, path: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
+def save_atomic(obj, path: str, previous: str | None = None) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``; with
+    ``previous``, the file ``path`` held until now is kept under that name.
 
     A crash or a full disk leaves the previous checkpoint intact."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -23,6 +24,8 @@ def save_atomic(obj, path: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if previous is not None and os.path.isfile(path):
+            os.replace(path, previous)  # a crash here leaves previous and no path: resume falls back to it
         os.replace(tmp, path)
         tmp = None
         dir_fd = os.open(folder, os.O_RDONLY)

@@ -9,7 +9,6 @@ sees exactly the batches an uninterrupted run would.
 from __future__ import annotations
 
 import glob
-import io
 import os
 from dataclasses import dataclass
 
@@ -17,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
 
 from ..errors import DataError, RecipeError
+from .datafiles import check_images, check_labels, check_same_classes, decode_jpegs, npz_arrays, read_image
 
 DATASETS = ("synthetic", "digits", "cifar10", "cifar100", "tinyimagenet")
 _CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
@@ -89,10 +88,11 @@ def _cifar(name: str, cfg: dict) -> tuple[Split, Split, int]:
     parts = sorted(glob.glob(os.path.join(root, f"{name}_train*.npz"))) if root else []
     test = os.path.join(root, f"{name}_test.npz") if root else ""
     if parts and os.path.isfile(test):
-        tr = [np.load(p) for p in parts]
-        te = np.load(test)
-        return (_split(np.concatenate([p["x"] for p in tr]), np.concatenate([p["y"] for p in tr])),
-                _split(te["x"], te["y"]), classes)
+        train = [_labelled_images(p, classes) for p in parts]
+        x_test, y_test = _labelled_images(test, classes)
+        y_train = np.concatenate([y for _, y in train])
+        check_same_classes(", ".join(parts), y_train, test, y_test)
+        return _split(np.concatenate([x for x, _ in train]), y_train), _split(x_test, y_test), classes
     cls = torchvision.datasets.CIFAR100 if name == "cifar100" else torchvision.datasets.CIFAR10
     if root is None and not cfg.get("download"):
         raise DataError(f"{name}: no data found {where}; set data.root (or QAT_SADAM_DATA) to a folder holding "
@@ -108,9 +108,24 @@ def _cifar(name: str, cfg: dict) -> tuple[Split, Split, int]:
     return _split(sets[0].data, sets[0].targets), _split(sets[1].data, sets[1].targets), classes
 
 
-def _decode(buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(io.BytesIO(buf[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
-                     for i in range(len(offsets) - 1)])
+def _labelled_images(path: str, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    a = npz_arrays(path, ("x", "y"))
+    check_images(path, "x", a["x"], (32, 32, 3))
+    check_labels(path, "y", a["y"], len(a["x"]), classes)
+    return a["x"], a["y"].astype(np.int64)
+
+
+_TINY_KEYS = ("train_jpeg", "train_offsets", "y_train", "val_jpeg", "val_offsets", "y_val")
+
+
+def _decoded_tinyimagenet(npz: str) -> dict[str, np.ndarray]:
+    z = npz_arrays(npz, _TINY_KEYS)
+    out = {"xtr": decode_jpegs(npz, "train_jpeg", z["train_jpeg"], z["train_offsets"]),
+           "xte": decode_jpegs(npz, "val_jpeg", z["val_jpeg"], z["val_offsets"])}
+    check_labels(npz, "y_train", z["y_train"], len(out["xtr"]), 200)
+    check_labels(npz, "y_val", z["y_val"], len(out["xte"]), 200)
+    check_same_classes(f"{npz} (train)", z["y_train"], f"{npz} (val)", z["y_val"])
+    return {**out, "ytr": z["y_train"], "yte": z["y_val"]}
 
 
 def _tinyimagenet(cfg: dict) -> tuple[Split, Split, int]:
@@ -119,22 +134,34 @@ def _tinyimagenet(cfg: dict) -> tuple[Split, Split, int]:
     if os.path.isfile(npz):
         cache = os.path.join(os.environ.get("QAT_SADAM_CACHE", ".cache"), "tinyimagenet_subset_decoded.npz")
         if not os.path.isfile(cache):
-            z = np.load(npz)
+            decoded = _decoded_tinyimagenet(npz)
             os.makedirs(os.path.dirname(cache), exist_ok=True)
             tmp = cache + ".tmp.npz"
-            np.savez(tmp, xtr=_decode(z["train_jpeg"], z["train_offsets"]), ytr=z["y_train"],
-                     xte=_decode(z["val_jpeg"], z["val_offsets"]), yte=z["y_val"])
+            np.savez(tmp, **decoded)
             os.replace(tmp, cache)
-        c = np.load(cache)
+        c = npz_arrays(cache, ("xtr", "ytr", "xte", "yte"))
         return _split(c["xtr"], c["ytr"].astype(np.int64)), _split(c["xte"], c["yte"].astype(np.int64)), 200
     if root and os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val")):
-        sets = [torchvision.datasets.ImageFolder(os.path.join(root, s)) for s in ("train", "val")]
+        sets = [_image_folder(os.path.join(root, s)) for s in ("train", "val")]
         if sets[0].classes != sets[1].classes:
             raise DataError(f"tinyimagenet: {root}/val must be an ImageFolder with the classes of {root}/train")
-        load = lambda ds: _split(np.stack([np.asarray(ds.loader(p).convert("RGB")) for p, _ in ds.samples]), ds.targets)  # noqa: E731
-        return load(sets[0]), load(sets[1]), len(sets[0].classes)
+        return _folder_split(sets[0]), _folder_split(sets[1]), len(sets[0].classes)
     raise DataError(f"tinyimagenet: no data under {root or '(no data.root and no QAT_SADAM_DATA)'}; expected "
                     "tinyimagenet_subset.npz or an ImageFolder layout with train/ and val/ class folders")
+
+
+def _image_folder(path: str):
+    try:
+        return torchvision.datasets.ImageFolder(path)
+    except (FileNotFoundError, OSError) as e:  # an empty class folder, no class folders at all
+        raise DataError(f"{path}: not a usable ImageFolder ({str(e).splitlines()[0][:200]})") from None
+
+
+def _folder_split(ds) -> Split:
+    images = [read_image(p) for p, _ in ds.samples]
+    if len({im.shape for im in images}) > 1:
+        raise DataError(f"{ds.root}: the images do not all have one size")
+    return _split(np.stack(images), ds.targets)
 
 
 def _first_classes(split: Split, n: int) -> Split:

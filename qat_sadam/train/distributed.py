@@ -30,6 +30,15 @@ def mean(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (the flag itself in one process)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def max_diff_from_rank0(tensors) -> float:
     """Largest |t - t on rank 0| over the tensors and ranks: 0.0 when every rank holds the same state."""
     if not dist.is_initialized():

@@ -54,5 +54,11 @@ def quantize_model(recipe: dict, model: nn.Module) -> nn.Module:
 
 def build_qat_model(recipe: dict, info: dict) -> nn.Module:
     """The recipe's model as its run checkpoints store it (prepared for QAT unless a float recipe),
-    with random weights: the caller loads a checkpoint into it."""
+    with random weights: the caller loads a checkpoint into it (``load_run_state``)."""
     return quantize_model(recipe, build_float_model(recipe, info, load_start=False)[0])
+
+
+def load_run_state(model: nn.Module, state: dict, path: str, info: dict) -> None:
+    """A run checkpoint's model state into the model its recipe builds, every key and shape checked
+    first (a checkpoint copied from another run names the keys that differ)."""
+    load_weights(model, state, f"checkpoint {path}", info["num_classes"])

@@ -139,10 +139,10 @@ def _looks_numeric(s: str) -> bool:
 
 
 def load_recipe(path: str | None = None, overrides: list[str] = (), bits: int | None = None,
-                optimizer: str | None = None, seed: int | None = None) -> dict:
-    """Read a recipe file, apply --bits/--optimizer/--seed, then the --set overrides (which win),
-    fill defaults and validate. Raises RecipeError."""
-    raw: dict = {}
+                optimizer: str | None = None, seed: int | None = None, base: dict | None = None) -> dict:
+    """Read a recipe file (or start from the recipe ``base``), apply --bits/--optimizer/--seed, then
+    the --set overrides (which win), fill defaults and validate. Raises RecipeError."""
+    raw: dict = copy.deepcopy(base) if base is not None else {}
     if path is not None:
         if not os.path.isfile(path):
             raise RecipeError(f"recipe file not found: {path}")

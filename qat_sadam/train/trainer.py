@@ -23,16 +23,17 @@ from ..export import freeze, integer_reference
 from ..optim import SAdam
 from ..quant import calibrate, reestimate_batchnorm
 from . import distributed
-from .checkpoint import load_checkpoint, save_atomic
+from .checkpoint import save_atomic
 from .data import Loader, load_data
-from .model import build_float_model, quantize_model
+from .model import build_float_model, load_run_state, quantize_model
 from .optimizers import build_optimizer
 from .oscillation import OscillationTracker
 from .recipe import dump_recipe, quantized
-from .run_dir import write_summary
+from .run_dir import LAST, PREVIOUS, resume_checkpoint, write_summary
 
 LOSS_WINDOW = 50
 PTQ_CHECKPOINT = "ptq.pt"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class NonFiniteError(RuntimeError):
@@ -101,10 +102,12 @@ class Trainer:
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.best_acc, self.skipped = -1.0, 0
         self.losses: deque = deque(maxlen=LOSS_WINDOW)
-        self._stop_requested = False
+        self._stop_signal: int | None = None  # SIGINT or SIGTERM: save at the next step boundary, then stop
+        self.resume_note: str | None = None
         self.bn_report: dict = {}
         if resume:
-            self._restore(load_checkpoint(self.path_last(), map_location=self.device))
+            ck, self.resume_note = resume_checkpoint(self.run_dir)
+            self._restore(ck)
         elif initialize and quantized(recipe):
             self._initialize()
         self.net = self._data_parallel() if self.world > 1 else self.model
@@ -147,13 +150,16 @@ class Trainer:
                 "best_acc": self.best_acc, "skipped": self.skipped, "losses": list(self.losses),
                 "start": self.start, "bn_report": self.bn_report, "recipe": self.recipe, "info": self.info}
 
-    def save(self, name: str = "last.pt") -> str:
+    def save(self, name: str = LAST) -> str:
+        """Write a checkpoint; the one last.pt held until now stays as last.prev.pt (a fallback for
+        --resume when the newest is damaged)."""
         if self.rank == 0:  # every rank holds the same state
-            save_atomic(self.checkpoint(), self.path("checkpoints", name))
+            save_atomic(self.checkpoint(), self.path("checkpoints", name),
+                        previous=self.path("checkpoints", PREVIOUS) if name == LAST else None)
         return self.path("checkpoints", name)
 
     def _restore(self, ck: dict) -> None:
-        self.model.load_state_dict(ck["model"])
+        load_run_state(self.model, ck["model"], self.path_last(), self.info)
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         if self.tracker and ck["tracker"]:
@@ -254,13 +260,15 @@ class Trainer:
 
     # -- loop -----------------------------------------------------------------------------
     def train(self) -> dict:
+        """Run to the end; on SIGINT (Ctrl-C) or SIGTERM (what schedulers send before they preempt)
+        save at the next step boundary and return {"interrupted": True, "signal": ...}."""
         self.write_run_files()
-        previous = signal.signal(signal.SIGINT, self._request_stop) if _main_thread() else None
+        previous = {s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS} if _main_thread() else {}
         try:
             return self._loop()
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     def write_run_files(self) -> None:
         """The run directory, its recipe.yaml and, before the first step of a fine-tune, the PTQ state."""
@@ -270,8 +278,13 @@ class Trainer:
         if self.global_step == 0 and self.start and quantized(self.recipe):
             self.save(PTQ_CHECKPOINT)
 
-    def _request_stop(self, *_):
-        self._stop_requested = True
+    def _request_stop(self, signum, _frame):
+        self._stop_signal = signum
+
+    def _stopping(self) -> bool:
+        """Whether any rank was asked to stop: all ranks stop at the same step, or the next
+        collective would wait forever for the ones that left."""
+        return distributed.any_rank(self._stop_signal is not None)
 
     def _loop(self) -> dict:
         r = self.recipe
@@ -306,14 +319,16 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "skip")
                 if every_ckpt and self.global_step % every_ckpt == 0:
                     self.save()
-                if self._stop_requested or self.global_step >= self.total_steps:
-                    interrupted = self._stop_requested
+                if self._stopping() or self.global_step >= self.total_steps:
+                    interrupted = self._stop_signal is not None or self.global_step < self.total_steps
                     break
             bar.close()
             if interrupted:
                 self.save()
                 self._log({"type": "interrupted", "step": self.global_step})
-                return {"interrupted": True, "checkpoint": self.path_last(), "step": self.global_step}
+                name = signal.Signals(self._stop_signal).name if self._stop_signal else "SIGTERM (on another rank)"
+                return {"interrupted": True, "signal": name, "checkpoint": self.path_last(), "step": self.global_step,
+                        "rank": self.rank}
             if self.step_in_epoch >= self.steps_per_epoch or self.global_step >= self.total_steps:
                 self._end_epoch(time.perf_counter() - t_epoch, epoch_losses, dampings,
                                 complete=self.step_in_epoch >= self.steps_per_epoch)

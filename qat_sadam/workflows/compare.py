@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import statistics
 
 import numpy as np
@@ -20,7 +19,7 @@ import yaml
 from ..errors import ExportError, RecipeError
 from ..train.optimizers import KEYS
 from ..train.recipe import load_recipe
-from ..train.run_dir import read_summary, write_summary
+from ..train.run_dir import LAST, PREVIOUS, RunLock, clear_run_dir, read_summary, summary_path, write_summary
 from ..train.trainer import Trainer
 from .export_run import export_finished_run
 
@@ -100,7 +99,8 @@ def compare(recipe_path: str, specs: list[str], seeds: int, out: str, overrides:
             run_dir = os.path.join(out, _dirname(label), f"seed{seed}")
             if report_only:
                 if os.path.isfile(os.path.join(run_dir, "summary.json")):
-                    runs.append(_exported(run_dir, read_summary(run_dir), export_target))
+                    with RunLock(run_dir):
+                        runs.append(_exported(run_dir, read_summary(run_dir), export_target))
                 continue
             opt_s = dict(opt)
             if preset == "adamw-effective":
@@ -134,18 +134,20 @@ def _recipe(path, overrides, bits, opt, seed):
 
 
 def _run(path, overrides, bits, opt, seed, run_dir, progress, export_target=None) -> dict:
-    if os.path.isfile(os.path.join(run_dir, "summary.json")):
-        return _exported(run_dir, read_summary(run_dir), export_target)
+    """One cell: trained (or resumed) and exported while holding its run directory's lock."""
     recipe = _recipe(path, overrides, bits, opt, seed)
-    resume = os.path.isfile(os.path.join(run_dir, "checkpoints", "last.pt"))
-    if not resume and os.path.isdir(run_dir):
-        shutil.rmtree(run_dir)  # a cell that died before its first checkpoint
-    result = Trainer(recipe, run_dir, resume=resume, progress=progress).train()
-    if result.get("interrupted"):
-        raise KeyboardInterrupt
-    result["lr"] = recipe["optimizer"].get("lr")
-    write_summary(run_dir, result)
-    return _exported(run_dir, result, export_target)
+    with RunLock(run_dir):
+        if os.path.isfile(summary_path(run_dir)):
+            return _exported(run_dir, read_summary(run_dir), export_target)
+        resume = any(os.path.isfile(os.path.join(run_dir, "checkpoints", n)) for n in (LAST, PREVIOUS))
+        if not resume:
+            clear_run_dir(run_dir)  # a cell that died before its first checkpoint
+        result = Trainer(recipe, run_dir, resume=resume, progress=progress).train()
+        if result.get("interrupted"):
+            raise KeyboardInterrupt
+        result["lr"] = recipe["optimizer"].get("lr")
+        write_summary(run_dir, result)
+        return _exported(run_dir, result, export_target)
 
 
 def _exported(run_dir: str, summary: dict, target: str | None) -> dict:

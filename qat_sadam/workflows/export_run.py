@@ -9,8 +9,8 @@ import torch
 from ..export import check_model_file, export_float_onnx, export_onnx, format_report, load_target, validate
 from ..train.checkpoint import find_checkpoint, load_checkpoint
 from ..train.data import Loader, load_data
-from ..train.model import build_qat_model
-from ..train.run_dir import read_summary, run_recipe, write_summary
+from ..train.model import build_qat_model, load_run_state
+from ..train.run_dir import RunLock, read_summary, run_recipe, write_summary
 from ..train.trainer import PTQ_CHECKPOINT
 
 DEFAULT_TARGET = "export/cpu-x86.yaml"
@@ -40,12 +40,13 @@ def export_run(run: str, target: str | None, out_dir: str, samples: int | None =
                ladder: dict | None = None, rung: str = "qat_acc") -> dict:
     """Export a run's checkpoint (``run_checkpoint``) for ``target`` and validate it; returns the
     validation report (with the accuracy ladder when ``ladder`` gives the rungs below)."""
-    ck = load_checkpoint(run_checkpoint(run))
+    path = run_checkpoint(run)
+    ck = load_checkpoint(path)
     recipe, info = ck["recipe"], ck["info"]
     if data_root:
         recipe["data"]["root"] = data_root
     model = build_qat_model(recipe, info)
-    model.load_state_dict(ck["model"])
+    load_run_state(model, ck["model"], path, info)
     model.eval()
     tgt = load_target(target or recipe["export"].get("target") or DEFAULT_TARGET)
     batch = tgt.fixed_batch or 64
@@ -63,6 +64,14 @@ def export_run(run: str, target: str | None, out_dir: str, samples: int | None =
     rep["requantized_to_max_bits"] = done["requantized_to_max_bits"]
     print(format_report(rep, out_dir))
     return rep
+
+
+def export_command(run: str, target: str | None, out_dir: str, samples: int | None = None,
+                   data_root: str | None = None) -> dict:
+    """`qat-sadam export`: export_run while holding the run directory's lock (a run still training
+    there, or a second export, makes it exit 2 naming the holder)."""
+    with RunLock(run if os.path.isdir(run) else os.path.dirname(os.path.dirname(os.path.abspath(run)))):
+        return export_run(run, target, out_dir, samples, data_root)
 
 
 def export_finished_run(run_dir: str, target: str | None) -> dict:

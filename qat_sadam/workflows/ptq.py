@@ -9,7 +9,7 @@ import os
 
 from ..errors import RecipeError
 from ..train.recipe import load_recipe, quantized, starts_trained
-from ..train.run_dir import write_summary
+from ..train.run_dir import RunLock, write_summary
 from ..train.trainer import PTQ_CHECKPOINT, Trainer
 from .export_run import export_run
 from .train_run import prepare_out
@@ -26,13 +26,14 @@ def ptq(recipe_path: str, out: str | None = None, overrides: list[str] = (), bit
     if not quantized(recipe):
         raise RecipeError("ptq of a float recipe (quant.enabled: false): there is nothing to quantize")
     out = out or os.path.join("runs", os.path.splitext(os.path.basename(recipe_path))[0] + "-ptq")
-    prepare_out(out, force, False)
-    trainer = Trainer(recipe, out, progress=progress)  # float accuracy, calibration, BatchNorm re-estimation
-    trainer.write_run_files()
-    rep = export_run(os.path.join(out, "checkpoints", PTQ_CHECKPOINT), recipe["export"]["target"],
-                     os.path.join(out, "export"), ladder={"float_acc": trainer.start["float_acc"]}, rung="ptq_acc")
-    summary = {"run_dir": out, "start": trainer.start, "float_acc": trainer.start["float_acc"],
-               "ptq_acc": rep["accuracy"]["ort_int8"], "validation_passed": rep["passed"]}
-    write_summary(out, summary)
+    with RunLock(out):
+        prepare_out(out, force)
+        trainer = Trainer(recipe, out, progress=progress)  # float accuracy, calibration, BatchNorm re-estimation
+        trainer.write_run_files()
+        rep = export_run(os.path.join(out, "checkpoints", PTQ_CHECKPOINT), recipe["export"]["target"],
+                         os.path.join(out, "export"), ladder={"float_acc": trainer.start["float_acc"]}, rung="ptq_acc")
+        summary = {"run_dir": out, "start": trainer.start, "float_acc": trainer.start["float_acc"],
+                   "ptq_acc": rep["accuracy"]["ort_int8"], "validation_passed": rep["passed"]}
+        write_summary(out, summary)
     print(f"PTQ: float {100 * summary['float_acc']:.2f}% -> INT8 on ORT {100 * summary['ptq_acc']:.2f}%; results: {out}")
     return summary

@@ -1,58 +1,93 @@
 """Train a recipe into a run directory, resume it, evaluate it."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
+import sys
 
 from ..errors import UserError
 from ..train import distributed
 from ..train.checkpoint import find_checkpoint, load_checkpoint
+from ..train.model import load_run_state
 from ..train.recipe import load_recipe
-from ..train.run_dir import RUN_FILES
+from ..train.run_dir import RUN_FILES, RunLock, clear_run_dir, resume_checkpoint, run_files
 from ..train.trainer import Trainer
 from .export_run import export_finished_run
 
 
-def prepare_out(out: str, force: bool, resume: bool) -> None:
-    """Check (and with ``force`` clear) a run directory before training writes into it."""
-    last = os.path.join(out, "checkpoints", "last.pt")
-    if resume:
-        if not os.path.isfile(last):
-            raise UserError(f"--resume: no checkpoint at {last}")
-        return
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+def prepare_out(out: str, force: bool) -> None:
+    """Check (and with ``force`` clear) a new run's directory; the caller holds its lock."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"output directory {out} exists and is a file")
+    files = run_files(out)
+    if files:
         if not force:
             raise UserError(f"output directory {out} exists and is not empty; use --force to overwrite or --resume to continue")
-        if not os.path.isdir(out) or not (RUN_FILES & set(os.listdir(out))):
+        if not RUN_FILES & set(files):
             raise UserError(f"--force: refusing to delete {out}: it does not look like a qat-sadam run directory")
-        shutil.rmtree(out)
+        clear_run_dir(out)
+
+
+# What --resume may change: how long the run goes on, what it logs, how often it saves, what it exports.
+RESUMABLE = ("epochs", "max_steps", "logging.", "checkpoint.", "export.")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def resumed_recipe(out: str, overrides: list[str], bits: int | None, optimizer: str | None, seed: int | None) -> dict:
+    """The run's own recipe with the overrides a resumed run can take; any other change (model,
+    quantizers, optimizer, data, seed) is refused, naming the key and both values. The changes go to
+    RUN/recipe_history.jsonl."""
+    ck, _ = resume_checkpoint(out)
+    old = ck["recipe"]
+    if not (overrides or bits is not None or optimizer is not None or seed is not None):
+        return old
+    new = load_recipe(None, overrides, bits=bits, optimizer=optimizer, seed=seed, base=old)
+    before, after = _flat(old), _flat(new)
+    changes = {k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}
+    for key, (was, now) in changes.items():
+        if not key.startswith(RESUMABLE):
+            raise UserError(f"--resume cannot change {key} ({was!r} -> {now!r}): it changes the model, quantizers, "
+                            "optimizer or data of the run; start a new run instead")
+    if changes:
+        with open(os.path.join(out, "recipe_history.jsonl"), "a") as f:
+            f.write(json.dumps({"step": ck["global_step"], "changes": changes}) + "\n")
+    return new
 
 
 def train_recipe(recipe_path: str, out: str | None = None, overrides: list[str] = (), bits: int | None = None,
                  optimizer: str | None = None, seed: int | None = None, resume: bool = False, force: bool = False,
                  progress: bool = True) -> dict:
-    """Train (or with ``resume`` continue) a run; export and validate it when the recipe says so.
-
-    Returns the summary; ``{"interrupted": True, ...}`` when Ctrl-C stopped it after a save."""
+    """Train (or with ``resume`` continue) a run while holding its lock; export and validate it when
+    the recipe says so. Returns the summary; ``{"interrupted": True, "signal": ...}`` when SIGINT or
+    SIGTERM stopped it after a save."""
     out = out or os.path.join("runs", os.path.splitext(os.path.basename(recipe_path))[0])
-    if resume:
-        prepare_out(out, force, True)
-        recipe = load_checkpoint(os.path.join(out, "checkpoints", "last.pt"))["recipe"]
-    else:
+    if not resume:
         recipe = load_recipe(recipe_path, overrides, bits=bits, optimizer=optimizer, seed=seed)
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 owns the run directory
-            prepare_out(out, force, False)
-    trainer = Trainer(recipe, out, resume=resume, progress=progress)
-    try:
-        summary = trainer.train()
-    finally:
-        distributed.shutdown()
-    if trainer.rank != 0 or summary.get("interrupted"):
-        return summary
-    print_summary(summary)
-    if recipe["export"]["enabled"]:
-        export_finished_run(out, recipe["export"]["target"])
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 owns the run directory
+    with RunLock(out) if main_rank else contextlib.nullcontext():
+        if resume:
+            recipe = resumed_recipe(out, overrides, bits, optimizer, seed)
+        elif main_rank:
+            prepare_out(out, force)
+        trainer = Trainer(recipe, out, resume=resume, progress=progress)
+        if trainer.resume_note and main_rank:
+            print(f"note: {trainer.resume_note}", file=sys.stderr)
+        try:
+            summary = trainer.train()
+        finally:
+            distributed.shutdown()
+        if trainer.rank != 0 or summary.get("interrupted"):
+            return summary
+        print_summary(summary)
+        if recipe["export"]["enabled"]:
+            export_finished_run(out, recipe["export"]["target"])
     print(f"results: {out}")
     return summary
 
@@ -75,7 +110,7 @@ def evaluate_run(run: str, data_root: str | None = None) -> dict:
     if data_root:
         recipe["data"]["root"] = data_root
     trainer = Trainer(recipe, os.path.dirname(os.path.dirname(path)), progress=False, initialize=False)
-    trainer.model.load_state_dict(ck["model"])
+    load_run_state(trainer.model, ck["model"], path, trainer.info)
     result = {"checkpoint": path, **trainer.evaluate()}
     print(json.dumps(result, indent=2))
     return result
