@@ -2,7 +2,8 @@
 
 Each op is a torch.autograd.Function with a ``symbolic`` method, so torch.onnx.export (the
 TorchScript exporter) writes exactly the QDQ pattern ONNX Runtime fuses into integer kernels:
-QuantizeLinear -> [Clip] -> DequantizeLinear for activations (uint8), an int8 initializer ->
+QuantizeLinear -> DequantizeLinear for activations (uint8; below 8 bits with a float Clip and a
+second pair), an int8 initializer ->
 DequantizeLinear(axis 0) for weights, an int32 initializer -> DequantizeLinear for biases.
 torch's own fake-quant ops export only three integer ranges and the learnable ones not at all
 (docs/export.md), hence these.
@@ -18,18 +19,23 @@ from ..quant import FakeQuantize
 
 class _QuantDequantFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, zero_point, hi: int):
+    def forward(ctx, x, scale, zero_point, hi: int, lo_value: float, hi_value: float):
         q = torch.clamp(torch.round(x / scale) + zero_point.float(), 0, hi)  # round half to even, as ONNX
         return (q - zero_point.float()) * scale
 
     @staticmethod
-    def symbolic(g, x, scale, zero_point, hi: int):
-        q = g.op("QuantizeLinear", x, scale, zero_point)
-        if hi < 255:
-            lo_t = g.op("Constant", value_t=torch.tensor(0, dtype=torch.uint8))
-            hi_t = g.op("Constant", value_t=torch.tensor(hi, dtype=torch.uint8))
-            q = g.op("Clip", q, lo_t, hi_t)
-        return g.op("DequantizeLinear", q, scale, zero_point)
+    def symbolic(g, x, scale, zero_point, hi: int, lo_value: float, hi_value: float):
+        """Q -> DQ, and below 8 bits Q -> DQ -> Clip(float) -> Q -> DQ: the Clip bounds are the
+        dequantized 0 and hi, so the second Q lands on clamp(q, 0, hi). A Clip on the uint8 tensor
+        would say the same to ORT CPU, but QNN reads a uint8 tensor without a quantization encoding
+        between Q and DQ and rejects it; with the Clip in float every runtime accepts the graph."""
+        q = g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero_point), scale, zero_point)
+        if hi == 255:
+            return q
+        lo_t = g.op("Constant", value_t=torch.tensor(lo_value, dtype=torch.float32))
+        hi_t = g.op("Constant", value_t=torch.tensor(hi_value, dtype=torch.float32))
+        clipped = g.op("Clip", q, lo_t, hi_t)
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", clipped, scale, zero_point), scale, zero_point)
 
 
 class _DequantFn(torch.autograd.Function):
@@ -58,7 +64,9 @@ class QuantDequant(nn.Module):
         return cls(q.step_size(), q.zero_point - s.qmin, s.qmax - s.qmin)
 
     def forward(self, x):
-        return _QuantDequantFn.apply(x, self.scale, self.zero_point, self.hi)
+        zp = self.zero_point.float()
+        lo_value, hi_value = float((0 - zp) * self.scale), float((self.hi - zp) * self.scale)  # float32 products
+        return _QuantDequantFn.apply(x, self.scale, self.zero_point, self.hi, lo_value, hi_value)
 
     def extra_repr(self):
         return f"scale={self.scale.item():.4g}, zero_point={int(self.zero_point)}, range=[0,{self.hi}]"
