@@ -7,10 +7,16 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+WEB := qat_sadam/export/runtimes/web
+
+# The runtimes extra and the npm lock give every runtime of qat_sadam/export/runtimes; without node
+# the ort-web runtime is reported "not run" (with this command), never passed.
+$(STAMP): pyproject.toml constraints.txt $(WEB)/package-lock.json
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,timm]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,timm,runtimes]'
+	if command -v npm >/dev/null; then npm ci --prefix $(WEB) --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the ort-web runtime will be reported not run"; fi
 	touch $(STAMP)
 
 test: $(STAMP)

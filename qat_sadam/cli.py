@@ -24,6 +24,17 @@ def _bits(v: str) -> int:
     return b
 
 
+def _runtimes(v: str) -> list[str]:
+    names = [n.strip() for n in v.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("--runtimes needs a comma-separated list of runtimes, or 'all'")
+    return names
+
+
+RUNTIMES_HELP = ("comma-separated runtimes to run the model on, overriding the target's: ort-cpu, qnn-htp, "
+                 "executorch-xnnpack, ort-web, openvino, or 'all'")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors: one line, exit 2
         raise UserError(f"{self.prog}: {message}")
@@ -66,14 +77,14 @@ def cmd_compare(a) -> int:
 def cmd_export(a) -> int:
     from .workflows.export_run import export_command, run_export_dir
 
-    rep = export_command(a.run, a.target, a.output or run_export_dir(a.run), a.samples, a.data_root)
+    rep = export_command(a.run, a.target, a.output or run_export_dir(a.run), a.samples, a.data_root, a.runtimes)
     return 0 if rep["passed"] else 1
 
 
 def cmd_validate(a) -> int:
     from .workflows.export_run import validate_model
 
-    rep = validate_model(a.model, a.target, a.samples, a.run)
+    rep = validate_model(a.model, a.target, a.samples, a.run, a.runtimes)
     return 0 if rep["passed"] else 1
 
 
@@ -129,14 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("-o", "--output", help="output directory (default RUN/export)")
     x.add_argument("--samples", type=int, help="test samples for parity and accuracy (default: the whole test set)")
     x.add_argument("--data-root", help="where the dataset lives, if not where the run found it")
+    x.add_argument("--runtimes", type=_runtimes, help=RUNTIMES_HELP)
     x.set_defaults(func=cmd_export)
 
-    v = sub.add_parser("validate", help="validate an INT8 ONNX model on ONNX Runtime",
+    v = sub.add_parser("validate", help="validate an INT8 ONNX model on ONNX Runtime and the target's runtimes",
                        description="Fusion, parity, latency, size and mobile checks of an INT8 ONNX model.")
     v.add_argument("model", help="model.onnx")
     v.add_argument("--run", help="the run it came from: adds torch parity and test accuracy")
     v.add_argument("--target", help="target profile YAML (default export/cpu-x86.yaml)")
     v.add_argument("--samples", type=int)
+    v.add_argument("--runtimes", type=_runtimes, help=RUNTIMES_HELP)
     v.set_defaults(func=cmd_validate)
     return p
 

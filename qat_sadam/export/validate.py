@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import ValidationError
+from .runtimes import ModelFiles, check_names, lsb_stats, measure, ort_session, session_runner
 from .target import Target, load_target
 
 FLOAT_COMPUTE = {"Conv", "Gemm", "MatMul", "ConvTranspose", "Einsum"}
@@ -51,19 +52,6 @@ FLOAT_OP_REASONS = {
     "GlobalAveragePool": "pooling not fused: float", "AveragePool": "pooling not fused: float",
     "BatchNormalization": f"BatchNorm kept as an op: {_NO_INTEGER_KERNEL}",
 }
-
-
-def ort_session(path: str, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, optimized_path: str | None = None):
-    """An ORT CPU session; ValidationError with ORT's first line when the model does not load."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = level
-    so.log_severity_level = 3
-    if optimized_path:
-        so.optimized_model_filepath = optimized_path
-    try:
-        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own exception types for unreadable models
-        raise ValidationError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
 
 
 def check_model_file(path: str) -> onnx.ModelProto:
@@ -119,18 +107,9 @@ def output_scale(model: onnx.ModelProto) -> float | None:
     return None if scale is None else float(scale.reshape(-1)[0])
 
 
-def _lsb(a: np.ndarray, b: np.ndarray, scale: float) -> dict:
-    d = np.abs(a - b) / scale
-    return {"max_lsb": float(d.max()), "p99_lsb": float(np.percentile(d, 99)), "mismatch_frac": float((d > 0.5).mean()),
-            "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean())}
-
-
 def _run(sess, batches):
-    name = sess.get_inputs()[0].name
-    try:
-        return np.concatenate([sess.run(None, {name: x})[0] for x in batches])
-    except Exception as e:  # ORT's own exception types: a kernel refused the graph at run time
-        raise ValidationError(f"ONNX Runtime failed to run the model: {str(e).splitlines()[0][:300]}") from None
+    run = session_runner(sess)
+    return np.concatenate([run(x) for x in batches])
 
 
 def latency(int8_path: str, float_path: str, shape: tuple, batches=(1, 32), rounds: int = 5, iters: int = 10) -> dict:
@@ -179,7 +158,8 @@ def validate(path: str, *, target: "str | Target | None" = None, inputs: list[np
              labels: np.ndarray | None = None, torch_outputs: np.ndarray | None = None,
              frozen_outputs: np.ndarray | None = None, integer_outputs: np.ndarray | None = None,
              float_path: str | None = None, out_dir: str | None = None, ladder: dict | None = None,
-             rung: str = "qat_acc") -> dict:
+             rung: str = "qat_acc", runtimes: list[str] | None = None, frozen=None, float_torch=None,
+             runtime_samples: int = 256) -> dict:
     """Validate an INT8 ONNX model on real input batches ``inputs`` with classes ``labels``.
 
     ``ladder``: the accuracies of the rungs below this model (``float_acc``, and ``ptq_acc`` for a
@@ -190,16 +170,20 @@ def validate(path: str, *, target: "str | Target | None" = None, inputs: list[np
     QDQ semantics; ``integer_outputs``: the same graph computed as integer kernels
     (``integer_reference``). The pass criterion is the integer reference's top-1 agreement with
     ORT; the others are reported beside it (at 4 bits, one-LSB rounding differences at ties
-    cascade through deep networks, docs/export.md)."""
+    cascade through deep networks, docs/export.md).
+    ``runtimes``: the runtimes to run the model on (default: the target's), each measured against
+    the integer reference (ORT CPU's logits when there is none) on the first ``runtime_samples``
+    inputs; ``frozen``/``float_torch``: the torch graphs, for runtimes that lower torch programs."""
     target = load_target(target)
     model = check_model_file(path)
     out_dir = out_dir or os.path.dirname(os.path.abspath(path))
     os.makedirs(out_dir, exist_ok=True)
     work = tempfile.mkdtemp(prefix="validate-", dir=out_dir)
+    runtimes = check_names(target.runtimes if runtimes is None else runtimes)
     rep: dict = {"model": path, "target": target.name, "providers_available": ort.get_available_providers(),
                  "providers_run": ["CPUExecutionProvider"],
-                 "note": "Only the CPU execution provider ran. Mobile providers (NNAPI, CoreML, XNNPACK) are not in "
-                         "this wheel; they are checked statically, never run."}
+                 "note": "Fusion, parity and accuracy below are ORT's CPU provider; the runtimes section runs the "
+                         "model on each runtime the target names. NNAPI and CoreML are checked statically only."}
     try:
         if "fusion" in target.checks:
             rep["fusion"] = fusion(path, work)
@@ -211,9 +195,9 @@ def validate(path: str, *, target: "str | Target | None" = None, inputs: list[np
         if inputs is not None and ("parity" in target.checks or "accuracy" in target.checks):
             full = _run(ort_session(path), inputs)
             plain = _run(ort_session(path, ort.GraphOptimizationLevel.ORT_DISABLE_ALL), inputs)
-            parity = {"ort_all_vs_ort_no_opt": _lsb(full, plain, scale)}
+            parity = {"ort_all_vs_ort_no_opt": lsb_stats(full, plain, scale)}
             refs = {k: v for k, v in zip(ACCURACY_KEYS, (integer_outputs, frozen_outputs, torch_outputs)) if v is not None}
-            parity.update({f"{k}_vs_ort": _lsb(v, full, scale) for k, v in refs.items()})
+            parity.update({f"{k}_vs_ort": lsb_stats(v, full, scale) for k, v in refs.items()})
             rep["parity"] = parity
             if labels is not None:
                 rep["accuracy"] = {"ort_int8": float((full.argmax(1) == labels).mean()), "samples": int(len(labels)),
@@ -231,7 +215,14 @@ def validate(path: str, *, target: "str | Target | None" = None, inputs: list[np
             ort_file = os.path.join(rep["mobile"]["ort_dir"], rep["mobile"]["ort_files"][0]) if rep["mobile"]["ort_files"] else None
             if ort_file and inputs is not None:
                 rep["mobile"]["ort_file"] = ort_file
-                rep["mobile"]["parity_ort_format_vs_onnx"] = _lsb(_run(ort_session(ort_file), inputs), _run(ort_session(path), inputs), scale)
+                rep["mobile"]["parity_ort_format_vs_onnx"] = lsb_stats(_run(ort_session(ort_file), inputs), _run(ort_session(path), inputs), scale)
+        if inputs is not None and runtimes:
+            files = ModelFiles(path, float_path, frozen, float_torch, inputs[0][:1], work)
+            x = np.concatenate(inputs)[:runtime_samples]
+            ref = integer_outputs[:len(x)] if integer_outputs is not None else _run(ort_session(path), [x])
+            y = labels[:len(x)] if labels is not None else None
+            rep["runtimes"] = {n: measure(n, files, x, ref, scale, y) for n in runtimes}
+            rep["runtimes_reference"] = "torch integer reference" if integer_outputs is not None else "ORT CPU"
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if ladder is not None and "accuracy" in rep:
@@ -271,6 +262,13 @@ def _verdict(rep: dict) -> tuple[bool, list[str]]:
         fails.append(f"top-1 agreement torch (integer reference) vs ORT is {tq['top1_agreement']:.4f} < 0.995")
     if "mobile" in rep and not rep["mobile"]["ort_conversion_ok"]:
         fails.append("conversion to the .ort format failed")
+    for name, r in rep.get("runtimes", {}).items():
+        if r["status"] == "failed":
+            fails.append(f"{name}: {r['reason']}")
+        elif r["status"] == "ran" and not r["within_tolerance"]:
+            p, t = r["parity"], r["tolerance"]
+            fails.append(f"{name}: {p['max_lsb']:.1f} LSB max, top-1 agreement {100 * p['top1_agreement']:.1f}% vs the "
+                         f"{rep['runtimes_reference']} (tolerance {t['max_lsb']:g} LSB, {100 * t['top1_agreement']:.0f}%)")
     return not fails, fails
 
 
@@ -304,6 +302,9 @@ def to_markdown(rep: dict) -> str:
         L += ["## Accuracy ladder", "", "| float | PTQ INT8 (ORT) | QAT INT8 (ORT) | recovery |", "|---|---|---|---|",
               "| " + " | ".join(format_ladder(rep["ladder"])) + " |", "",
               f"{rep['ladder']['samples']} test samples; float in torch, PTQ and QAT as deployed (INT8 on ORT).", ""]
+    if "runtimes" in rep:
+        L += [f"## Runtimes (parity against the {rep['runtimes_reference']})", ""] + runtime_table(rep["runtimes"]) + [""]
+        L += [f"- {n}: {r['what']}. Placement: {r.get('placement', '-')}. Tolerance: {r['tolerance']['cause']}." for n, r in rep["runtimes"].items()] + [""]
     if "latency" in rep:
         L += ["## Latency on ORT CPU (median, interleaved)", "", "| batch | float ms | INT8 ms | INT8 / float |", "|---|---|---|---|"]
         L += [f"| {k[5:]} | {v['float_ms']:.2f} | {v['int8_ms']:.2f} | {v['int8_over_float']:.2f} |" for k, v in rep["latency"].items()] + [""]
@@ -319,6 +320,25 @@ def to_markdown(rep: dict) -> str:
             L.append(f"; .ort vs .onnx: max {p['max_lsb']:.2f} LSB, top-1 agreement {100 * p['top1_agreement']:.2f}%")
         L.append("")
     return "\n".join(L)
+
+
+def runtime_cells(r: dict) -> list[str]:
+    """status, max LSB, p99 LSB, top-1 agreement, accuracy, INT8/float latency of one runtime row."""
+    if r["status"] != "ran":
+        return [f"{r['status']}: {r['reason']}" + (f" ({r['install']})" if "install" in r else "")] + ["-"] * 5
+    p, lat = r["parity"], r.get("latency_batch1", {})
+    return ["ran" if r["within_tolerance"] else "OUT OF TOLERANCE", f"max {p['max_lsb']:.1f} LSB", f"p99 {p['p99_lsb']:.1f} LSB",
+            f"top-1 {100 * p['top1_agreement']:.1f}%", "-" if "accuracy" not in r else f"acc {100 * r['accuracy']:.2f}%",
+            f"{lat['int8_over_float']:.2f}" if "int8_over_float" in lat else "-"]
+
+
+def runtime_table(runtimes: dict) -> list[str]:
+    L = ["| runtime | status | max LSB | p99 LSB | top-1 agreement | accuracy | INT8/float latency (batch 1) |",
+         "|---|---|---|---|---|---|---|"]
+    for n, r in runtimes.items():
+        cells = runtime_cells(r)
+        L.append(f"| {n} | " + " | ".join([cells[0]] + [c.split(" ", 1)[-1] for c in cells[1:]]) + " |")
+    return L
 
 
 def format_report(rep: dict, out_dir: str) -> str:
@@ -347,6 +367,8 @@ def format_report(rep: dict, out_dir: str) -> str:
         L.append(f"  size INT8/float: {rep['size']['int8_over_float']:.3f}")
     for k, v in rep.get("latency", {}).items():
         L.append(f"  latency {k}: float {v['float_ms']:.2f} ms, INT8 {v['int8_ms']:.2f} ms, ratio {v['int8_over_float']:.2f}")
+    for n, r in rep.get("runtimes", {}).items():
+        L.append(f"  runtime {n}: " + runtime_cells(r)[0] + (" (" + ", ".join(runtime_cells(r)[1:5]) + ")" if r["status"] == "ran" else ""))
     L += [f"  FAIL: {f}" for f in rep["failures"]]
     L.append(f"  report: {os.path.join(out_dir, 'validation.md')}")
     return "\n".join(L)

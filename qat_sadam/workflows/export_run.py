@@ -6,7 +6,7 @@ import os
 import numpy as np
 import torch
 
-from ..export import check_model_file, export_float_onnx, export_onnx, format_report, load_target, validate
+from ..export import check_model_file, export_float_onnx, export_onnx, float_model, format_report, load_target, validate
 from ..train.checkpoint import find_checkpoint, load_checkpoint
 from ..train.data import Loader, load_data
 from ..train.model import build_qat_model, load_run_state
@@ -37,9 +37,10 @@ def run_checkpoint(run: str) -> str:
 
 
 def export_run(run: str, target: str | None, out_dir: str, samples: int | None = None, data_root: str | None = None,
-               ladder: dict | None = None, rung: str = "qat_acc") -> dict:
-    """Export a run's checkpoint (``run_checkpoint``) for ``target`` and validate it; returns the
-    validation report (with the accuracy ladder when ``ladder`` gives the rungs below)."""
+               ladder: dict | None = None, rung: str = "qat_acc", runtimes: list[str] | None = None) -> dict:
+    """Export a run's checkpoint (``run_checkpoint``) for ``target`` and validate it on ORT and on
+    ``runtimes`` (default: the target's); returns the validation report (with the accuracy ladder
+    when ``ladder`` gives the rungs below)."""
     path = run_checkpoint(run)
     ck = load_checkpoint(path)
     recipe, info = ck["recipe"], ck["info"]
@@ -60,18 +61,19 @@ def export_run(run: str, target: str | None, out_dir: str, samples: int | None =
         integer_out = np.concatenate([done["integer"](x).numpy() for x, _ in batches])
     rep = validate(path, target=tgt, inputs=[x.numpy() for x, _ in batches], labels=np.concatenate([y.numpy() for _, y in batches]),
                    torch_outputs=qat_out, frozen_outputs=frozen_out, integer_outputs=integer_out, float_path=float_path,
-                   out_dir=out_dir, ladder=ladder, rung=rung)
+                   out_dir=out_dir, ladder=ladder, rung=rung, runtimes=runtimes, frozen=done["frozen"],
+                   float_torch=float_model(model))
     rep["requantized_to_max_bits"] = done["requantized_to_max_bits"]
     print(format_report(rep, out_dir))
     return rep
 
 
 def export_command(run: str, target: str | None, out_dir: str, samples: int | None = None,
-                   data_root: str | None = None) -> dict:
+                   data_root: str | None = None, runtimes: list[str] | None = None) -> dict:
     """`qat-sadam export`: export_run while holding the run directory's lock (a run still training
     there, or a second export, makes it exit 2 naming the holder)."""
     with RunLock(run if os.path.isdir(run) else os.path.dirname(os.path.dirname(os.path.abspath(run)))):
-        return export_run(run, target, out_dir, samples, data_root)
+        return export_run(run, target, out_dir, samples, data_root, runtimes=runtimes)
 
 
 def export_finished_run(run_dir: str, target: str | None) -> dict:
@@ -91,20 +93,21 @@ def export_finished_run(run_dir: str, target: str | None) -> dict:
     return rep
 
 
-def validate_model(model: str, target: str | None = None, samples: int | None = None, run: str | None = None) -> dict:
+def validate_model(model: str, target: str | None = None, samples: int | None = None, run: str | None = None,
+                   runtimes: list[str] | None = None) -> dict:
     """Validate a model file; with ``run`` (the run it came from) re-export that run beside it for
     torch parity and accuracy on real data, else compare ORT with and without optimizations on
     random inputs."""
     out_dir = os.path.dirname(os.path.abspath(model))
     if run:
-        return export_run(run, target, out_dir, samples)
+        return export_run(run, target, out_dir, samples, runtimes=runtimes)
     m = check_model_file(model)
     shape = [d.dim_value or 8 for d in m.graph.input[0].type.tensor_type.shape.dim]
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
     float_path = os.path.join(out_dir, "float.onnx")
     rep = validate(model, target=target or DEFAULT_TARGET, inputs=inputs,
-                   float_path=float_path if os.path.isfile(float_path) else None)
+                   float_path=float_path if os.path.isfile(float_path) else None, runtimes=runtimes)
     print("no --run given: parity compares ORT with and without graph optimizations on random inputs; "
           "pass --run RUN_DIR for torch parity and accuracy on real data")
     print(format_report(rep, out_dir))

@@ -1,0 +1,85 @@
+"""The runtimes a model ships to, one module each behind ``base.Runtime``, and the measurement of
+a model on each: parity with the integer reference, top-1 agreement, accuracy, latency ratio."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from ...errors import ValidationError
+from .base import ModelFiles, Runtime, Session, Tolerance
+from .executorch_xnnpack import ExecutorchXnnpack
+from .openvino_cpu import OpenVinoCpu
+from .ort_cpu import OrtCpu, ort_session, session_runner
+from .ort_web import OrtWeb
+from .qnn_htp import QnnHtp
+
+RUNTIMES: dict[str, Runtime] = {r.name: r for r in (OrtCpu(), QnnHtp(), ExecutorchXnnpack(), OrtWeb(), OpenVinoCpu())}
+
+
+def check_names(names) -> list[str]:
+    """The runtime names given, or a ValidationError naming the unknown one ('all': every runtime)."""
+    if list(names) == ["all"]:
+        return list(RUNTIMES)
+    unknown = [n for n in names if n not in RUNTIMES]
+    if unknown:
+        raise ValidationError(f"unknown runtime {unknown[0]!r}; choose from {', '.join(RUNTIMES)}")
+    return list(names)
+
+
+def lsb_stats(a: np.ndarray, b: np.ndarray, scale: float) -> dict:
+    d = np.abs(a - b) / scale
+    return {"max_lsb": float(d.max()), "p99_lsb": float(np.percentile(d, 99)), "mismatch_frac": float((d > 0.5).mean()),
+            "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean())}
+
+
+def median_ms(session: Session, x: np.ndarray, rounds: int = 5, iters: int = 5) -> float:
+    session.run(x)
+    if "median_ms" in session.details:  # timed inside the runtime's own process (ort-web)
+        return float(session.details["median_ms"])
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            session.run(x)
+        times.append(1000 * (time.perf_counter() - t0) / iters)
+    return statistics.median(times)
+
+
+def measure(name: str, files: ModelFiles, inputs: np.ndarray, reference: np.ndarray, scale: float,
+            labels: np.ndarray | None = None) -> dict:
+    """Run ``inputs`` on one runtime: status (ran, not run, failed), placement, parity in output LSB
+    against ``reference`` (the integer reference's logits), accuracy, and the batch-1 latency of the
+    INT8 model over the float model on the same runtime."""
+    rt = RUNTIMES[name]
+    row: dict = {"runtime": name, "what": rt.what, "tolerance": vars(rt.tolerance)}
+    reason = rt.missing()
+    if reason:
+        return {**row, "status": "not run", "reason": reason, "install": rt.install}
+    try:
+        session = rt.load(files)
+        out = session.run(inputs)
+    except ValidationError as e:
+        return {**row, "status": "failed", "reason": str(e)}
+    parity = lsb_stats(reference, out, scale)
+    ok = parity["max_lsb"] <= rt.tolerance.max_lsb + 1e-3 and parity["top1_agreement"] >= rt.tolerance.top1_agreement
+    row.update(status="ran", placement=session.placement, details=session.details, parity=parity, within_tolerance=ok,
+               samples=int(len(inputs)))
+    if labels is not None:
+        row["accuracy"] = float((out.argmax(1) == labels).mean())
+    if rt.simulated:
+        row["latency_batch1"] = {"note": "simulator on x86: no device latency"}
+    elif files.float_onnx or files.float_torch is not None:
+        try:
+            fl = rt.load(files, int8=False)
+            x1 = inputs[:1]
+            i8, f32 = median_ms(session, x1), median_ms(fl, x1)
+            row["latency_batch1"] = {"int8_ms": i8, "float_ms": f32, "int8_over_float": i8 / f32}
+        except ValidationError as e:
+            row["latency_batch1"] = {"error": f"float model: {e}"}
+    return row
+
+
+__all__ = ["RUNTIMES", "ModelFiles", "Runtime", "Session", "Tolerance", "check_names", "lsb_stats", "measure",
+           "ort_session", "session_runner"]

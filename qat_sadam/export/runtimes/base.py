@@ -1,0 +1,70 @@
+"""What every runtime offers the validator: load a model, run a batch, say what ran where.
+
+A runtime is an engine a user ships the INT8 model to. Each module in this package wraps one
+behind ``Runtime``: ``missing()`` says why it cannot run here (a package or a tool absent, with
+the install command), ``load()`` turns the exported model into a ``Session`` (converting it where
+the runtime has its own format), and the session runs float32 batches and reports the placement
+(which nodes the accelerator or delegate took) and the arithmetic it exposes (precision, kernels).
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import nn
+
+
+@dataclass
+class ModelFiles:
+    """The exported model in the forms runtimes load: the INT8 QDQ ONNX file and its float twin,
+    and the frozen torch graphs (for runtimes that lower torch programs, ExecuTorch)."""
+    onnx: str
+    float_onnx: str | None = None
+    frozen: nn.Module | None = None
+    float_torch: nn.Module | None = None
+    example: np.ndarray | None = None
+    work_dir: str = "."
+
+
+@dataclass
+class Tolerance:
+    """How far a runtime's logits may sit from the integer reference, and why they differ at all."""
+    max_lsb: float = 0.0
+    top1_agreement: float = 1.0
+    cause: str = "same integer arithmetic as the reference"
+
+
+@dataclass
+class Session:
+    run_batch: object  # callable: float32 array (N, ...) -> float32 logits (N, classes)
+    placement: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.run_batch(np.ascontiguousarray(x, dtype=np.float32)), dtype=np.float32)
+
+
+class Runtime:
+    name = ""
+    install = ""  # the command that makes it available
+    what = ""  # one line: the engine, the kernels, the device it stands for
+    tolerance = Tolerance()
+    simulated = False  # an emulator of the device: its timings say nothing about the device
+
+    def missing(self) -> str | None:
+        """None when the runtime can run here, else the reason."""
+        return None
+
+    def load(self, files: ModelFiles, int8: bool = True) -> Session:
+        raise NotImplementedError
+
+
+def missing_modules(*modules: str) -> str | None:
+    absent = [m for m in modules if importlib.util.find_spec(m) is None]
+    return f"Python package {', '.join(absent)} not installed" if absent else None
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]

@@ -1,0 +1,148 @@
+"""XNNPACK, the CPU kernels of Android and iOS apps, through ExecuTorch: the frozen torch graph is
+rewritten into the quantized form ExecuTorch's XNNPACK partitioner matches (PT2E's
+``quantized_decomposed`` quantize/dequantize ops), exported with torch.export, lowered with
+``to_edge_transform_and_lower(XnnpackPartitioner)`` into a .pte program and run by ExecuTorch's
+runtime. The rewrite maps, it does not re-quantize: the same scales, zero points and integers.
+
+- Activations: XNNPACK's quantized tensors are int8, so our uint8 zero point z becomes z - 128.
+- Each consumer of a quantized tensor gets its own dequantize node (PT2E's pattern; a shared one
+  leaves all but one consumer in float).
+- Sub-8-bit ranges: XNNPACK keeps a quantized tensor's scale and zero point but not the narrower
+  quant_min/quant_max of the quantize op (its conv output range is then unbounded). A clamp to the
+  range's dequantized bounds, between a quantize/dequantize pair, is fused into the producing
+  kernel as its output range, which keeps the range.
+- Weights: int8 per output channel (dequantize_per_channel); the bias as float, which XNNPACK
+  quantizes to int32 with scale s_in * s_w, giving back our int32 bias.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from ...errors import ValidationError
+from ..qdq import QConv2d, QLinear, QuantDequant
+from .base import ModelFiles, Runtime, Session, Tolerance, first_line, missing_modules
+
+INT8_SHIFT = 128  # uint8 container -> int8: q_int8 = q_uint8 - 128, zero point alike
+
+
+def _ops():
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
+    return torch.ops.quantized_decomposed
+
+
+def _qdq_args(m: QuantDequant) -> tuple:
+    return (float(m.scale), int(m.zero_point) - INT8_SHIFT, -INT8_SHIFT, m.hi - INT8_SHIFT, torch.int8)
+
+
+def _rewrite_quant_dequant(gm: fx.GraphModule, node: fx.Node, m: QuantDequant) -> None:
+    qd, args = _ops(), _qdq_args(m)
+    g = gm.graph
+    with g.inserting_before(node):
+        q = g.call_function(qd.quantize_per_tensor.default, (node.args[0], *args))
+        if m.hi < 255:  # keep the sub-8-bit range: clamp as a quantized op the producer absorbs
+            zp = float(m.zero_point)
+            lo, hi = float((0 - zp) * m.scale), float((m.hi - zp) * m.scale)
+            clamped = g.call_function(torch.ops.aten.clamp.default,
+                                      (g.call_function(qd.dequantize_per_tensor.default, (q, *args)), lo, hi))
+            q = g.call_function(qd.quantize_per_tensor.default, (clamped, *args))
+    for user in list(node.users):
+        with g.inserting_before(user):
+            dq = g.call_function(qd.dequantize_per_tensor.default, (q, *args))
+        user.replace_input_with(node, dq)
+    g.erase_node(node)
+
+
+def _rewrite_layer(gm: fx.GraphModule, node: fx.Node, m: QConv2d | QLinear) -> None:
+    qd, g = _ops(), gm.graph
+    prefix = node.target.replace(".", "_")
+    gm.register_buffer(f"{prefix}_w", m.weight_int.clone())
+    gm.register_buffer(f"{prefix}_ws", m.weight_scale.clone())
+    gm.register_buffer(f"{prefix}_wz", m.weight_zero_point.long())
+    gm.register_buffer(f"{prefix}_b", m.bias_int.float() * m.bias_scale)
+    with g.inserting_before(node):
+        w = g.call_function(qd.dequantize_per_channel.default,
+                            (g.get_attr(f"{prefix}_w"), g.get_attr(f"{prefix}_ws"), g.get_attr(f"{prefix}_wz"), 0, -127,
+                             127, torch.int8))
+        b = g.get_attr(f"{prefix}_b")
+        if isinstance(m, QConv2d):
+            out = g.call_function(F.conv2d, (node.args[0], w, b, m.stride, m.padding, m.dilation, m.groups))
+        else:
+            out = g.call_function(F.linear, (node.args[0], w, b))
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
+
+
+def pt2e_form(frozen: fx.GraphModule) -> fx.GraphModule:
+    """The frozen graph with our Q/DQ modules and integer layers as quantized_decomposed ops."""
+    gm = copy.deepcopy(frozen).eval()
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        m = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(m, QuantDequant):
+            _rewrite_quant_dequant(gm, node, m)
+        elif isinstance(m, (QConv2d, QLinear)):
+            _rewrite_layer(gm, node, m)
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm
+
+
+def _placement(edge_program) -> dict:
+    """How many subgraphs XNNPACK took, and the ops left to ExecuTorch's portable CPU kernels."""
+    graph = edge_program.exported_program().graph
+    delegated, left = 0, {}
+    for n in graph.nodes:
+        if n.op != "call_function":
+            continue
+        name = getattr(n.target, "__name__", str(n.target))
+        if "call_delegate" in name:
+            delegated += 1
+        elif name != "getitem":
+            left[name] = left.get(name, 0) + 1
+    return {"XNNPACK delegate subgraphs": delegated, "portable kernels (not delegated)": left or "none"}
+
+
+class ExecutorchXnnpack(Runtime):
+    name = "executorch-xnnpack"
+    install = "pip install executorch  (or: pip install -e '.[runtimes]')"
+    what = "ExecuTorch with the XNNPACK delegate (Android/iOS CPU kernels), .pte program, batch 1"
+    tolerance = Tolerance(
+        8.0, 0.95, "XNNPACK requantizes in fp32 with round-to-nearest-even after a float multiply of the int32 "
+        "sum (its own order of scale products) and computes average pooling and adds in its own fixed "
+        "point: 1-LSB seeds that grow through deep nets (docs/runtimes.md)")
+
+    def missing(self) -> str | None:
+        return missing_modules("executorch")
+
+    def load(self, files: ModelFiles, int8: bool = True) -> Session:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # optional extra
+        from executorch.exir import to_edge_transform_and_lower
+        from executorch.runtime import Runtime as EtRuntime
+
+        model = files.frozen if int8 else files.float_torch
+        if model is None or files.example is None:
+            raise ValidationError("executorch-xnnpack lowers the frozen torch graph: validate a run (--run RUN_DIR), "
+                                  "not a model file alone")
+        example = torch.from_numpy(np.ascontiguousarray(files.example[:1], dtype=np.float32))
+        try:
+            program = torch.export.export(pt2e_form(model) if int8 else copy.deepcopy(model).eval(), (example,))
+            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+            pte = os.path.join(files.work_dir, "model.pte" if int8 else "float.pte")
+            with open(pte, "wb") as f:
+                f.write(edge.to_executorch().buffer)
+            method = EtRuntime.get().load_program(pte).load_method("forward")
+        except Exception as e:  # torch.export / ExecuTorch raise many types; the first line names the op
+            raise ValidationError(f"ExecuTorch/XNNPACK cannot lower the model: {first_line(e)}") from None
+
+        def run(x: np.ndarray) -> np.ndarray:
+            return np.concatenate([method.execute([torch.from_numpy(x[i:i + 1])])[0].numpy() for i in range(len(x))])
+
+        return Session(run, _placement(edge), {"precision": "int8 activations (zero point - 128), int8 weights"
+                                               if int8 else "float32", "pte_bytes": os.path.getsize(pte)})

@@ -1,0 +1,44 @@
+"""Intel's OpenVINO CPU plugin reading the QDQ ONNX model (the edge boxes' runtime). Inference
+precision is pinned to f32: its default on CPUs with AMX/AVX512-BF16 is bf16, which moves sub-8-bit
+outputs by tens of LSB; the report says what the plugin would have chosen."""
+from __future__ import annotations
+
+from ...errors import ValidationError
+from .base import ModelFiles, Runtime, Session, Tolerance, first_line, missing_modules
+
+
+class OpenVinoCpu(Runtime):
+    name = "openvino"
+    install = "pip install openvino  (or: pip install -e '.[runtimes]')"
+    what = "OpenVINO CPU plugin (oneDNN): QDQ ONNX read as u8/i8 convolutions, INFERENCE_PRECISION_HINT f32"
+    tolerance = Tolerance(
+        16.0, 0.95, "oneDNN applies the requantization scale in its own order (scales folded into the "
+        "output, fused element-wise ops kept in float) and rounds ties its own way; depthwise stacks "
+        "accumulate the 1-LSB seeds (docs/runtimes.md)")
+
+    def missing(self) -> str | None:
+        return missing_modules("openvino")
+
+    def load(self, files: ModelFiles, int8: bool = True) -> Session:
+        import openvino as ov  # optional extra
+
+        core = ov.Core()
+        default = core.get_property("CPU", "INFERENCE_PRECISION_HINT")
+        try:
+            compiled = core.compile_model(files.onnx if int8 else files.float_onnx, "CPU",
+                                          {"INFERENCE_PRECISION_HINT": "f32"})
+        except Exception as e:  # OpenVINO raises RuntimeError with its own text
+            raise ValidationError(f"OpenVINO cannot compile the model: {first_line(e)}") from None
+        runtime = compiled.get_runtime_model()
+        kinds = {}
+        for op in runtime.get_ops():
+            info = op.get_rt_info()
+            if "layerType" in info and "runtimePrecision" in info:
+                key = f"{info['layerType']}:{info['runtimePrecision']}"
+                kinds[key] = kinds.get(key, 0) + 1
+        request = compiled.create_infer_request()
+        return Session(lambda x: request.infer({0: x})[compiled.output(0)],
+                       {"CPU": "all nodes"},
+                       {"precision": "f32 hint", "default_precision_on_this_cpu": str(default),
+                        "executed_layers": dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:12]),
+                        "openvino": ov.__version__})

@@ -1,0 +1,50 @@
+"""ONNX Runtime's CPU provider: the reference deployment (QLinearConv/QGemm integer kernels)."""
+from __future__ import annotations
+
+import collections
+
+import onnxruntime as ort
+
+from ...errors import ValidationError
+from .base import ModelFiles, Runtime, Session, Tolerance, first_line
+
+
+def ort_session(path: str, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, optimized_path: str | None = None,
+                options: ort.SessionOptions | None = None, providers=("CPUExecutionProvider",)):
+    """An ORT session; ValidationError with ORT's first line when the model does not load."""
+    so = options or ort.SessionOptions()
+    so.graph_optimization_level = level
+    so.log_severity_level = 3
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    try:
+        return ort.InferenceSession(path, so, providers=list(providers) if providers else None)
+    except Exception as e:  # ORT raises its own exception types for unreadable models
+        raise ValidationError(f"ONNX Runtime cannot load {path}: {first_line(e)}") from None
+
+
+def session_runner(sess):
+    name = sess.get_inputs()[0].name
+
+    def run(x):
+        try:
+            return sess.run(None, {name: x})[0]
+        except Exception as e:  # ORT's own exception types: a kernel refused the graph at run time
+            raise ValidationError(f"ONNX Runtime failed to run the model: {first_line(e)}") from None
+    return run
+
+
+class OrtCpu(Runtime):
+    name = "ort-cpu"
+    install = "pip install onnxruntime"
+    what = "ONNX Runtime CPU provider, x86-64: QLinearConv/QGemm integer kernels (MLAS)"
+    tolerance = Tolerance(0.0, 1.0, "the integer reference emulates these kernels op by op")
+
+    def load(self, files: ModelFiles, int8: bool = True) -> Session:
+        sess = ort_session(files.onnx if int8 else files.float_onnx)
+        return Session(session_runner(sess), {"CPUExecutionProvider": "all nodes"},
+                       {"precision": "int8 x uint8 -> int32" if int8 else "float32", "ort_version": ort.__version__})
+
+
+def op_histogram(model) -> dict:
+    return dict(collections.Counter(n.op_type for n in model.graph.node).most_common())

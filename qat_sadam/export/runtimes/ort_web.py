@@ -1,0 +1,56 @@
+"""ONNX Runtime Web under node: the browser's path. Its `wasm` backend is ORT's own CPU kernels
+compiled to WebAssembly (the npm build has no XNNPACK backend), so its integer arithmetic is ORT
+CPU's without the x86 SIMD paths. The npm package is pinned by web/package-lock.json (`make venv`)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+import onnx
+
+from ...errors import ValidationError
+from .base import ModelFiles, Runtime, Session, Tolerance
+
+WEB_DIR = os.path.join(os.path.dirname(__file__), "web")
+TIMING_ITERS = 10
+
+
+class OrtWeb(Runtime):
+    name = "ort-web"
+    install = f"npm ci --prefix {os.path.relpath(WEB_DIR)}  (run by make venv; needs node >= 18)"
+    what = "onnxruntime-web, wasm backend (ORT's kernels in WebAssembly), node, one thread"
+    tolerance = Tolerance(
+        1.0, 0.99, "ORT's portable kernels: QLinearConv requantizes as on x86; QLinearAdd and the "
+        "u8 x s8 GEMM take the scalar path (no 16-bit pair sums), so a tie can round one LSB apart")
+
+    def missing(self) -> str | None:
+        if shutil.which("node") is None:
+            return "node not found (install Node.js >= 18)"
+        if not os.path.isdir(os.path.join(WEB_DIR, "node_modules", "onnxruntime-web")):
+            return "npm package onnxruntime-web not installed"
+        return None
+
+    def load(self, files: ModelFiles, int8: bool = True) -> Session:
+        path = files.onnx if int8 else files.float_onnx
+        dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
+        fixed = dims[0].dim_value or None
+        info: dict = {}
+
+        def run(x: np.ndarray) -> np.ndarray:
+            batch = fixed or len(x)
+            with tempfile.TemporaryDirectory(dir=files.work_dir) as tmp:
+                xin, yout = os.path.join(tmp, "x.bin"), os.path.join(tmp, "y.bin")
+                x.astype(np.float32).tofile(xin)
+                proc = subprocess.run(["node", os.path.join(WEB_DIR, "run.cjs"), os.path.abspath(path), xin,
+                                       ",".join(map(str, x.shape)), str(batch), yout, str(TIMING_ITERS)],
+                                      capture_output=True, text=True)
+                if proc.returncode:
+                    raise ValidationError(f"onnxruntime-web failed: {(proc.stderr or proc.stdout).strip()[:300]}")
+                info.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+                return np.fromfile(yout, dtype=np.float32).reshape(len(x), -1)
+
+        return Session(run, {"wasm": "all nodes"}, info)

@@ -1,0 +1,66 @@
+"""Qualcomm's Hexagon NPU through ONNX Runtime's QNN execution provider (the onnxruntime-qnn plugin),
+its HTP backend running as a simulator on x86. CPU fallback is disabled: a node QNN does not take
+fails the load instead of running quietly on the CPU."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from ...errors import ValidationError
+from .base import ModelFiles, Runtime, Session, Tolerance, first_line, missing_modules
+from .ort_cpu import ort_session, session_runner
+
+
+def fixed_batch_copy(path: str, work_dir: str, batch: int = 1) -> str:
+    """QNN compiles static shapes: a copy of the model with its dynamic batch set to ``batch``
+    (ORT's own tool, onnx_model_utils), or the file itself when its shapes are fixed already."""
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
+
+    model = onnx.load(path)
+    params = {d.dim_param for v in model.graph.input for d in v.type.tensor_type.shape.dim if d.dim_param}
+    if not params:
+        return path
+    for p in params:
+        make_dim_param_fixed(model.graph, p, batch)
+    fix_output_shapes(model)
+    out = os.path.join(work_dir, f"fixed-b{batch}-" + os.path.basename(path))
+    onnx.save(model, out)
+    return out
+
+
+class QnnHtp(Runtime):
+    name = "qnn-htp"
+    install = "pip install onnxruntime-qnn  (or: pip install -e '.[runtimes]')"
+    what = "Qualcomm Hexagon NPU (HTP) via the ORT QNN provider, x86 simulator, CPU fallback disabled"
+    simulated = True
+    tolerance = Tolerance(
+        64.0, 0.85, "HTP requantizes with its own fixed-point multipliers and rounding and keeps sums in its own "
+        "accumulator width, not ORT's float32 scale ratio: logits move by tens of LSB on deep nets "
+        "(docs/runtimes.md)")
+
+    def missing(self) -> str | None:
+        return missing_modules("onnxruntime_qnn")
+
+    def load(self, files: ModelFiles, int8: bool = True) -> Session:
+        import onnxruntime_qnn as oq  # optional extra: imported only when this runtime is asked for
+
+        if oq.get_ep_name() not in {d.ep_name for d in ort.get_ep_devices()}:
+            ort.register_execution_provider_library(oq.get_ep_name(), oq.get_library_path())
+        devices = [d for d in ort.get_ep_devices() if d.ep_name == oq.get_ep_name()]
+        so = ort.SessionOptions()
+        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        so.add_provider_for_devices(devices, {"backend_path": oq.get_qnn_htp_path()})
+        path = fixed_batch_copy(files.onnx if int8 else files.float_onnx, files.work_dir)
+        try:
+            sess = ort_session(path, options=so, providers=None)
+        except ValidationError as e:
+            raise ValidationError(f"QNN HTP rejects the model (CPU fallback disabled): {e}") from None
+        batch = sess.get_inputs()[0].shape[0]
+        run = session_runner(sess)
+        return Session(lambda x: np.concatenate([run(x[i:i + batch]) for i in range(0, len(x), batch)]),
+                       {"QNNExecutionProvider (HTP)": "all nodes (CPU fallback disabled)"},
+                       {"precision": "uint8 activations, int8 weights on HTP", "providers": sess.get_providers(), "batch_compiled": batch,
+                        "onnxruntime_qnn": getattr(oq, "__version__", "?")})

@@ -1,0 +1,153 @@
+"""Each runtime of qat_sadam/export/runtimes on a small exported net, against the integer reference.
+
+A runtime whose package is absent is skipped here with the reason (and reported "not run" by the
+validator, never passed); `make venv` installs them all."""
+import collections
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from qat_sadam import calibrate, prepare_qat
+from qat_sadam.export import RUNTIMES, ModelFiles, export_float_onnx, export_onnx, float_model, ort_session
+from qat_sadam.export.runtimes import check_names, measure
+from qat_sadam.export.runtimes.executorch_xnnpack import pt2e_form
+from qat_sadam.export.target import Target
+from qat_sadam.export.validate import fusion, output_scale, validate
+from qat_sadam.errors import ValidationError
+from qat_sadam.models import build_model
+
+CPU = Target(name="test", weight_bits_max=7, checks=["fusion", "parity"], runtimes=[])
+
+
+def _exported(tmp_path, bits, name="small_cnn"):
+    torch.manual_seed(0)
+    model = prepare_qat(build_model(name, 10), {"bits": bits})
+    x = torch.randn(32, 3, 32, 32)
+    calibrate(model, [x])
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+    model.eval()
+    done = export_onnx(model, x[:1], str(tmp_path / "m.onnx"), CPU)
+    float_path = export_float_onnx(model, x[:1], str(tmp_path / "f.onnx"), CPU)
+    files = ModelFiles(done["path"], float_path, done["frozen"], float_model(model), x[:1].numpy(), str(tmp_path))
+    with torch.no_grad():
+        ref = done["integer"](x).numpy()
+    return files, x.numpy(), ref, output_scale(onnx.load(done["path"]))
+
+
+def _require(name):
+    reason = RUNTIMES[name].missing()
+    if reason:
+        pytest.skip(f"{name} not installed here ({reason}); install: {RUNTIMES[name].install}")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("name", list(RUNTIMES))
+def test_runtime_matches_the_integer_reference_within_its_tolerance(tmp_path, name, bits):
+    _require(name)
+    files, x, ref, scale = _exported(tmp_path, bits)
+    row = measure(name, files, x, ref, scale)
+    assert row["status"] == "ran", row.get("reason")
+    tol = RUNTIMES[name].tolerance
+    assert row["parity"]["max_lsb"] <= tol.max_lsb and row["parity"]["top1_agreement"] >= tol.top1_agreement
+    assert row["within_tolerance"] and row["placement"]
+    if name in ("ort-cpu", "ort-web", "executorch-xnnpack", "openvino"):  # exact on this small net (docs/runtimes.md)
+        assert row["parity"]["max_lsb"] == 0.0
+    if not RUNTIMES[name].simulated:
+        assert row["latency_batch1"]["int8_ms"] > 0 and row["latency_batch1"]["float_ms"] > 0
+
+
+def test_executorch_keeps_sub_8_bit_ranges(tmp_path):
+    """The rewrite shifts uint8 to int8 and clamps 4-bit ranges; without the clamp XNNPACK would
+    let a 4-bit conv output run over its 16 levels."""
+    files, x, ref, scale = _exported(tmp_path, 4)
+    gm = pt2e_form(files.frozen)
+    qd = torch.ops.quantized_decomposed
+    quants = [n for n in gm.graph.nodes if n.target == qd.quantize_per_tensor.default]
+    ranges = collections.Counter((n.args[3], n.args[4]) for n in quants)
+    assert (-128, -113) in ranges and all(n.args[5] == torch.int8 for n in quants)
+    assert any(n.target == torch.ops.aten.clamp.default for n in gm.graph.nodes)
+    with torch.no_grad():  # the rewrite computes what the frozen graph computes
+        np.testing.assert_allclose(gm(torch.from_numpy(x)).numpy(), files.frozen(torch.from_numpy(x)).numpy(), atol=1e-5)
+
+
+def _uint8_clip_form(path, out):
+    """The old sub-8-bit form Q -> Clip(uint8) -> DQ, rewritten from Q -> DQ -> Clip(float) -> Q -> DQ."""
+    m = onnx.load(path)
+    nodes = list(m.graph.node)
+    by_out = {o: n for n in nodes for o in n.output}
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in nodes if n.op_type == "Constant"}
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    value = {**consts, **inits}
+    for n in nodes:  # the exporter aliases shared constants through Identity nodes
+        if n.op_type == "Identity" and n.input[0] in value:
+            value[n.output[0]] = value[n.input[0]]
+    drop, new = set(), []
+    for clip in (n for n in nodes if n.op_type == "Clip"):
+        dq1 = by_out[clip.input[0]]
+        q1 = by_out[dq1.input[0]]
+        q2 = next(n for n in nodes if clip.output[0] in n.input)
+        scale, zp = value[q1.input[1]], value[q1.input[2]]
+        lo, hi = (int(np.round(value[i] / scale) + zp) for i in clip.input[1:])
+        names = [f"{clip.name}_lo_u8", f"{clip.name}_hi_u8"]
+        m.graph.initializer.extend([numpy_helper.from_array(np.array(v, np.uint8), n) for v, n in zip((lo, hi), names)])
+        new.append((q1, helper.make_node("Clip", [q1.output[0], *names], [q2.output[0]], name=clip.name + "_u8")))
+        drop |= {id(dq1), id(clip), id(q2)}
+    kept = [n for n in nodes if id(n) not in drop]
+    for q1, c in new:
+        kept.insert(kept.index(q1) + 1, c)
+    del m.graph.node[:]
+    m.graph.node.extend(kept)
+    onnx.save(m, out)
+    return len(new)
+
+
+def test_float_clip_form_keeps_ort_cpu_fused_and_exact(tmp_path):
+    files, x, ref, scale = _exported(tmp_path, 4)
+    assert _uint8_clip_form(files.onnx, str(tmp_path / "old.onnx")) > 0
+    new, old = ort_session(files.onnx), ort_session(str(tmp_path / "old.onnx"))
+    np.testing.assert_array_equal(new.run(None, {"input": x})[0], old.run(None, {"input": x})[0])
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    fa, fb = fusion(files.onnx, str(tmp_path / "a")), fusion(str(tmp_path / "old.onnx"), str(tmp_path / "b"))
+    assert fa["ok"] and fa["integer_kernels"] == fb["integer_kernels"] == 3
+    assert fa["float_ops"] == {}  # the float Clip is folded into the integer graph, no float math left
+
+
+def test_a_node_qnn_rejects_fails_the_validation(tmp_path):
+    """The uint8 Clip between Q and DQ (the old sub-8-bit form) is a tensor without a quantization
+    encoding to QNN: with CPU fallback disabled the model does not load, and validation fails."""
+    _require("qnn-htp")
+    files, x, ref, scale = _exported(tmp_path, 4)
+    _uint8_clip_form(files.onnx, str(tmp_path / "old.onnx"))
+    tgt = Target(name="t", weight_bits_max=7, checks=["parity"], runtimes=["qnn-htp"])
+    rep = validate(str(tmp_path / "old.onnx"), target=tgt, inputs=[x], integer_outputs=ref, out_dir=str(tmp_path))
+    assert rep["runtimes"]["qnn-htp"]["status"] == "failed" and not rep["passed"]
+    assert any(f.startswith("qnn-htp: QNN HTP rejects the model") for f in rep["failures"])
+    rep = validate(files.onnx, target=tgt, inputs=[x], integer_outputs=ref, out_dir=str(tmp_path))
+    assert rep["runtimes"]["qnn-htp"]["status"] == "ran" and rep["passed"], rep["failures"]
+
+
+def test_runtime_out_of_tolerance_fails_and_absent_runtime_is_not_run(tmp_path, monkeypatch):
+    files, x, ref, scale = _exported(tmp_path, 4)
+    monkeypatch.setattr(RUNTIMES["openvino"], "missing", lambda: "Python package openvino not installed")
+    tgt = Target(name="t", weight_bits_max=7, checks=["parity"], runtimes=["ort-cpu", "openvino"])
+    shifted = ref + 3 * scale * (np.arange(ref.shape[1]) == 0)  # a reference 3 LSB off in one class
+    rep = validate(files.onnx, target=tgt, inputs=[x], integer_outputs=shifted, out_dir=str(tmp_path))
+    ov, cpu = rep["runtimes"]["openvino"], rep["runtimes"]["ort-cpu"]
+    assert ov["status"] == "not run" and "pip install" in ov["install"] and "openvino" not in " ".join(rep["failures"])
+    assert cpu["status"] == "ran" and cpu["parity"]["max_lsb"] == pytest.approx(3.0, abs=1e-3)
+    assert not cpu["within_tolerance"] and not rep["passed"] and rep["failures"][0].startswith("ort-cpu: 3.0 LSB max")
+    assert "not run" in (tmp_path / "validation.md").read_text()
+
+
+def test_unknown_runtime_is_a_user_error():
+    assert check_names(["all"]) == list(RUNTIMES)
+    with pytest.raises(ValidationError, match="unknown runtime 'tflite'; choose from ort-cpu"):
+        check_names(["ort-cpu", "tflite"])
+    with pytest.raises(ValidationError, match="unknown runtime"):
+        Target(name="t", runtimes=["coreml"])
