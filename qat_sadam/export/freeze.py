@@ -167,3 +167,56 @@ def _requantize_after_pass_ops(gm, g: QuantGraph, qdq_of: dict) -> None:
             q = gm.graph.call_module(name, (node,))
         node.replace_all_uses_with(q, delete_user_cb=lambda u, q=q: u is not q)
         g.modules[name], qdq_of[q] = qdq, qdq  # a pass-op chain (max-pool, then flatten) requantizes each step
+
+
+FOLD_TOLERANCE_LSB = 1.0  # int32 bias rounding and float summation order: well under one output LSB
+
+
+def _output_lsb(gm: fx.GraphModule, node: fx.Node) -> float | None:
+    """The scale of the first QuantDequant downstream of ``node`` (the LSB its output lands in)."""
+    seen, frontier = set(), list(node.users)
+    while frontier:
+        n = frontier.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        m = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(m, QuantDequant):
+            return float(m.scale)
+        frontier += list(n.users)
+    return None
+
+
+@torch.no_grad()
+def fold_check(qat_model: fx.GraphModule, x: torch.Tensor) -> dict:
+    """Each frozen conv/linear (BatchNorm folded, int32 bias) against the QAT model's conv + BatchNorm
+    in eval mode on the same input, in LSB of the quantizer its output goes to: a wrong fold (a lost
+    shift, a sign, a mean) moves a layer by many LSB while the integer reference and ORT still agree
+    with each other. Weights are not narrowed here (weight_bits_max), so the difference is the fold's."""
+    model = qat_model.eval()
+    frozen, _ = freeze(model)
+    g = QuantGraph(model)
+    captured, hooks = {}, []
+    for node in model.graph.nodes:
+        if node.op != "call_module" or not isinstance(g.modules[node.target], (QuantConv2d, QuantLinear)):
+            continue
+        (user,) = node.users if len(node.users) == 1 else (None,)
+        bn = user.target if user is not None and user.op == "call_module" and isinstance(g.modules.get(user.target), nn.BatchNorm2d) else None
+        hooks.append(g.modules[node.target].register_forward_hook(
+            lambda m, i, o, k=node.target: captured.setdefault(k, {}).update(input=i[0])))
+        hooks.append(g.modules[bn or node.target].register_forward_hook(
+            lambda m, i, o, k=node.target: captured.setdefault(k, {}).update(output=o.clone())))  # before in-place ReLUs
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    nodes = {n.target: n for n in frozen.graph.nodes if n.op == "call_module"}
+    layers = {}
+    for name, c in captured.items():
+        lsb = _output_lsb(frozen, nodes[name])
+        diff = (frozen.get_submodule(name)(c["input"]) - c["output"]).abs().max().item()
+        layers[name] = diff / lsb if lsb else None
+    worst = max((v for v in layers.values() if v is not None), default=0.0)
+    bad = sorted(k for k, v in layers.items() if v is not None and v > FOLD_TOLERANCE_LSB)
+    return {"ok": not bad, "max_lsb": worst, "tolerance_lsb": FOLD_TOLERANCE_LSB, "layers": layers, "failing": bad}

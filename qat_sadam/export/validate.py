@@ -159,7 +159,7 @@ def validate(path: str, *, target: "str | Target | None" = None, inputs: list[np
              frozen_outputs: np.ndarray | None = None, integer_outputs: np.ndarray | None = None,
              float_path: str | None = None, out_dir: str | None = None, ladder: dict | None = None,
              rung: str = "qat_acc", runtimes: list[str] | None = None, frozen=None, float_torch=None,
-             runtime_samples: int = 256) -> dict:
+             runtime_samples: int = 256, fold: dict | None = None) -> dict:
     """Validate an INT8 ONNX model on real input batches ``inputs`` with classes ``labels``.
 
     ``ladder``: the accuracies of the rungs below this model (``float_acc``, and ``ptq_acc`` for a
@@ -173,7 +173,9 @@ def validate(path: str, *, target: "str | Target | None" = None, inputs: list[np
     cascade through deep networks, docs/export.md).
     ``runtimes``: the runtimes to run the model on (default: the target's), each measured against
     the integer reference (ORT CPU's logits when there is none) on the first ``runtime_samples``
-    inputs; ``frozen``/``float_torch``: the torch graphs, for runtimes that lower torch programs."""
+    inputs; ``frozen``/``float_torch``: the torch graphs, for runtimes that lower torch programs.
+    The file is checked against the trained model too: ``fold`` (``freeze.fold_check``) must pass,
+    and the deployed accuracy must be within ACCURACY_GAP_MAX of the QAT graph's on the same data."""
     target = load_target(target)
     model = check_model_file(path)
     out_dir = out_dir or os.path.dirname(os.path.abspath(path))
@@ -225,6 +227,8 @@ def validate(path: str, *, target: "str | Target | None" = None, inputs: list[np
             rep["runtimes_reference"] = "torch integer reference" if integer_outputs is not None else "ORT CPU"
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if fold is not None:
+        rep["fold_check"] = fold
     if ladder is not None and "accuracy" in rep:
         rep["ladder"] = accuracy_ladder({**ladder, rung: rep["accuracy"]["ort_int8"]}, rep["accuracy"]["samples"])
     rep["passed"], rep["failures"] = _verdict(rep)
@@ -253,8 +257,21 @@ def format_ladder(ladder: dict) -> list[str]:
     return cells + ["-" if ladder.get("recovery") is None else f"{ladder['recovery']:.3f}"]
 
 
+# The deployed model (ORT INT8) may differ from the trained QAT graph by rounding at ties, which
+# flips near-tie predictions; a wrong export (a lost BatchNorm shift, a wrong scale) costs more.
+ACCURACY_GAP_MAX = 0.02
+
+
 def _verdict(rep: dict) -> tuple[bool, list[str]]:
     fails = []
+    acc = rep.get("accuracy", {})
+    if "torch_qat_graph" in acc and abs(acc["torch_qat_graph"] - acc["ort_int8"]) > ACCURACY_GAP_MAX:
+        fails.append(f"deployed accuracy {100 * acc['ort_int8']:.2f}% is more than {100 * ACCURACY_GAP_MAX:g} points from "
+                     f"the trained QAT graph's {100 * acc['torch_qat_graph']:.2f}% on the same {acc['samples']} samples")
+    fc = rep.get("fold_check")
+    if fc and not fc["ok"]:
+        fails.append(f"BatchNorm fold check: layers {', '.join(fc['failing'][:5])} differ from the QAT conv+BN by up to "
+                     f"{fc['max_lsb']:.1f} output LSB (tolerance {fc['tolerance_lsb']:g})")
     if "fusion" in rep and not rep["fusion"]["ok"]:
         fails.append(f"not every conv/linear became an integer kernel: float ops left {rep['fusion']['float_compute_left']}")
     tq = rep.get("parity", {}).get("torch_integer_vs_ort")
@@ -298,6 +315,11 @@ def to_markdown(rep: dict) -> str:
               "torch integer = the frozen graph computed as ORT's integer kernels compute it (int32 accumulation, one "
               "requantization); torch frozen = BatchNorm folded, int32 bias, float QDQ semantics; torch qat graph = the "
               "trained graph (BatchNorm unfolded, float bias).", ""]
+    if "fold_check" in rep:
+        fc = rep["fold_check"]
+        L += ["## Fold check (frozen layer vs QAT conv + BatchNorm, eval mode)", "",
+              f"{len(fc['layers'])} layers; worst {fc['max_lsb']:.3f} output LSB (tolerance {fc['tolerance_lsb']:g}); "
+              f"failing: {', '.join(fc['failing']) or 'none'}", ""]
     if "ladder" in rep:
         L += ["## Accuracy ladder", "", "| float | PTQ INT8 (ORT) | QAT INT8 (ORT) | recovery |", "|---|---|---|---|",
               "| " + " | ".join(format_ladder(rep["ladder"])) + " |", "",
@@ -361,6 +383,8 @@ def format_report(rep: dict, out_dir: str) -> str:
         a = rep["accuracy"]
         L.append(f"  accuracy on {a['samples']}: ORT INT8 {100 * a['ort_int8']:.2f}%"
                  + "".join(f", {k.replace('_', ' ')} {100 * a[k]:.2f}%" for k in ACCURACY_KEYS if k in a))
+    if "fold_check" in rep:
+        L.append(f"  fold check: worst layer {rep['fold_check']['max_lsb']:.3f} output LSB over {len(rep['fold_check']['layers'])} layers")
     if "ladder" in rep:
         L.append("  ladder: float {}, PTQ INT8 {}, QAT INT8 {}, recovery {}".format(*format_ladder(rep["ladder"])))
     if "size" in rep and "int8_over_float" in rep["size"]:

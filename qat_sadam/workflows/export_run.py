@@ -6,7 +6,7 @@ import os
 import numpy as np
 import torch
 
-from ..export import check_model_file, export_float_onnx, export_onnx, float_model, format_report, load_target, validate
+from ..export import check_model_file, fold_check, export_float_onnx, export_onnx, float_model, format_report, load_target, validate
 from ..train.checkpoint import find_checkpoint, load_checkpoint
 from ..train.data import Loader, load_data
 from ..train.model import build_qat_model, load_run_state
@@ -62,7 +62,7 @@ def export_run(run: str, target: str | None, out_dir: str, samples: int | None =
     rep = validate(path, target=tgt, inputs=[x.numpy() for x, _ in batches], labels=np.concatenate([y.numpy() for _, y in batches]),
                    torch_outputs=qat_out, frozen_outputs=frozen_out, integer_outputs=integer_out, float_path=float_path,
                    out_dir=out_dir, ladder=ladder, rung=rung, runtimes=runtimes, frozen=done["frozen"],
-                   float_torch=float_model(model))
+                   float_torch=float_model(model), fold=fold_check(model, batches[0][0]))
     rep["requantized_to_max_bits"] = done["requantized_to_max_bits"]
     print(format_report(rep, out_dir))
     return rep

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 
+import numpy as np
 import onnxruntime as ort
 
 from ...errors import ValidationError
@@ -24,11 +25,16 @@ def ort_session(path: str, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, opti
 
 
 def session_runner(sess):
-    name = sess.get_inputs()[0].name
+    """A function running a batch of any size through ``sess``, in chunks of its batch when the
+    model's batch dimension is fixed (mobile profiles, QNN)."""
+    name, batch = sess.get_inputs()[0].name, sess.get_inputs()[0].shape[0]
+    step = batch if isinstance(batch, int) else None
 
     def run(x):
         try:
-            return sess.run(None, {name: x})[0]
+            if step is None:
+                return sess.run(None, {name: x})[0]
+            return np.concatenate([sess.run(None, {name: x[i:i + step]})[0] for i in range(0, len(x), step)])
         except Exception as e:  # ORT's own exception types: a kernel refused the graph at run time
             raise ValidationError(f"ONNX Runtime failed to run the model: {first_line(e)}") from None
     return run

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -58,9 +57,6 @@ class QnnHtp(Runtime):
             sess = ort_session(path, options=so, providers=None)
         except ValidationError as e:
             raise ValidationError(f"QNN HTP rejects the model (CPU fallback disabled): {e}") from None
-        batch = sess.get_inputs()[0].shape[0]
-        run = session_runner(sess)
-        return Session(lambda x: np.concatenate([run(x[i:i + batch]) for i in range(0, len(x), batch)]),
-                       {"QNNExecutionProvider (HTP)": "all nodes (CPU fallback disabled)"},
-                       {"precision": "uint8 activations, int8 weights on HTP", "providers": sess.get_providers(), "batch_compiled": batch,
+        return Session(session_runner(sess), {"QNNExecutionProvider (HTP)": "all nodes (CPU fallback disabled)"},
+                       {"precision": "uint8 activations, int8 weights on HTP", "providers": sess.get_providers(), "batch_compiled": sess.get_inputs()[0].shape[0],
                         "onnxruntime_qnn": getattr(oq, "__version__", "?")})
