@@ -108,6 +108,18 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path, monkeypatch
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
+def test_non_finite_gradient_with_a_finite_loss_stops_too(tmp_path):
+    r = load_recipe(None, TINY + ["checkpoint.every_steps=2"], optimizer="sadam")
+    t = Trainer(r, str(tmp_path), progress=False)
+    calls = iter(range(10**6))
+    p = next(t.model.parameters())
+    # the 5th backward pass through this parameter (S-Adam probes do not backpropagate) gets an inf
+    p.register_hook(lambda g: g * float("inf") if next(calls) == 4 else g)
+    with pytest.raises(TrainingStopped, match=r"non-finite gradient at step 4 \(epoch 0\)"):
+        t.train()
+    assert load_checkpoint(str(tmp_path / "checkpoints" / "last.pt"))["global_step"] == 4
+
+
 def test_nan_loss_skip_policy_skips_the_step(tmp_path, monkeypatch):
     tiny = [t for t in TINY if not t.startswith("optimizer.probe_every")]  # an S-Adam key: adamw refuses it
     r = load_recipe(None, tiny + ["nan_policy=skip", "epochs=1"], optimizer="adamw")

@@ -309,3 +309,50 @@ def test_prox_sgd_matches_hand_computation():
         expected = expected.sign() * (expected.abs() - 1e-4).clamp_min(0)
     torch.testing.assert_close(p.detach(), expected)
     assert p[2].item() == 0.0
+
+
+def _two_groups(**kw):
+    a, b = nn.Parameter(torch.ones(4)), nn.Parameter(-torch.ones(4))  # same shape: equal-looking groups
+    opt = SAdam([{"params": [a]}, {"params": [b]}], lr=0.01, lgi="residual", probe_every=1, k=2, **kw)
+
+    def closure():
+        opt.zero_grad()
+        loss = (a.abs() + (b - 0.3).round().pow(2)).sum()
+        if torch.is_grad_enabled():
+            loss.backward()
+        return loss
+    return opt, closure
+
+
+def test_rho_is_an_ema_of_probes_and_a_non_finite_probe_keeps_the_last_value(monkeypatch):
+    opt, closure = _two_groups(rho_ema=0.9)
+    raw = iter([1.0, 0.5, 0.0, 0.5, float("nan"), float("nan"), 0.0, 0.5])  # group 0, group 1, per step
+    monkeypatch.setattr(SAdam, "_residual_rho", lambda self, *a: next(raw))
+    seen = []
+    for _ in range(4):
+        opt.step(closure)
+        seen += list(opt.rho)
+    # first probe taken as is, then rho = 0.9 rho + 0.1 raw; the NaN probe (step 3) changes nothing
+    assert seen == pytest.approx([1.0, 0.5, 0.9, 0.5, 0.9, 0.5, 0.81, 0.5])
+    assert opt.param_groups[0]["probes"] == 3  # the NaN probe is not counted
+    assert all(math.isfinite(v) for v in opt.param_groups[0]["params"][0].detach())
+
+
+def test_probe_directions_are_drawn_anew_each_step_and_group(monkeypatch):
+    import qat_sadam.optim.sadam as sadam_module
+
+    seeds = []
+    real = sadam_module._mix
+    monkeypatch.setattr(sadam_module, "_mix", lambda *a: seeds.append(real(*a)) or seeds[-1])
+    opt, closure = _two_groups()
+    for _ in range(3):
+        opt.step(closure)
+    assert len(seeds) == 6 and len(set(seeds)) == 6  # 3 steps x 2 groups, no direction reused
+
+
+def test_two_groups_with_equal_looking_parameters_both_probe():
+    opt, closure = _two_groups()
+    for _ in range(2):
+        opt.step(closure)
+    assert [g["probes"] for g in opt.param_groups] == [2, 2]
+    assert opt.rho[0] != opt.rho[1]  # |a| and round(b - 0.3)^2: each group its own estimate
