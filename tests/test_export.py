@@ -224,7 +224,6 @@ def test_mobile_target_converts_to_ort_format_with_parity(tmp_path):
     assert m["ort_conversion_ok"] and "m.ort" in m["ort_files"] and m["required_operators_configs"]
     assert m["parity_ort_format_vs_onnx"]["max_lsb"] == 0.0
     assert any("NNAPI" in line for line in m["usability_summary"])
-    assert rep["providers_run"] == ["CPUExecutionProvider"]
 
 
 def test_output_scale_is_the_logits_lsb(tmp_path):

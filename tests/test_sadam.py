@@ -293,7 +293,8 @@ def test_param_groups_radius_follows_quantization_step():
     opt = SAdam(groups, probe_buffers=qat.buffers())
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     opt.step(_closure(qat, opt, x, y))
-    assert 0 <= opt.rho[0] <= 2 and opt.rho[1:] == [0.0, 0.0]
+    assert opt.rho[0] > 0 and opt.rho[1:] == [0.0, 0.0]  # only the weights probe (lam 0 elsewhere)
+    assert opt.param_groups[0]["damping"] == pytest.approx(math.exp(-opt.param_groups[0]["lam"] * opt.rho[0]))
 
 
 def test_prox_sgd_matches_hand_computation():
