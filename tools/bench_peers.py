@@ -1,0 +1,300 @@
+"""The peers side by side (docs/peers.md): ORT quantize_static PTQ, torchao PT2E PTQ and QAT
+(X86InductorQuantizer, deployed with torch.compile), and qat-sadam's PTQ and QAT, from the same
+float checkpoint, on the same data, with the same fine-tune steps and optimizer (AdamW at the
+fine-tune recipe's lr; no lr tuning for anyone), W8A8.
+
+    QAT_SADAM_DATA=../shared/data .venv/bin/python tools/bench_peers.py \
+        --recipe recipes/resnet18_finetune.yaml --ours runs/finetune/resnet18 --out docs/peers/resnet18
+
+``--ours`` holds the fine-tune study's runs (tools/finetune_study.sh): ptq-w8-s0 and qat-w8-s0
+(AdamW); qat-w8-sadam-s0 (S-Adam defaults) is trained here if absent. Their INT8 accuracy is ORT's,
+read from their validation reports. Step costs are measured in this process, interleaved round by
+round (float step, our QAT step, our S-Adam step, PT2E QAT step); latencies likewise, each INT8
+model against the float model on the same runtime. OUT gets rows.json and table.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from torchao.quantization.pt2e import move_exported_model_to_eval
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
+from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+    X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+from tqdm import tqdm
+
+from qat_sadam.export import ort_session
+from qat_sadam.train.optimizers import build_optimizer
+from qat_sadam.quant import calibrate
+from qat_sadam.train.data import Loader, load_data
+from qat_sadam.train.model import build_float_model, quantize_model
+from qat_sadam.train.recipe import load_recipe
+
+
+def _loaders(recipe: dict):
+    data = load_data(recipe["data"])
+    info = {"num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": data.image_size,
+            "mean": list(data.mean), "std": list(data.std)}
+    aug = recipe["data"]["augment"]
+    bs = recipe["data"]["batch_size"]
+    train = Loader(data.train, bs, data.mean, data.std, shuffle=True, seed=recipe["seed"],
+                   crop_padding=aug["crop_padding"], flip=aug["flip"])
+    calib = Loader(data.train, bs, data.mean, data.std, shuffle=True, seed=recipe["seed"])
+    test = Loader(data.test, 256, data.mean, data.std, shuffle=False)
+    return info, train, calib, test
+
+
+def _accuracy(fn, test) -> float:
+    hits = n = 0
+    with torch.no_grad():
+        for x, y in test.batches():
+            hits += int((fn(x).argmax(1) == y).sum())
+            n += len(y)
+    return hits / n
+
+
+def _median_ms(fns: dict, x, rounds=5, iters=5) -> dict:
+    """Median ms per call of each function, interleaved round by round."""
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        f(x)
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                f(x)
+            times[k].append(1000 * (time.perf_counter() - t0) / iters)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _ort(path):
+    s = ort_session(path)
+    return lambda x: torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
+
+
+# -- ORT quantize_static ---------------------------------------------------------------------------
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, batches):
+        self.it = iter([{"input": x.numpy()} for x in batches])
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def ort_ptq(float_model, calib_batches, example, work) -> dict:
+    fpath, qpath = os.path.join(work, "float.onnx"), os.path.join(work, "ort_static.onnx")
+    torch.onnx.export(float_model.eval(), (example,), fpath, dynamo=False, input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "b"}, "logits": {0: "b"}}, opset_version=17)
+    quantize_static(fpath, qpath, _Reader(calib_batches), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return {"float_path": fpath, "path": qpath}
+
+
+# -- torchao PT2E ----------------------------------------------------------------------------------
+
+def _quantizer(is_qat: bool):
+    return X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=is_qat))
+
+
+def _export(model, example):
+    """torch.export with a dynamic batch dimension (PT2E's graphs are otherwise fixed to the example)."""
+    return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+
+
+def pt2e_ptq(float_model, calib_batches, example):
+    m = _export(copy.deepcopy(float_model).eval(), example).module()
+    m = prepare_pt2e(m, _quantizer(False))
+    with torch.no_grad():
+        for x in calib_batches:
+            m(x)
+    return convert_pt2e(m)
+
+
+def pt2e_qat_model(float_model, example):
+    m = _export(copy.deepcopy(float_model).train(), example).module()
+    return prepare_qat_pt2e(m, _quantizer(True))
+
+
+def _compiled(model):
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # the X86 int8 path: weights folded and prepacked as constants
+    return torch.compile(model, dynamic=False)  # one graph per batch size: the int8 conv lowering fails with symbolic batch
+
+
+# -- training steps --------------------------------------------------------------------------------
+
+def _stepper(model, recipe, optimizer_name=None):
+    opt_cfg = dict(recipe["optimizer"]) if optimizer_name is None else {**recipe["optimizer"], "name": optimizer_name}
+    if optimizer_name == "sadam":
+        opt_cfg = {k: v for k, v in opt_cfg.items() if k in ("name", "lr", "weight_decay")}
+    opt = build_optimizer(opt_cfg, model, seed=recipe["seed"], probe_buffers=list(model.buffers()))
+
+    def step(batch):
+        x, y = batch
+
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            if torch.is_grad_enabled():
+                loss.backward()
+            return loss
+        return opt.step(closure)
+    return step, opt
+
+
+def train_pt2e(model, recipe, train, steps: int) -> None:
+    step, opt = _stepper(model, recipe, "adamw")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    done = 0
+    with tqdm(total=steps, desc="PT2E QAT fine-tune") as bar:
+        for epoch in range(10**6):
+            for batch in train.batches(epoch):
+                step(batch)
+                sched.step()
+                done += 1
+                bar.update()
+                if done == steps:
+                    return
+
+
+def step_costs(recipe, float_model, train, rounds: int) -> dict:
+    """Median s per training step, interleaved: float, our QAT (AdamW), our QAT (S-Adam), PT2E QAT."""
+    batch = next(iter(train.batches(0)))
+    ours = quantize_model(recipe, copy.deepcopy(float_model))
+    calibrate(ours, [batch[0]])
+    ours_sadam = copy.deepcopy(ours)
+    pt2e = pt2e_qat_model(float_model, batch[0][:2])
+    fm = copy.deepcopy(float_model).train()
+    steppers = {"float": _stepper(fm, recipe, "adamw")[0], "ours_adamw": _stepper(ours.train(), recipe, "adamw")[0],
+                "ours_sadam": _stepper(ours_sadam.train(), recipe, "sadam")[0], "pt2e_qat": _stepper(pt2e, recipe, "adamw")[0]}
+    # S-Adam probes one step in 8: a block of 8 steps per round covers its cycle
+    times = {k: [] for k in steppers}
+    for _ in range(rounds):
+        for k, s in steppers.items():
+            t0 = time.perf_counter()
+            for _ in range(8):
+                s(batch)
+            times[k].append((time.perf_counter() - t0) / 8)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {k: {"s_per_step": v, "over_float": v / med["float"]} for k, v in med.items()}
+
+
+# -- ours ------------------------------------------------------------------------------------------
+
+def _ours_row(run: str) -> dict:
+    rep = json.load(open(os.path.join(run, "export", "validation.json")))
+    p = rep["parity"]["torch_integer_vs_ort"]
+    return {"int8_acc": rep["accuracy"]["ort_int8"], "onnx": os.path.join(run, "export", "model.onnx"),
+            "float_onnx": os.path.join(run, "export", "float.onnx"),
+            "checked": f"yes: integer reference vs ORT max {p['max_lsb']:.0f} LSB, top-1 {100 * p['top1_agreement']:.1f}%"}
+
+
+def _ensure_sadam_run(recipe_path: str, ours: str) -> str:
+    run = os.path.join(ours, "qat-w8-sadam-s0")
+    if not os.path.isfile(os.path.join(run, "export", "validation.json")):
+        subprocess.run([sys.executable, "-m", "qat_sadam", "train", recipe_path, "--bits", "8", "--optimizer", "sadam",
+                        "--seed", "0", "--out", run, "--force", "--quiet"], check=True)
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--ours", required=True, help="directory with ptq-w8-s0 and qat-w8-s0 (tools/finetune_study.sh)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--cost-rounds", type=int, default=3)
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    work = os.path.join("runs", "peers", os.path.basename(os.path.normpath(a.out)))
+    os.makedirs(work, exist_ok=True)
+    recipe = load_recipe(a.recipe, bits=8)
+    torch.manual_seed(recipe["seed"])
+    info, train, calib, test = _loaders(recipe)
+    float_model, _ = build_float_model(recipe, info)
+    float_model.eval()
+    calib_batches = [x for x, _ in list(calib.batches(0))[:recipe["calibration_batches"]]]
+    steps = recipe["epochs"] * len(train)
+    example = calib_batches[0][:2]  # batch 2: a batch of 1 would specialise the dynamic dimension
+    x1, x32 = example, calib_batches[0][:32]
+    rows = {"float": {"float_acc": _accuracy(float_model, test)}}
+    print(f"float accuracy {rows['float']['float_acc']:.4f}; fine-tune steps {steps}")
+
+    # ORT quantize_static
+    o = ort_ptq(float_model, calib_batches, example, work)
+    rows["ort_quantize_static_ptq"] = {"int8_acc": _accuracy(_ort(o["path"]), test), "onnx": o["path"],
+                                       "float_onnx": o["float_path"], "checked": "no: ORT is its own reference"}
+    # ours
+    sadam_run = _ensure_sadam_run(a.recipe, a.ours)
+    for key, run in (("qat_sadam_ptq", "ptq-w8-s0"), ("qat_sadam_qat_adamw", "qat-w8-s0"), ("qat_sadam_qat_sadam", sadam_run)):
+        rows[key] = _ours_row(os.path.join(a.ours, run) if key != "qat_sadam_qat_sadam" else run)
+    for key in [k for k in rows if "onnx" in rows[k]]:
+        r = rows[key]
+        lat = {f"batch{b}": _median_ms({"float": _ort(r["float_onnx"]), "int8": _ort(r["onnx"])}, x) for b, x in ((1, x1), (32, x32))}
+        r["latency"] = {b: {**v, "int8_over_float": v["int8"] / v["float"]} for b, v in lat.items()}
+        r["size_over_float"] = os.path.getsize(r["onnx"]) / os.path.getsize(r["float_onnx"])
+        r["runtime"] = "ORT CPU"
+
+    # torchao PT2E: PTQ, then QAT with the same steps
+    fcomp = _compiled(copy.deepcopy(float_model).eval())
+    for key, model in (("torchao_pt2e_ptq", pt2e_ptq(float_model, calib_batches, example)), ("torchao_pt2e_qat", None)):
+        if model is None:
+            qat = pt2e_qat_model(float_model, example)
+            train_pt2e(qat, recipe, train, steps)
+            model = convert_pt2e(move_exported_model_to_eval(qat))
+        with torch.no_grad():
+            comp = _compiled(model)
+            acc = _accuracy(comp, test)
+            eager_acc = _accuracy(model, test)
+            xs = torch.cat([x for x, _ in list(test.batches())[:2]])
+            a_, b_ = comp(xs), model(xs)
+            agree = float((a_.argmax(1) == b_.argmax(1)).float().mean())
+            lat = {f"batch{b}": _median_ms({"float": fcomp, "int8": comp}, x) for b, x in ((1, x1), (32, x32))}
+        rows[key] = {"int8_acc": acc, "eager_reference_acc": eager_acc, "runtime": "torch.compile (inductor, x86 int8)",
+                     "latency": {b: {**v, "int8_over_float": v["int8"] / v["float"]} for b, v in lat.items()},
+                     # the converted model keeps float weights with quantize/dequantize nodes; the int8
+                     # weights exist only inside the compiled, frozen graph: no INT8 file to measure
+                     "size_over_float": None,
+                     "checked": f"no (torchao checks nothing); measured here: compiled vs eager reference top-1 "
+                                f"agreement {100 * agree:.1f}%, max |logit diff| {float((a_ - b_).abs().max()):.3g}"}
+    rows["step_cost"] = step_costs(recipe, float_model, train, a.cost_rounds)
+    json.dump(rows, open(os.path.join(a.out, "rows.json"), "w"), indent=2)
+    write_table(rows, os.path.join(a.out, "table.md"))
+    print(open(os.path.join(a.out, "table.md")).read())
+
+
+NAMES = {"ort_quantize_static_ptq": ("ORT quantize_static (PTQ)", None), "torchao_pt2e_ptq": ("torchao PT2E PTQ", None),
+         "torchao_pt2e_qat": ("torchao PT2E QAT (AdamW)", "pt2e_qat"), "qat_sadam_ptq": ("qat-sadam PTQ", None),
+         "qat_sadam_qat_adamw": ("qat-sadam QAT (AdamW)", "ours_adamw"),
+         "qat_sadam_qat_sadam": ("qat-sadam QAT (S-Adam defaults)", "ours_sadam")}
+
+
+def write_table(rows: dict, path: str) -> None:
+    f = rows["float"]["float_acc"]
+    L = [f"Float accuracy {100 * f:.2f}%.", "",
+         "| method | INT8 acc | vs float | step cost / float step | runtime | latency b1 INT8/float | latency b32 INT8/float "
+         "| size INT8/float | checked against a reference |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, (name, cost_key) in NAMES.items():
+        r = rows[key]
+        cost = f"{rows['step_cost'][cost_key]['over_float']:.2f}x" if cost_key else "- (no training)"
+        L.append(f"| {name} | {100 * r['int8_acc']:.2f}% | {100 * (r['int8_acc'] - f):+.2f} | {cost} | {r['runtime']} | "
+                 f"{r['latency']['batch1']['int8_over_float']:.2f} | {r['latency']['batch32']['int8_over_float']:.2f} | "
+                 f"{'n/a (no INT8 file)' if r['size_over_float'] is None else format(r['size_over_float'], '.3f')} | {r['checked']} |")
+    with open(path, "w") as fh:
+        fh.write("\n".join(L) + "\n")
+
+
+if __name__ == "__main__":
+    main()
