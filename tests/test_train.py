@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qat_sadam.cli import main
+from qat_sadam.errors import RecipeError
 from qat_sadam.train.oscillation import OscillationTracker
 from qat_sadam.train.recipe import load_recipe
 from qat_sadam.train.trainer import Trainer
@@ -166,3 +167,36 @@ def test_help_and_eval(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     best = json.loads((tmp_path / "run" / "summary.json").read_text())["best_acc"]
     assert out["test_acc"] == pytest.approx(best) and out["checkpoint"].endswith("best.pt")
+
+
+def test_a_train_run_writes_curves_and_tensorboard(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sets = [x for t in TINY for x in ("--set", t)]
+    assert main(["train", "recipes/quickstart.yaml", "--bits", "4", "--out", str(tmp_path / "run"), "--quiet", *sets,
+                 "--set", "epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert f"curves: {tmp_path / 'run' / 'curves.png'}" in out and (tmp_path / "run" / "curves.png").stat().st_size > 10_000
+    ev = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    tags = ev.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/rho", "train/damping", "train/osc_freq_mean", "eval/test_acc"} <= set(tags)
+    assert any(t.startswith("scale/activation/") for t in tags) and any(t.startswith("scale/weight/") for t in tags)
+    steps = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"step"' in line]
+    logged = [e.value for e in ev.Scalars("train/loss")]
+    assert logged == pytest.approx([s["loss"] for s in steps if s["type"] == "step"])
+    assert [e.step for e in ev.Scalars("eval/test_acc")] == [1, 2]
+    assert any("recipe" in t for t in ev.Tags()["tensors"])
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    assert json.loads(capsys.readouterr().out)["curves"].endswith("curves.png")
+
+
+def test_tensorboard_required_but_absent_is_a_recipe_error(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    t = Trainer(tiny_recipe("epochs=1", "logging.tensorboard=true"), str(tmp_path / "a"), progress=False)
+    with pytest.raises(RecipeError, match="logging.tensorboard: true, but the tensorboard package is not installed"):
+        t.train()
+    Trainer(tiny_recipe("epochs=1"), str(tmp_path / "b"), progress=False).train()  # auto: one line, no error
+    assert "TensorBoard logging is off" in capsys.readouterr().err and not (tmp_path / "b" / "tensorboard").exists()

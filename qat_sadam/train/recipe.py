@@ -34,7 +34,7 @@ SCHEMA: dict[str, Any] = {
     "bn_reestimate_batches": (int, type(None)),
     "grad_clip": (_NUM, type(None)),
     "nan_policy": str,
-    "logging": {"every": int, "oscillations": bool},
+    "logging": {"every": int, "oscillations": bool, "tensorboard": (bool, type(None))},
     "checkpoint": {"every_steps": int},
     "export": {"target": (str, type(None)), "enabled": bool, "checkpoint": str},
 }
@@ -57,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "bn_reestimate_batches": None,
     "grad_clip": None,
     "nan_policy": "stop",
-    "logging": {"every": 10, "oscillations": True},
+    "logging": {"every": 10, "oscillations": True, "tensorboard": None},
     "checkpoint": {"every_steps": 0},
     "export": {"target": None, "enabled": False, "checkpoint": "best"},
 }

@@ -13,7 +13,7 @@ import yaml
 from ..errors import CheckpointError, UserError
 from .checkpoint import load_checkpoint
 
-RUN_FILES = {"recipe.yaml", "metrics.jsonl", "checkpoints"}
+RUN_FILES = {"recipe.yaml", "metrics.jsonl", "checkpoints", "curves.png", "tensorboard"}
 LOCK = ".lock"
 LAST, PREVIOUS = "last.pt", "last.prev.pt"
 

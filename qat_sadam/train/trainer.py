@@ -30,6 +30,7 @@ from .optimizers import build_optimizer
 from .oscillation import OscillationTracker
 from .recipe import dump_recipe, quantized
 from .run_dir import LAST, PREVIOUS, resume_checkpoint, write_summary
+from .tensorboard_log import TensorBoardLog
 
 LOSS_WINDOW = 50
 PTQ_CHECKPOINT = "ptq.pt"
@@ -101,6 +102,7 @@ class Trainer:
         self.tracker = OscillationTracker(self.model) if recipe["logging"]["oscillations"] else None
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.best_acc, self.skipped = -1.0, 0
+        self.tb: TensorBoardLog | None = None  # open while train() runs
         self.losses: deque = deque(maxlen=LOSS_WINDOW)
         self._stop_signal: int | None = None  # SIGINT or SIGTERM: save at the next step boundary, then stop
         self.resume_note: str | None = None
@@ -140,6 +142,8 @@ class Trainer:
             return
         with open(self.path("metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            self.tb.record(record)
 
     def checkpoint(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -263,12 +267,16 @@ class Trainer:
         """Run to the end; on SIGINT (Ctrl-C) or SIGTERM (what schedulers send before they preempt)
         save at the next step boundary and return {"interrupted": True, "signal": ...}."""
         self.write_run_files()
+        self.tb = TensorBoardLog(self.run_dir, self.recipe, self.global_step, enabled=self.rank == 0)
+        self.tb.ladder(self.start)
         previous = {s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS} if _main_thread() else {}
         try:
             return self._loop()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            self.tb.close()
+            self.tb = None
 
     def write_run_files(self) -> None:
         """The run directory, its recipe.yaml and, before the first step of a fine-tune, the PTQ state."""
@@ -347,6 +355,8 @@ class Trainer:
                "train_loss": sum(losses) / len(losses) if losses else None,
                "mean_damping": sum(dampings) / len(dampings) if dampings else None, **ev, **before, **self.bn_report}
         self._log(rec)
+        if self.tb is not None:
+            self.tb.scales(self.model, rec["epoch"])
         if complete:
             self.epoch += 1
             self.step_in_epoch = 0

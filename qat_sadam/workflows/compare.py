@@ -13,10 +13,10 @@ import json
 import os
 import statistics
 
-import numpy as np
 import yaml
 
 from ..errors import ExportError, RecipeError
+from ..train.curves import plot_curves
 from ..train.optimizers import KEYS
 from ..train.recipe import load_recipe
 from ..train.run_dir import LAST, PREVIOUS, RunLock, clear_run_dir, read_summary, summary_path, write_summary
@@ -216,49 +216,6 @@ def write_tables(rows: list[dict], out: str, split: str = "test") -> None:
 
 def plot_cells(out: str, labels: list[str], seeds: int, first_seed: int = 0) -> list[str]:
     """loss, test accuracy, damping/rho and oscillation frequency over steps, seed-averaged per cell."""
-    import matplotlib  # a second of import time, paid only when a plot is drawn
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("loss", "step", "training loss (EMA 0.98)"), ("test_acc", "epoch", "test accuracy (torch)"),
-              ("damping", "step", "S-Adam damping exp(-lam rho)"), ("osc_freq_mean", "step", "mean oscillation frequency")]
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    for label in labels:
-        series = {k: [] for k, _, _ in panels}
-        for seed in range(first_seed, first_seed + seeds):
-            f = os.path.join(out, _dirname(label), f"seed{seed}", "metrics.jsonl")
-            if not os.path.isfile(f):
-                continue
-            recs = [json.loads(line) for line in open(f)]
-            for key, kind, _ in panels:
-                vals = [r.get(key) for r in recs if r["type"] == kind]
-                if vals and all(v is not None for v in vals):
-                    series[key].append(np.array(vals, dtype=float))
-        for ax, (key, kind, title) in zip(axes.flat, panels):
-            runs = series[key]
-            if not runs:
-                continue
-            n = max(len(v) for v in runs)  # seeds still running are left out of the mean
-            y = np.mean([v for v in runs if len(v) == n], axis=0)
-            if key == "loss":
-                y = _ema(y, 0.98)
-            x = np.arange(1, n + 1)
-            ax.plot(x, y, label=label, lw=1.2 if kind == "epoch" else 0.8, marker="o" if kind == "epoch" else None)
-            ax.set(title=title, xlabel=kind)
-    for ax in axes.flat:
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(out, "curves.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [path]
-
-
-def _ema(y, m):
-    out, acc = [], y[0]
-    for v in y:
-        acc = m * acc + (1 - m) * v
-        out.append(acc)
-    return out
+    runs = {label: [os.path.join(out, _dirname(label), f"seed{seed}", "metrics.jsonl")
+                    for seed in range(first_seed, first_seed + seeds)] for label in labels}
+    return [plot_curves(runs, os.path.join(out, "curves.png"))]

@@ -9,6 +9,7 @@ import sys
 from ..errors import UserError
 from ..train import distributed
 from ..train.checkpoint import find_checkpoint, load_checkpoint
+from ..train.curves import plot_curves
 from ..train.model import load_run_state
 from ..train.recipe import load_recipe
 from ..train.run_dir import RUN_FILES, RunLock, clear_run_dir, resume_checkpoint, run_files
@@ -83,7 +84,10 @@ def train_recipe(recipe_path: str, out: str | None = None, overrides: list[str] 
             summary = trainer.train()
         finally:
             distributed.shutdown()
-        if trainer.rank != 0 or summary.get("interrupted"):
+        if trainer.rank != 0:
+            return summary
+        print(f"curves: {plot_curves({recipe['name']: [os.path.join(out, 'metrics.jsonl')]}, os.path.join(out, 'curves.png'))}")
+        if summary.get("interrupted"):
             return summary
         print_summary(summary)
         if recipe["export"]["enabled"]:
@@ -112,5 +116,8 @@ def evaluate_run(run: str, data_root: str | None = None) -> dict:
     trainer = Trainer(recipe, os.path.dirname(os.path.dirname(path)), progress=False, initialize=False)
     load_run_state(trainer.model, ck["model"], path, trainer.info)
     result = {"checkpoint": path, **trainer.evaluate()}
+    curves = os.path.join(os.path.dirname(os.path.dirname(path)), "curves.png")
+    if os.path.isfile(curves):
+        result["curves"] = curves
     print(json.dumps(result, indent=2))
     return result
