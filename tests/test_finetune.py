@@ -166,3 +166,11 @@ def test_ptq_then_finetune_ladder_on_digits(tmp_path, capsys):
     assert report["ladder"]["qat_acc"] == report["accuracy"]["ort_int8"] == ft["qat_acc"]
     assert "## Accuracy ladder" in (tmp_path / "ft" / "export" / "validation.md").read_text()
     assert ft["start"]["bn_reestimate"]["bn_batches"] > 0 and ft["bn_reestimate"]["bn_batches"] > 0
+
+
+def test_recovery_is_a_ratio_only_when_ptq_lost_accuracy():
+    from qat_sadam.export.validate import accuracy_ladder
+
+    assert accuracy_ladder({"float_acc": 0.8, "ptq_acc": 0.6, "qat_acc": 0.75}, 100)["recovery"] == pytest.approx(0.75)
+    # PTQ at or above float (MobileNetV2 W8A8 here: 72.7 -> 73.1): nothing to recover, no ratio
+    assert accuracy_ladder({"float_acc": 0.727, "ptq_acc": 0.731, "qat_acc": 0.749}, 1000)["recovery"] is None

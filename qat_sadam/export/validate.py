@@ -244,10 +244,11 @@ LADDER_KEYS = ("float_acc", "ptq_acc", "qat_acc", "recovery")
 
 def accuracy_ladder(rungs: dict, samples: int) -> dict:
     """float, PTQ INT8 and QAT INT8 accuracy with recovery = (qat - ptq) / (float - ptq): the share of
-    the accuracy PTQ lost that QAT won back (None where a rung is missing or PTQ lost nothing)."""
+    the accuracy PTQ lost that QAT won back (None where a rung is missing or PTQ lost nothing, since a
+    ratio to a zero or negative loss says nothing)."""
     out = {k: rungs.get(k) for k in LADDER_KEYS[:3]}
     f, p, q = out["float_acc"], out["ptq_acc"], out["qat_acc"]
-    out["recovery"] = (q - p) / (f - p) if None not in (f, p, q) and f != p else None
+    out["recovery"] = (q - p) / (f - p) if None not in (f, p, q) and f > p else None  # PTQ lost nothing: no ratio
     return {**out, "samples": samples}
 
 
