@@ -7,6 +7,7 @@ imported inside the command functions, on purpose: they import torch (seconds), 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import TrainingStopped, UserError
@@ -64,6 +65,24 @@ def cmd_eval(a) -> int:
 
     evaluate_run(a.run, a.data_root)
     return 0
+
+
+def cmd_sensitivity(a) -> int:
+    from .workflows.sensitivity import sensitivity
+
+    out = a.out or os.path.join("runs", os.path.splitext(os.path.basename(a.recipe))[0] + "-sensitivity")
+    sensitivity(a.recipe, out, a.set, a.bits, a.samples, a.budget, progress=not a.quiet)
+    return 0
+
+
+def _budget(v: str) -> float:
+    try:
+        b = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--budget must be a size ratio such as 1.1, got {v!r}") from None
+    if b < 1:
+        raise argparse.ArgumentTypeError(f"--budget is a ratio to uniform low-bit weight storage and must be >= 1, got {b}")
+    return b
 
 
 def cmd_compare(a) -> int:
@@ -132,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true")
     c.add_argument("--report-only", action="store_true", help="tabulate and plot the finished runs in --out; train nothing (with --export: export those not yet exported)")
     c.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("sensitivity", help="per-layer bit-width sensitivity and a mixed-precision proposal",
+                       description="For each quantized layer of a recipe's trained float model: the PTQ accuracy drop "
+                                   "when only that layer's weights go to the low bit width, and the gain when only it "
+                                   "stays at 8 bits (integer reference = ORT, held-out training images).")
+    s.add_argument("recipe", help="recipe YAML with model.checkpoint or model.weights")
+    s.add_argument("--bits", type=_bits, help="the low bit width (default: the recipe's quant.bits)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
+    s.add_argument("--samples", type=int, default=1000, help="validation images held out from the end of the training set")
+    s.add_argument("--budget", type=_budget, help="propose quant.overrides within this ratio of uniform low-bit weight storage")
+    s.add_argument("--out", help="output directory (default runs/<recipe>-sensitivity)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_sensitivity)
 
     x = sub.add_parser("export", help="export a run to INT8 ONNX and validate it",
                        description="Export a run's best checkpoint to an INT8 QDQ ONNX model and validate it on ORT.")

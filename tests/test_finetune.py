@@ -6,6 +6,7 @@ import pytest
 import safetensors.torch
 import torch
 import torchvision
+import yaml
 
 from qat_sadam.cli import main
 from qat_sadam.errors import CheckpointError
@@ -174,3 +175,34 @@ def test_recovery_is_a_ratio_only_when_ptq_lost_accuracy():
     assert accuracy_ladder({"float_acc": 0.8, "ptq_acc": 0.6, "qat_acc": 0.75}, 100)["recovery"] == pytest.approx(0.75)
     # PTQ at or above float (MobileNetV2 W8A8 here: 72.7 -> 73.1): nothing to recover, no ratio
     assert accuracy_ladder({"float_acc": 0.727, "ptq_acc": 0.731, "qat_acc": 0.749}, 1000)["recovery"] is None
+
+
+def test_sensitivity_ranks_layers_and_proposes_a_mixed_precision_within_budget(tmp_path, capsys):
+    float_run = tmp_path / "float"
+    assert main(["train", "recipes/quickstart_float.yaml", "--out", str(float_run), "--quiet", "--set", "epochs=2"]) == 0
+    # W2A8 with no 8-bit first/last exception: three layers to rank
+    sets = ["--set", f"model.checkpoint={float_run}", "--set", "quant.first_last_bits=null", "--set", "quant.act_bits=8",
+            "--bits", "2"]
+    out = tmp_path / "sens"
+    assert main(["sensitivity", "recipes/quickstart_finetune.yaml", "--samples", "300", "--budget", "1.5",
+                 "--out", str(out), "--quiet"] + sets) == 0
+    res = json.loads((out / "sensitivity.json").read_text())
+    rows = {r["layer"]: r for r in res["layers"]}
+    assert set(rows) == {"stem.0", "body.0", "fc"}
+    assert res["all_2bit_weights_acc"] < res["all_8bit_weights_acc"] - 0.05  # 2-bit weights cost accuracy
+    assert max(r["drop"] for r in rows.values()) > 0.02 and max(r["gain"] for r in rows.values()) > 0.02
+    chosen = [o["pattern"] for o in res["proposal"]["overrides"]]
+    base = sum(r["weights"] * 2 for r in rows.values())
+    assert sum(rows[c]["weights"] * 6 for c in chosen) + base <= 1.5 * base
+    # the fragment is a valid recipe section: the mixed model prepares with those layers at 8 bits
+    frag = yaml.safe_load((out / "mixed_precision.yaml").read_text())
+    r = load_recipe("recipes/quickstart_finetune.yaml", [f"model.checkpoint={float_run}", "quant.first_last_bits=null",
+                    "quant.act_bits=8",
+                    f"quant.overrides={json.dumps(frag['quant']['overrides'])}"], bits=2)
+    assert r["quant"]["overrides"] == frag["quant"]["overrides"]
+    assert (out / "sensitivity.png").stat().st_size > 5_000
+    capsys.readouterr()
+    assert main(["sensitivity", "recipes/quickstart_finetune.yaml", "--budget", "0.9"] + sets) == 2
+    assert "--budget is a ratio to uniform low-bit weight storage and must be >= 1" in capsys.readouterr().err
+    assert main(["sensitivity", "recipes/quickstart_float.yaml", "--out", str(tmp_path / "x")]) == 2
+    assert "sensitivity needs a quantized recipe that starts from trained weights" in capsys.readouterr().err
