@@ -153,6 +153,7 @@ class SAdam(Optimizer):
             group["t"] += 1
         return loss
 
+    @torch.profiler.record_function("sadam.probe")  # a label for profilers (tools/bench_training_cost.py)
     def _probe(self, closure, loss, probing, rng):
         # Probing closures typically call zero_grad(); park the gradients where it cannot reach them.
         grads = {p: p.grad for g in self.param_groups for p in g["params"]}

@@ -1,0 +1,133 @@
+"""QAT training cost against float training, and where the time goes (docs/benchmarks.md).
+
+    .venv/bin/python tools/bench_training_cost.py --model resnet18 --batch 32 --rounds 4
+    .venv/bin/python tools/bench_training_cost.py --model mobilenet_v2 --batch 128 --rounds 3 --profile
+
+Cells, each a model in train mode with its own optimizer, timed in blocks of 8 steps (one S-Adam
+probe period) interleaved round by round in one process: float AdamW; QAT AdamW at W8A8 and W4A4
+with LSQ scales, W4A4 with observer scales; QAT S-Adam (defaults) at W4A4. The table gives the
+median s/step, its spread (min-max over rounds) and the ratio to the float step measured in the
+same run. ``--profile`` adds a torch.profiler breakdown of one 8-step block of each QAT cell by
+component: weight fake-quant, activation fake-quant, oscillation tracking, S-Adam probes, and the
+rest (convolutions, BatchNorm, the loss, backward, the optimizer update).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile, record_function
+from tqdm import tqdm
+
+from qat_sadam import SAdam, calibrate, prepare_qat, sadam_param_groups
+from qat_sadam.models import build_model
+from qat_sadam.quant import FakeQuantize
+from qat_sadam.train.oscillation import OscillationTracker
+
+BLOCK = 8
+
+
+def _cell(name: str, model_name: str, x):
+    torch.manual_seed(0)
+    model = build_model(model_name, 100, **({"cifar_stem": True} if model_name == "resnet18" else {}))
+    if name != "float adamw":
+        bits = 8 if "W8" in name else 4
+        spec = {"bits": bits}
+        if "observer" in name:
+            spec.update(weight={"scale_mode": "observer"}, activation={"scale_mode": "observer"})
+        model = prepare_qat(model, spec)
+        calibrate(model, [x])
+    model.train()
+    if "sadam" in name:
+        opt = SAdam(sadam_param_groups(model), probe_buffers=list(model.buffers()))
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tracker = OscillationTracker(model) if name != "float adamw" else None
+    return model, opt, tracker
+
+
+def _step(model, opt, tracker, x, y):
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        if torch.is_grad_enabled():
+            loss.backward()
+        return loss
+    opt.step(closure)
+    if tracker:
+        with record_function("oscillation tracking"):
+            tracker.update()
+
+
+def _label(name: str) -> str | None:
+    """A profiler event's component by its name (our record_function labels and torch's op names)."""
+    if "fake_quantize" in name and "per_channel" in name:
+        return "weight fake-quant (per-channel)"
+    if "fake_quantize" in name:
+        return "activation fake-quant (per-tensor)"
+    return None
+
+
+def breakdown(cell, x, y) -> dict:
+    model, opt, tracker = cell
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(BLOCK):
+            _step(model, opt, tracker, x, y)
+        total = time.perf_counter() - t0
+    parts = {"total_s": total}
+    for e in prof.key_averages():
+        label = _label(e.key)
+        if label:  # self time of the op and its backward: the quantizer's own cost
+            parts[label] = parts.get(label, 0.0) + e.self_cpu_time_total / 1e6
+        elif e.key in ("oscillation tracking", "sadam.probe"):
+            parts[e.key] = e.cpu_time_total / 1e6
+    return parts
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet18", choices=["resnet18", "mobilenet_v2"])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    x, y = torch.randn(a.batch, 3, 32, 32), torch.randint(0, 100, (a.batch,))
+    names = ["float adamw", "QAT W8A8 adamw (LSQ)", "QAT W4A4 adamw (LSQ)", "QAT W4A4 adamw (observer)",
+             "QAT W4A4 sadam (defaults)"]
+    cells = {n: _cell(n, a.model, x) for n in names}
+    times = {n: [] for n in names}
+    with tqdm(total=a.rounds * len(names), desc="blocks") as bar:
+        for r in range(a.rounds):
+            for n in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
+                t0 = time.perf_counter()
+                for _ in range(BLOCK):
+                    _step(*cells[n], x, y)
+                times[n].append((time.perf_counter() - t0) / BLOCK)
+                bar.update()
+    f = statistics.median(times["float adamw"])
+    print(f"\n{a.model}, batch {a.batch}, {a.threads} thread(s), {a.rounds} rounds of {BLOCK} steps\n")
+    print("| cell | s/step (median) | min-max | / float step |\n|---|---|---|---|")
+    for n in names:
+        m = statistics.median(times[n])
+        print(f"| {n} | {m:.3f} | {min(times[n]):.3f}-{max(times[n]):.3f} | {m / f:.2f}x |")
+    if a.profile:
+        print("\nShare of an 8-step block (fake-quant: the ops' own time, forward and backward):\n")
+        print("| cell | block s | weight fake-quant | activation fake-quant | oscillation tracking | S-Adam probes | rest |")
+        print("|---|---|---|---|---|---|---|")
+        for n in names[1:]:
+            p = breakdown(cells[n], x, y)
+            share = lambda k: f"{100 * p.get(k, 0.0) / p['total_s']:.1f}%"  # noqa: E731
+            rest = p["total_s"] - sum(v for k, v in p.items() if k != "total_s")
+            print(f"| {n} | {p['total_s']:.2f} | {share('weight fake-quant (per-channel)')} | "
+                  f"{share('activation fake-quant (per-tensor)')} | {share('oscillation tracking')} | "
+                  f"{share('sadam.probe')} | {100 * rest / p['total_s']:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
