@@ -156,3 +156,25 @@ def test_unknown_runtime_is_a_user_error():
         check_names(["ort-cpu", "tflite"])
     with pytest.raises(ValidationError, match="unknown runtime"):
         Target(name="t", runtimes=["coreml"])
+
+
+def test_a_fixed_batch_model_runs_in_chunks_on_every_runtime(tmp_path):
+    """Mobile profiles fix the batch at 1; 8 inputs run as 8 chunks, on each runtime installed."""
+    torch.manual_seed(0)
+    model = prepare_qat(build_model("small_cnn", 10), {"bits": 8})
+    x = torch.randn(8, 3, 32, 32)
+    calibrate(model, [x])
+    tgt = Target(name="fixed", weight_bits_max=7, fixed_batch=1, checks=["parity"], runtimes=[])
+    done = export_onnx(model.eval(), x[:1], str(tmp_path / "m.onnx"), tgt)
+    float_path = export_float_onnx(model, x[:1], str(tmp_path / "f.onnx"), tgt)
+    files = ModelFiles(done["path"], float_path, done["frozen"], float_model(model), x[:1].numpy(), str(tmp_path))
+    with torch.no_grad():
+        ref = done["integer"](x).numpy()
+    ran = 0
+    for name, rt in RUNTIMES.items():
+        if rt.missing():
+            continue
+        row = measure(name, files, x.numpy(), ref, output_scale(onnx.load(done["path"])))
+        assert row["status"] == "ran" and row["samples"] == 8, (name, row.get("reason"))
+        ran += 1
+    assert ran >= 1

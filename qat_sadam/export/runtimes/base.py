@@ -40,9 +40,12 @@ class Session:
     run_batch: object  # callable: float32 array (N, ...) -> float32 logits (N, classes)
     placement: dict = field(default_factory=dict)
     details: dict = field(default_factory=dict)
+    batch: int | None = None  # the model's fixed batch size, if it has one: inputs run in chunks of it
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self.run_batch(np.ascontiguousarray(x, dtype=np.float32)), dtype=np.float32)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        step = self.batch or len(x)
+        return np.concatenate([np.asarray(self.run_batch(x[i:i + step]), dtype=np.float32) for i in range(0, len(x), step)])
 
 
 class Runtime:
