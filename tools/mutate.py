@@ -70,7 +70,9 @@ def _copy_repo(dst: str) -> None:
         os.symlink(web, os.path.join(dst, "qat_sadam/export/runtimes/web/node_modules"))
 
 
-def run_mutant(name: str, timeout: int) -> dict:
+def run_mutant(name: str, timeout: int, baseline: bool = False) -> dict:
+    """Run a mutant's tests on a copy with the mutation (or, with ``baseline``, without it: the tests
+    must pass there, or a "kill" would mean nothing)."""
     path, old, new, tests, what = MUTANTS[name]
     with tempfile.TemporaryDirectory(prefix=f"mutant-{name}-") as tmp:
         _copy_repo(tmp)
@@ -78,9 +80,10 @@ def run_mutant(name: str, timeout: int) -> dict:
         text = open(target).read()
         if text.count(old) != 1:
             return {"mutant": name, "status": "stale", "detail": f"{path}: the original appears {text.count(old)} times"}
-        with open(target, "w") as f:
-            f.write(text.replace(old, new))
-        env = {**os.environ, "PYTHONPATH": tmp, "OMP_NUM_THREADS": "1"}
+        if not baseline:
+            with open(target, "w") as f:
+                f.write(text.replace(old, new))
+        env = {**os.environ, "PYTHONPATH": tmp}
         cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", *tests.split()]
         try:
             r = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
@@ -97,6 +100,13 @@ def main() -> int:
     p.add_argument("--timeout", type=int, default=900)
     a = p.parse_args()
     names = a.only.split(",") if a.only else list(MUTANTS)
+    suites = {}
+    for n in names:  # one unmutated run per test selection
+        suites.setdefault(MUTANTS[n][3], n)
+    broken = [t for t, n in tqdm(suites.items(), desc="baseline") if run_mutant(n, a.timeout, baseline=True)["status"] != "SURVIVED"]
+    if broken:  # "SURVIVED" on the unmutated copy means the tests pass there, as they must
+        print(f"the tests fail without any mutation, fix them first: {', '.join(broken)}")
+        return 2
     rows = [run_mutant(n, a.timeout) for n in tqdm(names, desc="mutants")]
     print("| mutant | bug | file | status | killed by |\n|---|---|---|---|---|")
     for r in rows:
