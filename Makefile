@@ -14,7 +14,7 @@ WEB := qat_sadam/export/runtimes/web
 $(STAMP): pyproject.toml constraints.txt $(WEB)/package-lock.json
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,timm,logging,runtimes]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,timm,logging,runtimes,peers]'
 	if command -v npm >/dev/null; then npm ci --prefix $(WEB) --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: the ort-web runtime will be reported not run"; fi
 	touch $(STAMP)
