@@ -44,7 +44,8 @@ class OrtCpu(Runtime):
     name = "ort-cpu"
     install = "pip install onnxruntime"
     what = "ONNX Runtime CPU provider, x86-64: QLinearConv/QGemm integer kernels (MLAS)"
-    tolerance = Tolerance(0.0, 1.0, "the integer reference emulates these kernels op by op")
+    tolerance = Tolerance(0.0, 1.0, "the integer reference emulates these kernels op by op; on x86 without VNNI "
+                          "full-range 8-bit weights saturate the u8 x s8 pair sums (use 7-bit weights, cpu-x86.yaml)")
 
     def load(self, files: ModelFiles, int8: bool = True) -> Session:
         sess = ort_session(files.onnx if int8 else files.float_onnx)
