@@ -6,7 +6,8 @@ import os
 import numpy as np
 import torch
 
-from ..export import check_model_file, fold_check, export_float_onnx, export_onnx, float_model, format_report, load_target, validate
+from ..export import (check_model_file, export_float_onnx, export_onnx, float_model, fold_check, format_report, load_target,
+                      validate)
 from ..train.checkpoint import find_checkpoint, load_checkpoint
 from ..train.data import Loader, load_data
 from ..train.model import build_qat_model, load_run_state

@@ -8,6 +8,7 @@ the runtime has its own format), and the session runs float32 batches and report
 """
 from __future__ import annotations
 
+import abc
 import importlib.util
 from dataclasses import dataclass, field
 
@@ -48,7 +49,7 @@ class Session:
         return np.concatenate([np.asarray(self.run_batch(x[i:i + step]), dtype=np.float32) for i in range(0, len(x), step)])
 
 
-class Runtime:
+class Runtime(abc.ABC):
     name = ""
     install = ""  # the command that makes it available
     what = ""  # one line: the engine, the kernels, the device it stands for
@@ -59,8 +60,9 @@ class Runtime:
         """None when the runtime can run here, else the reason."""
         return None
 
+    @abc.abstractmethod
     def load(self, files: ModelFiles, int8: bool = True) -> Session:
-        raise NotImplementedError
+        """The INT8 model (or with ``int8=False`` its float twin) ready to run on this runtime."""
 
 
 def missing_modules(*modules: str) -> str | None:
