@@ -24,7 +24,7 @@ CPU = Target(name="test", weight_bits_max=7, checks=["fusion", "parity"], runtim
 
 def _exported(tmp_path, bits, name="small_cnn"):
     torch.manual_seed(0)
-    model = prepare_qat(build_model(name, 10), {"bits": bits})
+    model = prepare_qat(build_model(name, 10) if isinstance(name, str) else name, {"bits": bits})
     x = torch.randn(32, 3, 32, 32)
     calibrate(model, [x])
     model.train()
@@ -74,6 +74,34 @@ def test_executorch_keeps_sub_8_bit_ranges(tmp_path):
     assert any(n.target == torch.ops.aten.clamp.default for n in gm.graph.nodes)
     with torch.no_grad():  # the rewrite computes what the frozen graph computes
         np.testing.assert_allclose(gm(torch.from_numpy(x)).numpy(), files.frozen(torch.from_numpy(x)).numpy(), atol=1e-5)
+
+
+class _ResidualBehindIdentity(torch.nn.Module):
+    """ResNet-18's CIFAR stem and first block in small: the max pool replaced by an Identity whose
+    output feeds both the block's first conv and its residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.pool = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Identity()
+        self.conv1, self.conv2 = (torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(2))
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.stem(x)))
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))) + x)
+        return self.head(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_executorch_lowers_a_residual_add_fed_through_an_identity(tmp_path):
+    """An Identity between a dequantize and two consumers made the dequantize shared after
+    torch.export, and XNNPACK's partitioner found a dependency cycle (ResNet-18 W4A4)."""
+    _require("executorch-xnnpack")
+    torch.manual_seed(0)
+    files, x, ref, scale = _exported(tmp_path, 4, _ResidualBehindIdentity())
+    row = measure("executorch-xnnpack", files, x, ref, scale)
+    assert row["status"] == "ran", row.get("reason")
+    assert row["placement"]["portable kernels (not delegated)"] == "none"
+    assert row["parity"]["max_lsb"] == 0.0
 
 
 def _uint8_clip_form(path, out):

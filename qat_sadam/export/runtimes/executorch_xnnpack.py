@@ -11,6 +11,10 @@ runtime. The rewrite maps, it does not re-quantize: the same scales, zero points
   quant_min/quant_max of the quantize op (its conv output range is then unbounded). A clamp to the
   range's dequantized bounds, between a quantize/dequantize pair, is fused into the producing
   kernel as its output range, which keeps the range.
+- Identities (nn.Identity, eval-mode dropout) are removed first: torch.export drops them anyway,
+  and a dequantize feeding one would end up shared by the identity's consumers, which joins the
+  partitions before and after it into a cycle at a residual add ("Invalid partition, found
+  dependency cycles" on ResNet-18 W4A4, whose CIFAR stem replaces the max pool by an Identity).
 - Weights: int8 per output channel (dequantize_per_channel); the bias as float, which XNNPACK
   quantizes to int32 with scale s_in * s_w, giving back our int32 bias.
 """
@@ -22,9 +26,10 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 
 from ...errors import ValidationError
+from ...quant.graph import node_is
 from ..qdq import QConv2d, QLinear, QuantDequant
 from .base import ModelFiles, Runtime, Session, Tolerance, first_line, missing_modules
 
@@ -82,6 +87,10 @@ def pt2e_form(frozen: fx.GraphModule) -> fx.GraphModule:
     """The frozen graph with our Q/DQ modules and integer layers as quantized_decomposed ops."""
     gm = copy.deepcopy(frozen).eval()
     modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node_is(node, modules, (nn.Identity, nn.Dropout), set(), set()):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
     for node in list(gm.graph.nodes):
         m = modules.get(node.target) if node.op == "call_module" else None
         if isinstance(m, QuantDequant):
