@@ -104,65 +104,106 @@ def test_executorch_lowers_a_residual_add_fed_through_an_identity(tmp_path):
     assert row["parity"]["max_lsb"] == 0.0
 
 
-def _uint8_clip_form(path, out):
-    """The old sub-8-bit form Q -> Clip(uint8) -> DQ, rewritten from Q -> DQ -> Clip(float) -> Q -> DQ."""
+def _clip_form(path, out, uint8: bool):
+    """The exporter's sub-8-bit form Q1 -> DQ1 -> Min(., DQ(hi)) -> Q2 -> DQ2 rewritten into an older
+    one: Q1 -> Clip(uint8 0, hi) -> DQ2 (``uint8``), or Q1 -> DQ1 -> Clip(float) -> Q2 -> DQ2."""
     m = onnx.load(path)
     nodes = list(m.graph.node)
     by_out = {o: n for n in nodes for o in n.output}
-    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in nodes if n.op_type == "Constant"}
-    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
-    value = {**consts, **inits}
+    value = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in nodes if n.op_type == "Constant"}
+    value.update({i.name: numpy_helper.to_array(i) for i in m.graph.initializer})
     for n in nodes:  # the exporter aliases shared constants through Identity nodes
         if n.op_type == "Identity" and n.input[0] in value:
             value[n.output[0]] = value[n.input[0]]
     drop, new = set(), []
-    for clip in (n for n in nodes if n.op_type == "Clip"):
-        dq1 = by_out[clip.input[0]]
-        q1 = by_out[dq1.input[0]]
-        q2 = next(n for n in nodes if clip.output[0] in n.input)
-        scale, zp = value[q1.input[1]], value[q1.input[2]]
-        lo, hi = (int(np.round(value[i] / scale) + zp) for i in clip.input[1:])
-        names = [f"{clip.name}_lo_u8", f"{clip.name}_hi_u8"]
-        m.graph.initializer.extend([numpy_helper.from_array(np.array(v, np.uint8), n) for v, n in zip((lo, hi), names)])
-        new.append((q1, helper.make_node("Clip", [q1.output[0], *names], [q2.output[0]], name=clip.name + "_u8")))
-        drop |= {id(dq1), id(clip), id(q2)}
+    for mn in (n for n in nodes if n.op_type == "Min"):
+        dq1, bound = by_out[mn.input[0]], by_out[mn.input[1]]
+        q1, q2 = by_out[dq1.input[0]], next(n for n in nodes if mn.output[0] in n.input)
+        scale, zp, hi = (float(value[q1.input[1]]), int(value[q1.input[2]]), int(value[bound.input[0]]))
+        if uint8:
+            names, values, dtype = [f"{mn.name}_lo", f"{mn.name}_hi"], (0, hi), np.uint8
+            clip = helper.make_node("Clip", [q1.output[0], *names], [q2.output[0]], name=mn.name + "_clip")
+            drop |= {id(dq1), id(mn), id(q2)}
+        else:
+            names, values, dtype = [f"{mn.name}_lo", f"{mn.name}_hi"], (-zp * scale, (hi - zp) * scale), np.float32
+            clip = helper.make_node("Clip", [dq1.output[0], *names], [mn.output[0]], name=mn.name + "_clip")
+            drop |= {id(mn)}
+        m.graph.initializer.extend(numpy_helper.from_array(np.array(v, dtype), n) for v, n in zip(values, names))
+        new.append((q1 if uint8 else dq1, clip))
     kept = [n for n in nodes if id(n) not in drop]
-    for q1, c in new:
-        kept.insert(kept.index(q1) + 1, c)
+    for after, c in new:
+        kept.insert(kept.index(after) + 1, c)
     del m.graph.node[:]
     m.graph.node.extend(kept)
     onnx.save(m, out)
     return len(new)
 
 
-def test_float_clip_form_keeps_ort_cpu_fused_and_exact(tmp_path):
-    """Same integer kernels, same logits; the price is one DequantizeLinear/QuantizeLinear pair per
-    clip that ORT does not fold (docs/runtimes.md: +13% batch-1 latency on MobileNetV2 W4A4)."""
+def test_min_form_keeps_ort_cpu_fused_and_exact(tmp_path):
+    """Same integer kernels, same logits as the Q -> Clip(uint8) -> DQ form; the price is one
+    DequantizeLinear/QuantizeLinear pair per bound that ORT does not fold (docs/runtimes.md)."""
     files, x, ref, scale = _exported(tmp_path, 4)
-    clips = _uint8_clip_form(files.onnx, str(tmp_path / "old.onnx"))
-    assert clips > 0
+    bounds = _clip_form(files.onnx, str(tmp_path / "old.onnx"), uint8=True)
+    assert bounds > 0
     new, old = ort_session(files.onnx), ort_session(str(tmp_path / "old.onnx"))
     np.testing.assert_array_equal(new.run(None, {"input": x})[0], old.run(None, {"input": x})[0])
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     fa, fb = fusion(files.onnx, str(tmp_path / "a")), fusion(str(tmp_path / "old.onnx"), str(tmp_path / "b"))
     assert fa["ok"] and fa["integer_kernels"] == fb["integer_kernels"] == 3 and not fa["float_compute_left"]
     a, b = fa["optimized_ops"], fb["optimized_ops"]
-    assert a["QuantizeLinear"] - b["QuantizeLinear"] == a["DequantizeLinear"] - b["DequantizeLinear"] == clips
-    assert a["Clip"] == b["Clip"] == clips
+    assert a["QuantizeLinear"] - b["QuantizeLinear"] == a["DequantizeLinear"] - b["DequantizeLinear"] == bounds
+    assert a["Min"] == b["Clip"] == bounds
 
 
 def test_a_node_qnn_rejects_fails_the_validation(tmp_path):
-    """The uint8 Clip between Q and DQ (the old sub-8-bit form) is a tensor without a quantization
-    encoding to QNN: with CPU fallback disabled the model does not load, and validation fails."""
+    """The uint8 Clip between Q and DQ is a tensor without a quantization encoding to QNN: with CPU
+    fallback disabled the model does not load, and validation fails."""
     _require("qnn-htp")
     files, x, ref, scale = _exported(tmp_path, 4)
-    _uint8_clip_form(files.onnx, str(tmp_path / "old.onnx"))
+    _clip_form(files.onnx, str(tmp_path / "old.onnx"), uint8=True)
     tgt = Target(name="t", weight_bits_max=7, checks=["parity"], runtimes=["qnn-htp"])
     rep = validate(str(tmp_path / "old.onnx"), target=tgt, inputs=[x], integer_outputs=ref, out_dir=str(tmp_path))
     assert rep["runtimes"]["qnn-htp"]["status"] == "failed" and not rep["passed"]
     assert any(f.startswith("qnn-htp: QNN HTP rejects the model") for f in rep["failures"])
     rep = validate(files.onnx, target=tgt, inputs=[x], integer_outputs=ref, out_dir=str(tmp_path))
     assert rep["runtimes"]["qnn-htp"]["status"] == "ran" and rep["passed"], rep["failures"]
+
+
+def _conv_then_bound(path: str, bound: str) -> str:
+    """x -> Q/DQ -> 1x1 conv (int8 weights) -> Q -> DQ -> {Clip(0, 6) | Min(., DQ(15))} -> Q -> DQ, uint8
+    scale 0.4: a 4-bit range of 16 levels (0 to 6.0) after a conv, as in MobileNetV2 W4A4."""
+    t = helper.make_tensor
+    inits = [t("s", TensorProto.FLOAT, [], [0.4]), t("z", TensorProto.UINT8, [], [0]), t("lo", TensorProto.FLOAT, [], [0.0]),
+             t("hi", TensorProto.FLOAT, [], [6.0]), t("hi_q", TensorProto.UINT8, [], [15]),
+             t("w", TensorProto.INT8, [4, 4, 1, 1], (np.eye(4, dtype=np.int8) * 100).flatten().tolist()),
+             t("ws", TensorProto.FLOAT, [4], [0.01] * 4), t("wz", TensorProto.INT8, [4], [0] * 4)]
+    n = helper.make_node
+    nodes = [n("QuantizeLinear", ["x", "s", "z"], ["xq"]), n("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             n("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0), n("Conv", ["xd", "wd"], ["c"]),
+             n("QuantizeLinear", ["c", "s", "z"], ["q1"]), n("DequantizeLinear", ["q1", "s", "z"], ["d1"])]
+    nodes += ([n("Clip", ["d1", "lo", "hi"], ["b"])] if bound == "clip" else
+              [n("DequantizeLinear", ["hi_q", "s", "z"], ["hi_d"]), n("Min", ["d1", "hi_d"], ["b"])])
+    nodes += [n("QuantizeLinear", ["b", "s", "z"], ["q2"]), n("DequantizeLinear", ["q2", "s", "z"], ["y"])]
+    io = [helper.make_tensor_value_info(v, TensorProto.FLOAT, [1, 4, 4, 4]) for v in ("x", "y")]
+    model = helper.make_model(helper.make_graph(nodes, bound, io[:1], io[1:], inits), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_qnn_htp_keeps_a_bound_written_as_min_not_as_a_float_clip(tmp_path):
+    """Why the exporter writes sub-8-bit bounds as Min: after a conv, QNN HTP accepts a float Clip
+    between DQ and Q and ignores it (outputs run to 20 past the 6.0 bound), and keeps a Min with a
+    dequantized bound exactly as ORT CPU does (docs/runtimes.md, MobileNetV2 W4A4 site by site)."""
+    _require("qnn-htp")
+    from qat_sadam.export.runtimes.qnn_htp import qnn_session
+
+    x = {"x": np.linspace(0, 20, 64, dtype=np.float32).reshape(1, 4, 4, 4)}
+    out = {(bound, rt): session(_conv_then_bound(str(tmp_path / f"{bound}.onnx"), bound)).run(None, x)[0]
+           for bound in ("min", "clip") for rt, session in (("cpu", ort_session), ("qnn", qnn_session))}
+    assert out["min", "cpu"].max() == out["clip", "cpu"].max() == np.float32(6.0)
+    np.testing.assert_array_equal(out["min", "qnn"], out["min", "cpu"])
+    assert out["clip", "qnn"].max() > 19.0
 
 
 def test_runtime_out_of_tolerance_fails_and_absent_runtime_is_not_run(tmp_path, monkeypatch):

@@ -6,10 +6,18 @@ For each Q/DQ site of the INT8 graph (in graph order) it reports, on CIFAR-100 t
 - isolated: the same torch op fed ORT's own values at the sites before it, so only that op's
   arithmetic can differ, and how close to a rounding tie the differing values were in torch;
 - the integer reference (qat_sadam.export.integer_reference) vs ORT, end to end.
-Intermediate integers come from ORT by adding each site's uint8 tensor as a graph output (the
-fused kernels keep their output names, so the optimized graph keeps its kernels: checked below).
+Intermediate integers come from the runtime by adding each site's uint8 tensor as a graph output
+(ORT CPU's fused kernels keep their output names, so its optimized graph keeps its kernels: checked
+below; on every runtime the logits with the extra outputs must equal those without).
+``--runtime qnn-htp`` runs both graphs on QNN's HTP simulator (CPU fallback disabled) instead;
+``--run RUN_DIR`` analyses a trained run's exported checkpoint on its own test data instead of a
+briefly trained model.
 
     QAT_SADAM_DATA=../shared/data .venv/bin/python tools/export_site_parity.py --model resnet18 --bits 4
+    QAT_SADAM_DATA=../shared/data .venv/bin/python tools/export_site_parity.py --model mobilenet_v2 --bits 4 \
+        --target export/mobile-arm.yaml --runtime qnn-htp --images 100
+    QAT_SADAM_DATA=../shared/data .venv/bin/python tools/export_site_parity.py --run runs/finetune/mobilenet_v2/qat-w4-s0 \
+        --target export/mobile-arm.yaml --runtime qnn-htp --images 100
 """
 from __future__ import annotations
 
@@ -29,13 +37,23 @@ from export_acceptance import CASES, briefly_trained, cifar100  # noqa: E402
 from qat_sadam.export import export_onnx  # noqa: E402
 from qat_sadam.export.qdq import QuantDequant  # noqa: E402
 from qat_sadam.export import ort_session  # noqa: E402
+from qat_sadam.export.runtimes.qnn_htp import fixed_batch_copy, qnn_session  # noqa: E402
+from qat_sadam.train.checkpoint import load_checkpoint  # noqa: E402
+from qat_sadam.train.model import build_qat_model, load_run_state  # noqa: E402
+from qat_sadam.workflows.export_run import run_checkpoint, test_batches  # noqa: E402
 
 
 def _with_site_outputs(path: str, out: str) -> list[str]:
-    """Add the uint8 input of every activation DequantizeLinear as a graph output; returns their names."""
+    """Add the uint8 input of every activation DequantizeLinear as a graph output; returns their names.
+    A sub-8-bit range is Q -> DQ -> Min -> Q -> DQ: its site is the second Q (the bounded one)."""
     m = onnx.load(path)
     quantized = {o for n in m.graph.node if n.op_type in ("QuantizeLinear", "Clip") for o in n.output}
-    sites = [n.input[0] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in quantized]
+    consumers = collections.defaultdict(list)
+    for n in m.graph.node:
+        for i in n.input:
+            consumers[i].append(n.op_type)
+    sites = [n.input[0] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in quantized
+             and consumers[n.output[0]] != ["Min"]]
     m.graph.output.extend(onnx.helper.make_tensor_value_info(s, onnx.TensorProto.UINT8, None) for s in sites)
     onnx.save(m, out)
     return sites
@@ -66,6 +84,38 @@ def _torch_sites(frozen, x, ort_sites=None):
     return recs
 
 
+def _run(sess, x: np.ndarray, names: list[str]) -> list[np.ndarray]:
+    """The outputs ``names`` of ``sess`` on ``x``, in chunks of the session's batch when it is fixed."""
+    batch = sess.get_inputs()[0].shape[0]
+    step = batch if isinstance(batch, int) else len(x)
+    runs = [sess.run(names, {sess.get_inputs()[0].name: x[i:i + step]}) for i in range(0, len(x), step)]
+    return [np.concatenate(outs) for outs in zip(*runs)]
+
+
+def _sessions(runtime: str, plain_path: str, sites_path: str, tmp: str):
+    """(plain, probed) sessions; on ORT CPU, checks that the site outputs leave its kernels alone."""
+    if runtime == "qnn-htp":
+        return qnn_session(fixed_batch_copy(plain_path, tmp)), qnn_session(fixed_batch_copy(sites_path, tmp))
+    plain = ort_session(plain_path, optimized_path=os.path.join(tmp, "opt_plain.onnx"))
+    probed = ort_session(sites_path, optimized_path=os.path.join(tmp, "opt_sites.onnx"))
+    # Extra outputs only add layout Transposes (NHWC kernels back to NCHW outputs); the kernels stay.
+    ops = [collections.Counter(n.op_type for n in onnx.load(os.path.join(tmp, f)).graph.node if n.op_type != "Transpose")
+           for f in ("opt_plain.onnx", "opt_sites.onnx")]
+    assert ops[0] == ops[1], f"site outputs changed ORT's fusion: {ops}"
+    print(f"optimized ORT graph: {dict(ops[0])}")
+    return plain, probed
+
+
+def _trained(run: str, images: int):
+    """(the run's exported checkpoint as a model in eval mode, its first ``images`` test images, a description)."""
+    path = run_checkpoint(run)
+    ck = load_checkpoint(path)
+    model = build_qat_model(ck["recipe"], ck["info"])
+    load_run_state(model, ck["model"], path, ck["info"])
+    x = torch.cat([x for x, _ in test_batches(ck["recipe"], ck["info"], images, 100)])
+    return model.eval(), x, f"{run} ({os.path.basename(path)})"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet18", choices=sorted({c[0] for c in CASES}))
@@ -73,38 +123,41 @@ def main():
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--target", default="export/cpu-x86-vnni.yaml")
+    ap.add_argument("--runtime", default="ort-cpu", choices=("ort-cpu", "qnn-htp"))
+    ap.add_argument("--run", help="a trained run directory (its model and test data; --model/--bits/--steps unused)")
     a = ap.parse_args()
-    kw = next(c[2] for c in CASES if c[0] == a.model)
-    train, test, _ = cifar100(a.images)
-    x = torch.cat(test)
-    model = briefly_trained(a.model, a.bits, kw, train, a.steps)
+    if a.run:
+        model, x, what = _trained(a.run, a.images)
+    else:
+        train, test, _ = cifar100(a.images)
+        x = torch.cat(test)
+        model = briefly_trained(a.model, a.bits, next(c[2] for c in CASES if c[0] == a.model), train, a.steps)
+        what = f"{a.model} W{a.bits}A{a.bits}, {a.steps} AdamW steps"
     tmp = tempfile.mkdtemp()
     done = export_onnx(model, x[:1], os.path.join(tmp, "m.onnx"), a.target)
     sites = _with_site_outputs(done["path"], os.path.join(tmp, "sites.onnx"))
-    plain = ort_session(done["path"], optimized_path=os.path.join(tmp, "opt_plain.onnx"))
-    probed = ort_session(os.path.join(tmp, "sites.onnx"), optimized_path=os.path.join(tmp, "opt_sites.onnx"))
-    # Extra outputs only add layout Transposes (NHWC kernels back to NCHW outputs); the kernels stay.
-    ops = [collections.Counter(n.op_type for n in onnx.load(os.path.join(tmp, f)).graph.node if n.op_type != "Transpose")
-           for f in ("opt_plain.onnx", "opt_sites.onnx")]
-    assert ops[0] == ops[1], f"site outputs changed ORT's fusion: {ops}"
-    ort_out = probed.run(None, {"input": x.numpy()})
+    plain, probed = _sessions(a.runtime, done["path"], os.path.join(tmp, "sites.onnx"), tmp)
+    out_name = plain.get_outputs()[0].name
+    ort_out = _run(probed, x.numpy(), [out_name, *sites])
     logits, ort_sites = ort_out[0], ort_out[1:]
-    assert np.array_equal(logits, plain.run(None, {"input": x.numpy()})[0])
+    assert np.array_equal(logits, _run(plain, x.numpy(), [out_name])[0]), "the site outputs changed the runtime's logits"
     cascaded, isolated = _torch_sites(done["frozen"], x), _torch_sites(done["frozen"], x, ort_sites)
+    assert len(cascaded) == len(sites), f"{len(cascaded)} quantizers in torch, {len(sites)} sites in the graph"
     with torch.no_grad():
         frozen_logits, int_logits = done["frozen"](x).numpy(), done["integer"](x).numpy()
-    print(f"\n{a.model} W{a.bits}A{a.bits}, {a.steps} AdamW steps, {len(x)} CIFAR-100 test images, target {a.target}; "
-          f"optimized graph: {dict(ops[0])}\n")
-    print("| # | site | cascaded: share differing | cascaded: max LSB | isolated: share differing | isolated: max distance to a tie |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n{what}, {len(x)} CIFAR-100 test images, target {a.target}, runtime {a.runtime}\n")
+    print("| # | site | cascaded: share differing | cascaded: max LSB | isolated: share differing | isolated: max LSB | "
+          "isolated: max distance to a tie | integers: torch / runtime |")
+    print("|---|---|---|---|---|---|---|---|")
     for i, (name, o, (ct, _), (it, near)) in enumerate(zip(sites, ort_sites, cascaded, isolated)):
         o = torch.from_numpy(o.astype(np.int16)).reshape(ct.shape)
         dc, di = (ct - o).abs(), (it - o).abs()
         tie = f"{float(near[di > 0].max()):.1e}" if (di > 0).any() else "-"
         print(f"| {i} | {name.split('/')[1] if '/' in name else name} | {float((dc > 0).float().mean()):.2e} | {int(dc.max())} | "
-              f"{float((di > 0).float().mean()):.2e} | {tie} |")
+              f"{float((di > 0).float().mean()):.2e} | {int(di.max())} | {tie} | "
+              f"{int(ct.min())}..{int(ct.max())} / {int(o.min())}..{int(o.max())} |")
     top1 = lambda r: 100 * float((r.argmax(1) == logits.argmax(1)).mean())  # noqa: E731
-    print(f"\ntop-1 agreement with ORT: frozen graph (float QDQ) {top1(frozen_logits):.1f}%, integer reference "
+    print(f"\ntop-1 agreement with {a.runtime}: frozen graph (float QDQ) {top1(frozen_logits):.1f}%, integer reference "
           f"{top1(int_logits):.1f}% (max |diff| {np.abs(int_logits - logits).max():.3g})")
 
 

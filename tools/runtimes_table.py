@@ -5,7 +5,7 @@
         runs/finetune/mobilenet_v2/qat-w8-s0 runs/finetune/mobilenet_v2/qat-w4-s0 \
         --target export/mobile-arm.yaml --samples 256 --out docs/runtimes
 
-Each run is exported into runs/runtimes/<run name> and validated with --runtimes all on its first SAMPLES
+Each run is exported into runs/runtimes/<run name> and validated with --runtimes (all) on its first SAMPLES
 test images; OUT/rows.json keeps the reports' runtime rows and OUT/table.md the table.
 """
 from __future__ import annotations
@@ -26,11 +26,12 @@ def main() -> None:
     p.add_argument("--target", default="export/mobile-arm.yaml")
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--out", required=True)
+    p.add_argument("--runtimes", default="all", help="comma-separated runtimes (default: all)")
     a = p.parse_args()
     rows = {}
     for run in tqdm(a.runs, desc="runs"):
         name = os.path.relpath(run, "runs").replace(os.sep, "/")
-        rep = export_run(run, a.target, os.path.join("runs", "runtimes", name), a.samples, runtimes=["all"])
+        rep = export_run(run, a.target, os.path.join("runs", "runtimes", name), a.samples, runtimes=a.runtimes.split(","))
         rows[name] = {"runtimes": rep["runtimes"], "accuracy": rep.get("accuracy"), "passed": rep["passed"],
                       "failures": rep["failures"]}
     os.makedirs(a.out, exist_ok=True)

@@ -7,7 +7,7 @@
 - Dropout and stochastic depth are removed (identities at inference); layers that compute a
   constant from parameters (Swin V2's position-bias MLP) stay float: the ONNX exporter folds them.
 - Activation quantizers become QuantDequant nodes in a uint8 container: the n-bit range
-  [qmin, qmax] is shifted to [0, qmax - qmin] (a Clip keeps it there below 8 bits).
+  [qmin, qmax] is shifted to [0, qmax - qmin] (a Min keeps it there below 8 bits).
 - Biases become int32 at scale s_in * s_w, as ONNX Runtime's integer kernels need.
 - Grid-preserving ops (max-pool, flatten, reshape) get a QuantDequant with their input's
   parameters after them, so that every integer op sees quantized inputs.

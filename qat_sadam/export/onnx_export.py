@@ -74,7 +74,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str, target
     frozen torch graph (``frozen``, float QDQ semantics) and its integer reference (``integer``).
 
     BatchNorm is folded, weights are int8 per-channel, activations uint8 per-tensor (sub-8-bit
-    ranges kept by a Clip in the 8-bit container: int8 kernels, not 4-bit storage)."""
+    ranges kept by a Min in the 8-bit container: int8 kernels, not 4-bit storage)."""
     target = load_target(target)
     frozen, report = freeze(model, target.weight_bits_max)
     frozen = frozen.cpu()

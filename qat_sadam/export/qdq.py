@@ -2,7 +2,7 @@
 
 Each op is a torch.autograd.Function with a ``symbolic`` method, so torch.onnx.export (the
 TorchScript exporter) writes exactly the QDQ pattern ONNX Runtime fuses into integer kernels:
-QuantizeLinear -> DequantizeLinear for activations (uint8; below 8 bits with a float Clip and a
+QuantizeLinear -> DequantizeLinear for activations (uint8; below 8 bits with a float Min and a
 second pair), an int8 initializer ->
 DequantizeLinear(axis 0) for weights, an int32 initializer -> DequantizeLinear for biases.
 torch's own fake-quant ops export only three integer ranges and the learnable ones not at all
@@ -19,23 +19,22 @@ from ..quant import FakeQuantize
 
 class _QuantDequantFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, zero_point, hi: int, lo_value: float, hi_value: float):
+    def forward(ctx, x, scale, zero_point, hi: int):
         q = torch.clamp(torch.round(x / scale) + zero_point.float(), 0, hi)  # round half to even, as ONNX
         return (q - zero_point.float()) * scale
 
     @staticmethod
-    def symbolic(g, x, scale, zero_point, hi: int, lo_value: float, hi_value: float):
-        """Q -> DQ, and below 8 bits Q -> DQ -> Clip(float) -> Q -> DQ: the Clip bounds are the
-        dequantized 0 and hi, so the second Q lands on clamp(q, 0, hi). A Clip on the uint8 tensor
-        would say the same to ORT CPU, but QNN reads a uint8 tensor without a quantization encoding
-        between Q and DQ and rejects it; with the Clip in float every runtime accepts the graph."""
+    def symbolic(g, x, scale, zero_point, hi: int):
+        """Q -> DQ, and below 8 bits Q -> DQ -> Min(., DQ(hi)) -> Q -> DQ: the second Q lands on
+        min(q, hi) (the first Q already clamps at 0). Every runtime here reads this form as written.
+        A Clip on the uint8 tensor says the same to ORT CPU, but QNN reads a uint8 tensor between Q and
+        DQ without a quantization encoding and rejects it; a float Clip between DQ and Q, QNN HTP
+        accepts and then ignores (its outputs run past the bound: docs/runtimes.md)."""
         q = g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero_point), scale, zero_point)
         if hi == 255:
             return q
-        lo_t = g.op("Constant", value_t=torch.tensor(lo_value, dtype=torch.float32))
-        hi_t = g.op("Constant", value_t=torch.tensor(hi_value, dtype=torch.float32))
-        clipped = g.op("Clip", q, lo_t, hi_t)
-        return g.op("DequantizeLinear", g.op("QuantizeLinear", clipped, scale, zero_point), scale, zero_point)
+        bound = g.op("DequantizeLinear", g.op("Constant", value_t=torch.tensor(hi, dtype=torch.uint8)), scale, zero_point)
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", g.op("Min", q, bound), scale, zero_point), scale, zero_point)
 
 
 class _DequantFn(torch.autograd.Function):
@@ -64,9 +63,7 @@ class QuantDequant(nn.Module):
         return cls(q.step_size(), q.zero_point - s.qmin, s.qmax - s.qmin)
 
     def forward(self, x):
-        zp = self.zero_point.float()
-        lo_value, hi_value = float((0 - zp) * self.scale), float((self.hi - zp) * self.scale)  # float32 products
-        return _QuantDequantFn.apply(x, self.scale, self.zero_point, self.hi, lo_value, hi_value)
+        return _QuantDequantFn.apply(x, self.scale, self.zero_point, self.hi)
 
     def extra_repr(self):
         return f"scale={self.scale.item():.4g}, zero_point={int(self.zero_point)}, range=[0,{self.hi}]"

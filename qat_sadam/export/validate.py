@@ -31,7 +31,7 @@ _NOT_FLOAT_MATH = {"QuantizeLinear", "DequantizeLinear", "QLinearAdd", "QLinearM
                    "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu",
                    "QLinearReduceMean", "QLinearWhere", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze",
                    "Identity", "Constant", "Shape", "Gather", "Concat", "Slice", "Split", "Expand", "Tile", "Pad", "Cast",
-                   "ConstantOfShape", "Range", "Equal", "Where", "MaxPool", "Clip", "Relu"} | INTEGER_KERNELS
+                   "ConstantOfShape", "Range", "Equal", "Where", "MaxPool", "Clip", "Min", "Relu"} | INTEGER_KERNELS
 # Why an op runs in float in an INT8 graph, by op type.
 _NO_INTEGER_KERNEL = "no integer kernel in ORT CPU: runs in float between DequantizeLinear and QuantizeLinear"
 FLOAT_OP_REASONS = {
@@ -47,7 +47,7 @@ FLOAT_OP_REASONS = {
     "Div": f"division (GELU, normalisation): {_NO_INTEGER_KERNEL}", "Sub": f"subtraction: {_NO_INTEGER_KERNEL}",
     "Sqrt": f"square root (normalisation): {_NO_INTEGER_KERNEL}", "Pow": f"power (normalisation): {_NO_INTEGER_KERNEL}",
     "ReduceMean": "mean not fused: float", "ReduceL2": f"L2 norm (cosine attention): {_NO_INTEGER_KERNEL}",
-    "Exp": f"exp: {_NO_INTEGER_KERNEL}", "Max": "maximum (a clamp): float", "Min": "minimum (a clamp): float",
+    "Exp": f"exp: {_NO_INTEGER_KERNEL}", "Max": "maximum (a clamp): float",
     "Resize": "adaptive pooling to a larger size, a replication: exact in float",
     "GlobalAveragePool": "pooling not fused: float", "AveragePool": "pooling not fused: float",
     "BatchNormalization": f"BatchNorm kept as an op: {_NO_INTEGER_KERNEL}",

@@ -22,7 +22,8 @@ def run_export_dir(run: str) -> str:
     return os.path.join(run if os.path.isdir(run) else os.path.dirname(run), "export")
 
 
-def _test_batches(recipe: dict, info: dict, samples: int | None, batch: int):
+def test_batches(recipe: dict, info: dict, samples: int | None, batch: int):
+    """The first ``samples`` test images of a run's data (all when None), normalised, in batches."""
     test = load_data(recipe["data"]).test
     if samples:
         test = type(test)(test.x[:samples], test.y[:samples])
@@ -52,7 +53,7 @@ def export_run(run: str, target: str | None, out_dir: str, samples: int | None =
     model.eval()
     tgt = load_target(target or recipe["export"].get("target") or DEFAULT_TARGET)
     batch = tgt.fixed_batch or 64
-    batches = [(x, y) for x, y in _test_batches(recipe, info, samples, batch) if not tgt.fixed_batch or len(x) == batch]
+    batches = [(x, y) for x, y in test_batches(recipe, info, samples, batch) if not tgt.fixed_batch or len(x) == batch]
     path = os.path.join(out_dir, "model.onnx")
     done = export_onnx(model, batches[0][0][:1], path, tgt)
     float_path = export_float_onnx(model, batches[0][0][:1], os.path.join(out_dir, "float.onnx"), tgt)
