@@ -6,9 +6,9 @@ from .freeze import fold_check, freeze
 from .integer_reference import integer_reference
 from .onnx_export import export_float_onnx, export_onnx, float_model
 from .runtimes import RUNTIMES, ModelFiles
-from .target import Target, load_target
+from .target import DEFAULT_TARGET, Target, load_target
 from .validate import ACCURACY_KEYS, check_model_file, format_report, ort_session, validate
 
 __all__ = ["export_onnx", "export_float_onnx", "float_model", "freeze", "fold_check", "integer_reference", "ExportError",
-           "ValidationError", "Target", "load_target", "validate", "check_model_file", "format_report", "ort_session",
+           "ValidationError", "DEFAULT_TARGET", "Target", "load_target", "validate", "check_model_file", "format_report", "ort_session",
            "ACCURACY_KEYS", "RUNTIMES", "ModelFiles"]

@@ -46,6 +46,9 @@ class Target:
                 raise ValidationError(f"target {self.name}: unknown format {f!r}; choose from {', '.join(FORMATS)}")
 
 
+DEFAULT_TARGET = "export/cpu-x86.yaml"  # what a run exports to when its recipe names no target
+
+
 def load_target(target: "str | Target | None") -> Target:
     if target is None or isinstance(target, Target):
         return target or Target()

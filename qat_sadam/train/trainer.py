@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import ExportError, TrainingStopped
-from ..export import freeze, integer_reference
+from ..export import DEFAULT_TARGET, freeze, integer_reference, load_target
 from ..optim import SAdam
 from ..quant import calibrate, reestimate_batchnorm
 from . import distributed
@@ -100,6 +100,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(
             self.total_steps, int(s["warmup_epochs"] * self.steps_per_epoch), s["name"], s["min_lr"] / base_lr if base_lr else 0.0))
         self.tracker = OscillationTracker(self.model) if recipe["logging"]["oscillations"] else None
+        # Evaluated as exported: the target's weight container (7 bits on cpu-x86) changes the numbers.
+        ex = recipe["export"]
+        self.weight_bits_max = load_target(ex["target"] or DEFAULT_TARGET).weight_bits_max if ex["enabled"] else None
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.best_acc, self.skipped = -1.0, 0
         self.tb: TensorBoardLog | None = None  # open while train() runs
@@ -226,8 +229,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Test accuracy of the deployed numerics (the frozen graph's integer reference: BatchNorm
-        folded, int32 bias, integer requantization, what ONNX Runtime computes) and of the QAT graph
-        as trained. A model that has no integer graph (the paper's conv-inputs-only placement) is
+        folded, int32 bias, integer requantization, weights in the export target's container, what
+        ONNX Runtime computes) and of the QAT graph as trained. A model that has no integer graph (the paper's conv-inputs-only placement) is
         evaluated as trained."""
         was = self.model.training
         self.model.eval()
@@ -236,7 +239,7 @@ class Trainer:
             self.model.train(was)
             return {"test_acc": acc, "test_loss": loss, "eval_graph": "float"}
         try:
-            frozen, _ = freeze(self.model)
+            frozen, _ = freeze(self.model, self.weight_bits_max)
         except ExportError:
             frozen = None
         qat = self._score(self.model)

@@ -6,15 +6,13 @@ import os
 import numpy as np
 import torch
 
-from ..export import (check_model_file, export_float_onnx, export_onnx, float_model, fold_check, format_report, load_target,
+from ..export import (DEFAULT_TARGET, check_model_file, export_float_onnx, export_onnx, float_model, fold_check, format_report, load_target,
                       validate)
 from ..train.checkpoint import find_checkpoint, load_checkpoint
 from ..train.data import Loader, load_data
 from ..train.model import build_qat_model, load_run_state
 from ..train.run_dir import RunLock, read_summary, run_recipe, write_summary
 from ..train.trainer import PTQ_CHECKPOINT
-
-DEFAULT_TARGET = "export/cpu-x86.yaml"
 
 
 def run_export_dir(run: str) -> str:
