@@ -357,3 +357,19 @@ def test_two_groups_with_equal_looking_parameters_both_probe():
         opt.step(closure)
     assert [g["probes"] for g in opt.param_groups] == [2, 2]
     assert opt.rho[0] != opt.rho[1]  # |a| and round(b - 0.3)^2: each group its own estimate
+
+
+def test_loss_closure_is_the_closure_sadam_expects():
+    """qat_sadam.optim.loss_closure (what the tools use) gives the trajectory of the hand-written
+    closure, probes included: backward only outside S-Adam's no-grad probes."""
+    from qat_sadam.optim import loss_closure
+
+    x, y = _data()
+    nets = [_net(), _net()]
+    opts = [SAdam(n.parameters(), lr=1e-2, lam=1.0, probe_every=1, seed=0) for n in nets]
+    for _ in range(5):
+        opts[0].step(_closure(nets[0], opts[0], x, y))
+        opts[1].step(loss_closure(opts[1], lambda: nn.functional.cross_entropy(nets[1](x), y)))
+    assert opts[1].rho[0] > 0
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from qat_sadam import SAdam, calibrate, prepare_qat, sadam_param_groups
 from qat_sadam.models import build_model
+from qat_sadam.optim import loss_closure
 
 
 def make(name, model):
@@ -55,13 +56,7 @@ def main():
         for r in range(args.rounds):
             for n in names[r % len(names):] + names[:r % len(names)]:
                 model, opt = runs[n]
-
-                def closure():
-                    opt.zero_grad()
-                    loss = torch.nn.functional.cross_entropy(model(x), y)
-                    if torch.is_grad_enabled():
-                        loss.backward()
-                    return loss
+                closure = loss_closure(opt, lambda: torch.nn.functional.cross_entropy(model(x), y))
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
                     opt.step(closure)

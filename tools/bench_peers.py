@@ -35,6 +35,7 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 from tqdm import tqdm
 
 from qat_sadam.export import ort_session
+from qat_sadam.optim import loss_closure
 from qat_sadam.train.optimizers import build_optimizer
 from qat_sadam.quant import calibrate
 from qat_sadam.train.data import Loader, load_data
@@ -144,14 +145,7 @@ def _stepper(model, recipe, optimizer_name=None):
 
     def step(batch):
         x, y = batch
-
-        def closure():
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            if torch.is_grad_enabled():
-                loss.backward()
-            return loss
-        return opt.step(closure)
+        return opt.step(loss_closure(opt, lambda: F.cross_entropy(model(x), y)))
     return step, opt
 
 

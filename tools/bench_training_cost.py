@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from qat_sadam import SAdam, calibrate, prepare_qat, sadam_param_groups
 from qat_sadam.models import build_model
+from qat_sadam.optim import loss_closure
 from qat_sadam.quant import FakeQuantize
 from qat_sadam.train.oscillation import OscillationTracker
 
@@ -50,13 +51,7 @@ def _cell(name: str, model_name: str, x):
 
 
 def _step(model, opt, tracker, x, y):
-    def closure():
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        if torch.is_grad_enabled():
-            loss.backward()
-        return loss
-    opt.step(closure)
+    opt.step(loss_closure(opt, lambda: F.cross_entropy(model(x), y)))
     if tracker:
         with record_function("oscillation tracking"):
             tracker.update()

@@ -17,6 +17,7 @@ import matplotlib
 import torch
 
 from qat_sadam import SAdam
+from qat_sadam.optim import loss_closure
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -39,13 +40,7 @@ def run(make, steps, lr, seed=0):
     p = torch.nn.Parameter(torch.tensor([-1.5, 2.0]))
     opt = make(p, lr)
     path, rhos = [p.detach().clone()], []
-
-    def closure():
-        opt.zero_grad()
-        loss = rosenbrock(p)
-        if torch.is_grad_enabled():
-            loss.backward()
-        return loss
+    closure = loss_closure(opt, lambda: rosenbrock(p))
     for _ in range(steps):
         opt.step(closure)
         path.append(p.detach().clone())

@@ -13,7 +13,7 @@ import matplotlib
 import torch
 import torch.nn.functional as F
 
-from qat_sadam.optim import SAdam, sadam_param_groups
+from qat_sadam.optim import SAdam, loss_closure, sadam_param_groups
 from qat_sadam.train.checkpoint import find_checkpoint, load_checkpoint
 from qat_sadam.train.data import Loader, load_data
 from qat_sadam.train.model import build_qat_model
@@ -44,14 +44,7 @@ def main():
         for i, (x, y) in enumerate(batches):
             opt = SAdam(sadam_param_groups(model, radius_multiple=c), lr=0.0, weight_decay=0.0, k=a.k, probe_every=1,
                         rho_ema=0.0, seed=i, probe_buffers=list(model.buffers()))
-
-            def closure():
-                opt.zero_grad()
-                loss = F.cross_entropy(model(x), y)
-                if torch.is_grad_enabled():
-                    loss.backward()
-                return loss
-            opt.step(closure)  # lr 0: measures rho, changes nothing
+            opt.step(loss_closure(opt, lambda: F.cross_entropy(model(x), y)))  # lr 0: measures rho, changes nothing
             rhos.append(opt.rho[0])
         rows[c] = (statistics.mean(rhos), statistics.stdev(rhos))
     print(f"\nrun {a.run}: residual rho of the weight group, k={a.k} antithetic pairs, {a.batches} mini-batches\n")

@@ -2,6 +2,6 @@
 from .functional import adamw_update
 from .groups import QuantStepRadius, sadam_param_groups
 from .prox_sgd import ProxSGD
-from .sadam import SAdam
+from .sadam import SAdam, loss_closure
 
-__all__ = ["SAdam", "ProxSGD", "adamw_update", "sadam_param_groups", "QuantStepRadius"]
+__all__ = ["SAdam", "loss_closure", "ProxSGD", "adamw_update", "sadam_param_groups", "QuantStepRadius"]

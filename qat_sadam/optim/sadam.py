@@ -38,6 +38,18 @@ _HINTS = {"sigma": "the residual estimator's probe size is probe_radius (absolut
           "stabilize_eps": "it is a term of the reference estimator's denominator"}
 
 
+def loss_closure(optimizer: Optimizer, loss_fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """The closure ``SAdam.step`` needs (and any torch optimizer accepts): zero the grads, compute
+    ``loss_fn()``, backward only when grads are enabled (not inside S-Adam's probes), return the loss."""
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        if torch.is_grad_enabled():
+            loss.backward()
+        return loss
+    return closure
+
+
 class SAdam(Optimizer):
     """S-Adam. ``step`` needs a closure on probe steps: it zeroes grads, runs forward, calls
     backward only when ``torch.is_grad_enabled()``, and returns the loss.
