@@ -116,6 +116,7 @@ def test_a_qat_run_is_refused_as_a_float_starting_point(tmp_path):
     (["model.weights=IMAGENET1K_V1"], "'model.weights' applies to torchvision models; 'small_cnn' is not one"),
     (["model.name=resnet18", "model.weights=IMAGENET9K"], "resnet18 has no weights 'IMAGENET9K'; choose from IMAGENET1K_V1"),
     (["model.name=mobilenet_v3_small", "model.cifar_stem=true"], "applies to resnet18, resnet50, mobilenet_v2, not mobilenet_v3_small"),
+    (["distill.enabled=true"], "'distill.enabled' needs a float teacher: a quantized fine-tune that starts from"),
 ])
 def test_bad_starting_points_are_refused_up_front(tmp_path, capsys, sets, msg):
     argv = ["train", "recipes/quickstart.yaml", "--out", str(tmp_path / "run")]
@@ -123,6 +124,25 @@ def test_bad_starting_points_are_refused_up_front(tmp_path, capsys, sets, msg):
         argv += ["--set", s]
     assert main(argv) == 2
     assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("alpha,temperature", [(1.0, 1.0), (0.5, 4.0)])
+def test_distillation_loss_is_the_kl_to_the_float_model_it_starts_from(tmp_path, alpha, temperature):
+    run = _float_run(tmp_path)
+    t = _start(tmp_path, f"model.checkpoint={run}", "distill.enabled=true", f"distill.alpha={alpha}",
+               f"distill.temperature={temperature}")
+    float_sd = load_checkpoint(str(run / "checkpoints" / "last.pt"))["model"]
+    assert all(torch.equal(v, float_sd[k]) for k, v in t.teacher.state_dict().items())
+    x, y = next(iter(t.train_loader.batches(0)))
+    with torch.no_grad():
+        student, teacher = t.model(x), t.teacher(x)
+    p_t = torch.softmax(teacher / temperature, 1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(student / temperature, 1))).sum(1).mean() * temperature**2
+    expected = (1 - alpha) * torch.nn.functional.cross_entropy(student, y) + alpha * kl
+    loss = t._closure(x, y)()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and kl > 0.01  # 4-bit student != float teacher
+    t.optimizer.step(t._closure(x, y))
+    assert all(torch.equal(v, float_sd[k]) for k, v in t.teacher.state_dict().items())  # the teacher never trains
 
 
 def test_mobilenet_v2_cifar_stem_keeps_a_4x4_feature_map():

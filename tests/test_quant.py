@@ -44,6 +44,39 @@ def test_lsq_scale_gradient_matches_formula():
     assert q.scale.grad.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("bits,signed,zero_point", [(4, False, 0), (4, False, 3), (8, False, 17), (3, True, 0)])
+def test_per_tensor_lsq_equals_torchs_learnable_op(bits, signed, zero_point):
+    """LSQPerTensor against torch's native learnable op: values and x gradient bit for bit."""
+    q = FakeQuantize(QuantSpec(bits=bits, signed=signed, symmetric=False, scale_mode="lsq"), "activation")
+    q.scale.data.fill_(0.07)
+    q.zero_point.fill_(zero_point)
+    q.initialized.fill_(True)
+    torch.manual_seed(0)
+    x = (torch.randn(16, 8, 12, 12) * 0.6).requires_grad_()
+    dy = torch.randn(16, 8, 12, 12)
+    ours = q(x)
+    ours.backward(dy)
+    ours_dx, ours_ds = x.grad.clone(), q.scale.grad.clone()
+    x.grad = None
+    scale = q.scale.detach().reshape(1).clone().requires_grad_()
+    ref = torch._fake_quantize_learnable_per_tensor_affine(x, scale, torch.full((1,), float(zero_point)), q.spec.qmin,
+                                                          q.spec.qmax, q.lsq_grad_factor(x))
+    ref.backward(dy)
+    assert torch.equal(ours, ref) and torch.equal(ours_dx, x.grad)
+    with torch.no_grad():  # the path without autograd (evaluation, probes) gives the same values
+        assert torch.equal(q(x), ref)
+    assert 0.0 < (ours_dx == 0).float().mean() < 0.9  # some elements clip, most do not: both branches count
+    assert ours_ds.item() == pytest.approx(scale.grad.item(), rel=1e-4)
+
+
+def test_per_tensor_lsq_output_may_be_modified_in_place():
+    q = FakeQuantize(QuantSpec(bits=4, signed=False, symmetric=False, scale_mode="lsq"), "activation")
+    q.init_from(torch.rand(100))
+    x = torch.rand(4, 100, requires_grad=True)
+    torch.nn.functional.hardswish(q(x), inplace=True).sum().backward()
+    assert x.grad.abs().sum() > 0 and q.scale.grad.abs() > 0
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_each_channel_takes_at_most_2_pow_b_values(bits):
     w = torch.randn(6, 5, 3, 3)

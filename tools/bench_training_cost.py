@@ -61,7 +61,7 @@ def _label(name: str) -> str | None:
     """A profiler event's component by its name (our record_function labels and torch's op names)."""
     if "fake_quantize" in name and "per_channel" in name:
         return "weight fake-quant (per-channel)"
-    if "fake_quantize" in name:
+    if "fake_quantize" in name or name in ("LSQPerTensor", "LSQPerTensorBackward"):
         return "activation fake-quant (per-tensor)"
     return None
 
@@ -76,8 +76,9 @@ def breakdown(cell, x, y) -> dict:
     parts = {"total_s": total}
     for e in prof.key_averages():
         label = _label(e.key)
-        if label:  # self time of the op and its backward: the quantizer's own cost
-            parts[label] = parts.get(label, 0.0) + e.self_cpu_time_total / 1e6
+        if label:  # the op and its backward (torch's ops: self time; LSQPerTensor's ranges: with their children)
+            t = e.cpu_time_total if e.key.startswith("LSQ") else e.self_cpu_time_total
+            parts[label] = parts.get(label, 0.0) + t / 1e6
         elif e.key in ("oscillation tracking", "sadam.probe"):
             parts[e.key] = e.cpu_time_total / 1e6
     return parts

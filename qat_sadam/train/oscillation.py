@@ -28,20 +28,24 @@ class OscillationTracker:
     @torch.no_grad()
     def update(self) -> dict[str, torch.Tensor]:
         """Advance one step; returns device tensors (flips, oscillations, mean frequency, share above thresholds)."""
-        flips = oscs = 0
+        # Per-tensor sums instead of one concatenated frequency vector: this runs every step over
+        # every tracked weight, so it avoids copies and int8 products stand in for sign comparisons.
+        device = self.tracked[0][0].device if self.tracked else None
+        totals = [torch.zeros((), device=device) for _ in range(5)]
         for i, (w, q) in enumerate(self.tracked):
             cur = q.integer(w)
-            direction = (cur - self.prev[i]).sign().to(torch.int8)
-            flip = direction != 0
-            osc = flip & (direction == -self.last_dir[i])
-            self.last_dir[i] = torch.where(flip, direction, self.last_dir[i])
-            self.freq[i].mul_(1 - self.momentum).add_(osc.float(), alpha=self.momentum)
+            direction = (cur - self.prev[i]).sign_().to(torch.int8)
+            osc = (direction * self.last_dir[i]) == -1  # a flip against the previous one
+            self.last_dir[i] = torch.where(direction != 0, direction, self.last_dir[i])
+            self.freq[i].mul_(1 - self.momentum).add_(osc, alpha=self.momentum)
             self.prev[i] = cur
-            flips = flips + flip.sum()
-            oscs = oscs + osc.sum()
-        freq = torch.cat([f.flatten() for f in self.freq]) if self.freq else torch.zeros(1)
-        return {"flips": flips, "oscillations": oscs, "osc_freq_mean": freq.mean(),
-                "osc_frac_0.005": (freq > 0.005).float().mean(), "osc_frac_0.01": (freq > 0.01).float().mean()}
+            for total, part in zip(totals, (direction.count_nonzero(), osc.count_nonzero(), self.freq[i].sum(),
+                                            (self.freq[i] > 0.005).count_nonzero(), (self.freq[i] > 0.01).count_nonzero())):
+                total.add_(part)
+        n = max(sum(f.numel() for f in self.freq), 1)
+        flips, oscs, freq_sum, above_5e3, above_1e2 = totals
+        return {"flips": flips, "oscillations": oscs, "osc_freq_mean": freq_sum / n,
+                "osc_frac_0.005": above_5e3 / n, "osc_frac_0.01": above_1e2 / n}
 
     def state_dict(self) -> dict:
         return {"prev": self.prev, "last_dir": self.last_dir, "freq": self.freq}

@@ -33,6 +33,7 @@ SCHEMA: dict[str, Any] = {
     "calibration_batches": int,
     "bn_reestimate_batches": (int, type(None)),
     "grad_clip": (_NUM, type(None)),
+    "distill": {"enabled": bool, "alpha": _NUM, "temperature": _NUM},
     "nan_policy": str,
     "logging": {"every": int, "oscillations": bool, "tensorboard": (bool, type(None))},
     "checkpoint": {"every_steps": int},
@@ -56,6 +57,9 @@ DEFAULTS: dict[str, Any] = {
     "calibration_batches": 2,
     "bn_reestimate_batches": None,
     "grad_clip": None,
+    # Knowledge distillation from the float model the fine-tune starts from (LSQ, Esser et al. 2020,
+    # trains its low-bit models so): loss = (1 - alpha) CE + alpha T^2 KL(teacher || student) at temperature T.
+    "distill": {"enabled": False, "alpha": 1.0, "temperature": 1.0},
     "nan_policy": "stop",
     "logging": {"every": 10, "oscillations": True, "tensorboard": None},
     "checkpoint": {"every_steps": 0},
@@ -231,6 +235,13 @@ def _validate_sections(r: dict) -> None:
         raise RecipeError(f"recipe key 'data.val_split' must be in [0, 1), got {r['data']['val_split']}")
     if r["data"]["eval_on"] == "val" and r["data"]["val_split"] <= 0:
         raise RecipeError("recipe key 'data.eval_on' is 'val' but data.val_split is 0")
+    d = r["distill"]
+    if d["enabled"] and not (starts_trained(r) and quantized(r)):
+        raise RecipeError("recipe key 'distill.enabled' needs a float teacher: a quantized fine-tune that starts from "
+                          "model.checkpoint or model.weights")
+    if not 0.0 < d["alpha"] <= 1.0 or d["temperature"] <= 0:
+        raise RecipeError(f"recipe keys 'distill.alpha' must be in (0, 1] and 'distill.temperature' positive, got "
+                          f"{d['alpha']} and {d['temperature']}")
     if r["bn_reestimate_batches"] is not None and r["bn_reestimate_batches"] < 0:
         raise RecipeError(f"recipe key 'bn_reestimate_batches' must be at least 0, got {r['bn_reestimate_batches']}")
 

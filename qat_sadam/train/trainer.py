@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..errors import ExportError, TrainingStopped
+from ..errors import ExportError, RecipeError, TrainingStopped
 from ..export import DEFAULT_TARGET, freeze, integer_reference, load_target
 from ..optim import SAdam
 from ..quant import calibrate, reestimate_batchnorm
@@ -90,6 +90,7 @@ class Trainer:
         if self.start:  # the top rung of the ladder, before any quantizer
             self.start["float_acc"], self.start["float_loss"] = self._score(float_model.eval())
         self.model = quantize_model(recipe, float_model)
+        self.teacher = self._teacher() if recipe["distill"]["enabled"] else None
         self.optimizer = build_optimizer(recipe["optimizer"], self.model, seed=recipe["seed"], probe_buffers=list(self.model.buffers()))
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = recipe["epochs"] * self.steps_per_epoch
@@ -116,6 +117,14 @@ class Trainer:
         elif initialize and quantized(recipe):
             self._initialize()
         self.net = self._data_parallel() if self.world > 1 else self.model
+
+    def _teacher(self) -> torch.nn.Module:
+        """The float model the fine-tune starts from, loaded again (a resumed run has not loaded it)."""
+        teacher, loaded = build_float_model(self.recipe, self.info)
+        if loaded["reset_classifier"]:
+            raise RecipeError(f"distill: the float teacher's classifier ({', '.join(loaded['reset_classifier'])}) "
+                                  "was re-initialised (model.reset_classifier): it has nothing to teach")
+        return teacher.to(self.device).eval().requires_grad_(False)
 
     def _initialize(self) -> None:
         """Calibrate the activation scales; from trained weights also re-estimate BatchNorm with the
@@ -195,12 +204,25 @@ class Trainer:
         return self.path("checkpoints", "last.pt")
 
     # -- steps ----------------------------------------------------------------------------
+    def _loss(self, logits, y, teacher_log_probs):
+        ce = F.cross_entropy(logits, y)
+        if teacher_log_probs is None:
+            return ce
+        d = self.recipe["distill"]
+        t = d["temperature"]
+        kd = F.kl_div(F.log_softmax(logits / t, 1), teacher_log_probs, reduction="batchmean", log_target=True) * t * t
+        return (1 - d["alpha"]) * ce + d["alpha"] * kd
+
     def _closure(self, x, y):
         clip = self.recipe["grad_clip"]
+        teacher = None
+        if self.teacher is not None:  # once per step: S-Adam's probes call the closure again with the same batch
+            with torch.no_grad():
+                teacher = F.log_softmax(self.teacher(x) / self.recipe["distill"]["temperature"], 1)
 
         def closure():
             self.optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self.net(x), y)
+            loss = self._loss(self.net(x), y, teacher)
             if torch.is_grad_enabled():
                 loss.backward()
                 grads = [p.grad for p in self.model.parameters() if p.grad is not None]
