@@ -200,3 +200,20 @@ def test_tensorboard_required_but_absent_is_a_recipe_error(tmp_path, monkeypatch
         t.train()
     Trainer(tiny_recipe("epochs=1"), str(tmp_path / "b"), progress=False).train()  # auto: one line, no error
     assert "TensorBoard logging is off" in capsys.readouterr().err and not (tmp_path / "b" / "tensorboard").exists()
+
+
+def test_compiled_training_follows_the_eager_trajectory(tmp_path, monkeypatch):
+    """compile: true traces the prepared model (fake-quant modules, LSQPerTensor, S-Adam's no-grad
+    probes) with dynamo and AOTAutograd. The aot_eager backend keeps make test fast; inductor's
+    code generation is measured by tools/bench_training_cost.py, not here (minutes of compiling)."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m: compile_(m, backend="aot_eager"))
+    losses = {}
+    for compiled in (False, True):
+        run = tmp_path / str(compiled)
+        t = Trainer(tiny_recipe("max_steps=4", "optimizer.probe_every=2", f"compile={str(compiled).lower()}"), str(run),
+                    progress=False)
+        assert (t.net is not t.model) == compiled
+        t.train()
+        losses[compiled] = [json.loads(line)["loss"] for line in open(run / "metrics.jsonl") if '"type": "step"' in line]
+    assert len(losses[True]) == 4 and losses[True] == losses[False]

@@ -29,6 +29,7 @@ from qat_sadam.quant import FakeQuantize
 from qat_sadam.train.oscillation import OscillationTracker
 
 BLOCK = 8
+CELLS = ["float adamw", "QAT W8A8 adamw (LSQ)", "QAT W4A4 adamw (LSQ)", "QAT W4A4 adamw (observer)", "QAT W4A4 sadam (defaults)"]
 
 
 def _cell(name: str, model_name: str, x):
@@ -91,11 +92,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--skip", nargs="*", default=[], choices=CELLS[1:], help="cells left out (the float cell always runs)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     x, y = torch.randn(a.batch, 3, 32, 32), torch.randint(0, 100, (a.batch,))
-    names = ["float adamw", "QAT W8A8 adamw (LSQ)", "QAT W4A4 adamw (LSQ)", "QAT W4A4 adamw (observer)",
-             "QAT W4A4 sadam (defaults)"]
+    names = [n for n in CELLS if n not in a.skip]
     cells = {n: _cell(n, a.model, x) for n in names}
     times = {n: [] for n in names}
     with tqdm(total=a.rounds * len(names), desc="blocks") as bar:

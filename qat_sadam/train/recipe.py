@@ -30,6 +30,7 @@ SCHEMA: dict[str, Any] = {
     "max_steps": (int, type(None)),
     "seed": int,
     "device": str,
+    "compile": bool,
     "calibration_batches": int,
     "bn_reestimate_batches": (int, type(None)),
     "grad_clip": (_NUM, type(None)),
@@ -54,6 +55,9 @@ DEFAULTS: dict[str, Any] = {
     "max_steps": None,
     "seed": 0,
     "device": "auto",
+    # torch.compile the training forward (the GPU path; on this project's CPUs it gave no speed-up,
+    # docs/benchmarks.md). Compiled kernels may round some values differently from eager ones.
+    "compile": False,
     "calibration_batches": 2,
     "bn_reestimate_batches": None,
     "grad_clip": None,

@@ -117,6 +117,8 @@ class Trainer:
         elif initialize and quantized(recipe):
             self._initialize()
         self.net = self._data_parallel() if self.world > 1 else self.model
+        if recipe["compile"]:  # training forward only: evaluation and export read self.model
+            self.net = torch.compile(self.net)
 
     def _teacher(self) -> torch.nn.Module:
         """The float model the fine-tune starts from, loaded again (a resumed run has not loaded it)."""
