@@ -129,8 +129,11 @@ def test_bad_starting_points_are_refused_up_front(tmp_path, capsys, sets, msg):
 @pytest.mark.parametrize("alpha,temperature", [(1.0, 1.0), (0.5, 4.0)])
 def test_distillation_loss_is_the_kl_to_the_float_model_it_starts_from(tmp_path, alpha, temperature):
     run = _float_run(tmp_path)
+    _start(tmp_path, f"model.checkpoint={run}")
+    rng_without = torch.get_rng_state()
     t = _start(tmp_path, f"model.checkpoint={run}", "distill.enabled=true", f"distill.alpha={alpha}",
                f"distill.temperature={temperature}")
+    assert torch.equal(torch.get_rng_state(), rng_without)  # the teacher leaves the run's random stream as it was
     float_sd = load_checkpoint(str(run / "checkpoints" / "last.pt"))["model"]
     assert all(torch.equal(v, float_sd[k]) for k, v in t.teacher.state_dict().items())
     x, y = next(iter(t.train_loader.batches(0)))

@@ -122,7 +122,8 @@ class Trainer:
 
     def _teacher(self) -> torch.nn.Module:
         """The float model the fine-tune starts from, loaded again (a resumed run has not loaded it)."""
-        teacher, loaded = build_float_model(self.recipe, self.info)
+        with torch.random.fork_rng(devices=[]):  # its fresh init must not shift the run's random stream
+            teacher, loaded = build_float_model(self.recipe, self.info)
         if loaded["reset_classifier"]:
             raise RecipeError(f"distill: the float teacher's classifier ({', '.join(loaded['reset_classifier'])}) "
                                   "was re-initialised (model.reset_classifier): it has nothing to teach")
