@@ -9,7 +9,10 @@ with LSQ scales, W4A4 with observer scales; QAT S-Adam (defaults) at W4A4. The t
 median s/step, its spread (min-max over rounds) and the ratio to the float step measured in the
 same run. ``--profile`` adds a torch.profiler breakdown of one 8-step block of each QAT cell by
 component: weight fake-quant, activation fake-quant, oscillation tracking, S-Adam probes, and the
-rest (convolutions, BatchNorm, the loss, backward, the optimizer update).
+rest (convolutions, BatchNorm, the loss, backward, the optimizer update). ``--components`` times,
+interleaved, forward + backward of our per-tensor LSQ fake-quant (LSQPerTensor) against torch's
+_fake_quantize_learnable_per_tensor_affine and a relu on one (batch, 64, 32, 32) activation, and
+one oscillation-tracker update over the model's 4-bit weights.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from qat_sadam import SAdam, calibrate, prepare_qat, sadam_param_groups
 from qat_sadam.models import build_model
 from qat_sadam.optim import loss_closure
 from qat_sadam.quant import FakeQuantize
+from qat_sadam.quant.fake_quant import LSQPerTensor
 from qat_sadam.train.oscillation import OscillationTracker
 
 BLOCK = 8
@@ -85,6 +89,40 @@ def breakdown(cell, x, y) -> dict:
     return parts
 
 
+def components(model_name: str, batch: int, rounds: int = 7) -> None:
+    """Median ms of the per-step pieces the cuts of issue 20 touched, each against its reference."""
+    x0 = torch.randn(batch, 64, 32, 32).relu()
+    scale, zp = torch.nn.Parameter(torch.tensor([0.05])), torch.zeros(1, dtype=torch.int32)
+    ops = {"relu": lambda x: torch.relu(x),
+           "torch _fake_quantize_learnable_per_tensor_affine": lambda x: torch._fake_quantize_learnable_per_tensor_affine(
+               x, scale, zp.float(), 0, 15, 1e-3),
+           "qat-sadam LSQPerTensor": lambda x: LSQPerTensor.apply(x, scale, zp, 0, 15, 1e-3)}
+    times = {k: [] for k in ops}
+    for _ in range(rounds):
+        for k, op in ops.items():
+            x = x0.clone().requires_grad_()
+            t0 = time.perf_counter()
+            op(x).backward(torch.ones_like(x0))
+            times[k].append(1e3 * (time.perf_counter() - t0))
+    print(f"\nforward + backward on a ({batch}, 64, 32, 32) activation, W4 levels, median of {rounds}:\n")
+    print("| op | ms | / torch's op |\n|---|---|---|")
+    ref = statistics.median(times["torch _fake_quantize_learnable_per_tensor_affine"])
+    for k, v in times.items():
+        print(f"| {k} | {statistics.median(v):.1f} | {statistics.median(v) / ref:.2f}x |")
+    model, _, tracker = _cell("QAT W4A4 adamw (LSQ)", model_name, torch.randn(8, 3, 32, 32))
+    weights = [w for w, _ in tracker.tracked]
+    ms = []
+    for _ in range(rounds):
+        with torch.no_grad():
+            for w in weights:
+                w.add_(torch.randn_like(w), alpha=1e-3)  # a training step's worth of movement
+        t0 = time.perf_counter()
+        tracker.update()
+        ms.append(1e3 * (time.perf_counter() - t0))
+    print(f"\noscillation tracker update over {sum(w.numel() for w in weights) / 1e6:.1f} M weights: "
+          f"{statistics.median(ms):.0f} ms (median of {rounds})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet18", choices=["resnet18", "mobilenet_v2"])
@@ -92,9 +130,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--components", action="store_true", help="time the pieces the cuts touched, then stop")
     ap.add_argument("--skip", nargs="*", default=[], choices=CELLS[1:], help="cells left out (the float cell always runs)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.components:
+        return components(a.model, a.batch)
     x, y = torch.randn(a.batch, 3, 32, 32), torch.randint(0, 100, (a.batch,))
     names = [n for n in CELLS if n not in a.skip]
     cells = {n: _cell(n, a.model, x) for n in names}
