@@ -25,10 +25,10 @@ class LSQPerTensor(torch.autograd.Function):
     (x * (1/s) rounded half to even, plus the zero point, clamped, times s); the scale gradient
     agrees to float32 summation order. Written with vectorized elementwise ops because torch's CPU
     kernels for that op round element by element and its backward writes full-size gradients for
-    the scale and the zero point before summing them: on a (64, 64, 32, 32) activation, one thread,
-    forward + backward takes 0.7x its time. The forward stores where x was clipped and the
-    per-element scale derivative r (level - x/s inside the range, the clipped level outside), so the
-    backward is one masked copy of dy and one dot product; the output itself is not saved, so in-place ops after it are safe.
+    the scale and the zero point before summing them (tools/bench_training_cost.py --components).
+    The forward stores where x was clipped and the per-element scale derivative r (level - x/s
+    inside the range, the clipped level outside), so the backward is one masked copy of dy and one
+    product-sum; the output itself is not saved, so in-place ops after it are safe.
     """
 
     @staticmethod
@@ -52,7 +52,9 @@ class LSQPerTensor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         clipped, r = ctx.saved_tensors
-        dscale = torch.dot(dy.reshape(-1), r.reshape(-1)) * ctx.grad_factor
+        # A product and torch's pairwise sum, not torch.dot: BLAS accumulates millions of terms in a
+        # few float32 partial sums (1e-5 relative error here), enough to part data-parallel ranks.
+        dscale = (dy * r).sum() * ctx.grad_factor
         return dy.masked_fill(clipped, 0.0), dscale.reshape(1), None, None, None, None
 
 
