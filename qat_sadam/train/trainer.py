@@ -126,7 +126,7 @@ class Trainer:
             teacher, loaded = build_float_model(self.recipe, self.info)
         if loaded["reset_classifier"]:
             raise RecipeError(f"distill: the float teacher's classifier ({', '.join(loaded['reset_classifier'])}) "
-                                  "was re-initialised (model.reset_classifier): it has nothing to teach")
+                              "was re-initialised (model.reset_classifier): it has nothing to teach")
         return teacher.to(self.device).eval().requires_grad_(False)
 
     def _initialize(self) -> None:
