@@ -36,7 +36,7 @@ class LSQPerTensor(torch.autograd.Function):
     def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, grad_factor: float):
         v = x * scale.reciprocal()
         level = torch.round(v)  # relative to the zero point: clipped to [qmin - zp, qmax - zp]
-        lo, hi = qmin - zero_point, qmax - zero_point
+        lo, hi = qmin - zero_point, qmax - zero_point  # int32: exact
         clipped = (level < lo).logical_or_(level > hi)
         out = level.clamp_(lo, hi) * scale
         # masked_fill, not a product with the mask: a bool factor would be converted to float first
@@ -47,7 +47,7 @@ class LSQPerTensor(torch.autograd.Function):
     @staticmethod
     def values(x, scale, zero_point, qmin: int, qmax: int):
         """The forward's values alone (same ops, same order), for evaluation and probes without autograd."""
-        return torch.mul(x, scale.reciprocal()).round_().add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+        return torch.mul(x, scale.reciprocal()).round_().clamp_(qmin - zero_point, qmax - zero_point).mul_(scale)
 
     @staticmethod
     def backward(ctx, dy):

@@ -30,8 +30,7 @@ class OscillationTracker:
         """Advance one step; returns device tensors (flips, oscillations, mean frequency, share above thresholds)."""
         # Per-tensor sums instead of one concatenated frequency vector: this runs every step over
         # every tracked weight, so it avoids copies and int8 products stand in for sign comparisons.
-        device = self.tracked[0][0].device if self.tracked else None
-        totals = [torch.zeros((), device=device) for _ in range(5)]
+        totals = torch.zeros(5, device=self.freq[0].device if self.freq else None)
         for i, (w, q) in enumerate(self.tracked):
             cur = q.integer(w)
             direction = (cur - self.prev[i]).sign_().to(torch.int8)
@@ -39,11 +38,11 @@ class OscillationTracker:
             self.last_dir[i] = torch.where(direction != 0, direction, self.last_dir[i])
             self.freq[i].mul_(1 - self.momentum).add_(osc, alpha=self.momentum)
             self.prev[i] = cur
-            for total, part in zip(totals, (direction.count_nonzero(), osc.count_nonzero(), self.freq[i].sum(),
-                                            (self.freq[i] > 0.005).count_nonzero(), (self.freq[i] > 0.01).count_nonzero())):
-                total.add_(part)
-        n = max(sum(f.numel() for f in self.freq), 1)
+            f = self.freq[i]
+            totals += torch.stack([direction.count_nonzero(), osc.count_nonzero(), f.sum(), (f > 0.005).count_nonzero(),
+                                   (f > 0.01).count_nonzero()]).float()
         flips, oscs, freq_sum, above_5e3, above_1e2 = totals
+        n = max(sum(f.numel() for f in self.freq), 1)
         return {"flips": flips, "oscillations": oscs, "osc_freq_mean": freq_sum / n,
                 "osc_frac_0.005": above_5e3 / n, "osc_frac_0.01": above_1e2 / n}
 
