@@ -230,6 +230,15 @@ class FakeQuantize(nn.Module):
         zp = self._broadcast(self.zero_point, x)
         return torch.div(x, scale).round_().add_(zp).clamp_(self.spec.qmin, self.spec.qmax).to(torch.int32)
 
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        """The values of integer codes (a weight's bin centres): (codes - zero_point) * step."""
+        return (codes - self._broadcast(self.zero_point, codes)) * self.step_size(codes)
+
+    def value_range(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lowest and highest representable values, broadcastable against ``like``."""
+        zp, step = self._broadcast(self.zero_point, like), self.step_size(like)
+        return (self.spec.qmin - zp) * step, (self.spec.qmax - zp) * step
+
     def step_size(self, like: torch.Tensor | None = None) -> torch.Tensor:
         """The current quantization step; broadcastable against ``like`` when given."""
         step = self.scale.detach().clamp_min(self.spec.scale_floor)

@@ -12,6 +12,7 @@ from ..models import CIFAR_STEM_MODELS, check_model, weight_names
 from ..quant import QATConfig
 from .data import DATASETS
 from .optimizers import check_optimizer
+from .oscillation_fixes import AGGREGATIONS
 
 _NUM = (int, float)
 # key -> type (a tuple of types, or a nested schema). "quant" and "optimizer" are checked by their builders too.
@@ -35,6 +36,8 @@ SCHEMA: dict[str, Any] = {
     "bn_reestimate_batches": (int, type(None)),
     "grad_clip": (_NUM, type(None)),
     "distill": {"enabled": bool, "alpha": _NUM, "temperature": _NUM},
+    "dampening": {"enabled": bool, "weight": _NUM, "weight_final": _NUM, "anneal_start": _NUM, "aggregation": str},
+    "freezing": {"enabled": bool, "threshold": _NUM, "threshold_final": _NUM, "anneal_start": _NUM},
     "nan_policy": str,
     "logging": {"every": int, "oscillations": bool, "tensorboard": (bool, type(None))},
     "checkpoint": {"every_steps": int},
@@ -64,6 +67,13 @@ DEFAULTS: dict[str, Any] = {
     # Knowledge distillation from the float model the fine-tune starts from (LSQ, Esser et al. 2020,
     # trains its low-bit models so): loss = (1 - alpha) CE + alpha T^2 KL(teacher || student) at temperature T.
     "distill": {"enabled": False, "alpha": 1.0, "temperature": 1.0},
+    # Nagel et al. 2022's fixes for weight oscillations (train/oscillation_fixes.py), with the
+    # reference code's MobileNetV2 W4 settings: dampening weight cosine-annealed 0 -> 0.1, the freezing
+    # threshold 0.1 -> 0.01, both annealed from a quarter of the run. Freezing reads the oscillation
+    # tracker, whose EMA momentum is 0.01 (the reference freezes with 0.001 over ~100k steps; an
+    # 80-step fine-tune could never fill such an EMA).
+    "dampening": {"enabled": False, "weight": 0.0, "weight_final": 0.1, "anneal_start": 0.25, "aggregation": "kernel_mean"},
+    "freezing": {"enabled": False, "threshold": 0.1, "threshold_final": 0.01, "anneal_start": 0.25},
     "nan_policy": "stop",
     "logging": {"every": 10, "oscillations": True, "tensorboard": None},
     "checkpoint": {"every_steps": 0},
@@ -71,7 +81,8 @@ DEFAULTS: dict[str, Any] = {
 }
 
 CHOICES = {"schedule.name": ("constant", "cosine"), "nan_policy": ("stop", "skip"),
-           "data.eval_on": ("test", "val"), "device": ("auto", "cpu", "cuda"), "export.checkpoint": ("best", "last")}
+           "data.eval_on": ("test", "val"), "device": ("auto", "cpu", "cuda"), "export.checkpoint": ("best", "last"),
+           "dampening.aggregation": AGGREGATIONS}
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -246,8 +257,23 @@ def _validate_sections(r: dict) -> None:
     if not 0.0 < d["alpha"] <= 1.0 or d["temperature"] <= 0:
         raise RecipeError(f"recipe keys 'distill.alpha' must be in (0, 1] and 'distill.temperature' positive, got "
                           f"{d['alpha']} and {d['temperature']}")
+    _check_oscillation_fixes(r)
     if r["bn_reestimate_batches"] is not None and r["bn_reestimate_batches"] < 0:
         raise RecipeError(f"recipe key 'bn_reestimate_batches' must be at least 0, got {r['bn_reestimate_batches']}")
+
+
+def _check_oscillation_fixes(r: dict) -> None:
+    damp, freeze = r["dampening"], r["freezing"]
+    for name, section in (("dampening", damp), ("freezing", freeze)):
+        if section["enabled"] and not quantized(r):
+            raise RecipeError(f"recipe key '{name}.enabled' needs quantized weights: a float run has no oscillations")
+        if not 0.0 <= section["anneal_start"] < 1.0:
+            raise RecipeError(f"recipe key '{name}.anneal_start' must be in [0, 1), got {section['anneal_start']}")
+    for key in ("dampening.weight", "dampening.weight_final", "freezing.threshold", "freezing.threshold_final"):
+        if _get(r, key) < 0:
+            raise RecipeError(f"recipe key '{key}' must be at least 0, got {_get(r, key)}")
+    if freeze["enabled"] and not r["logging"]["oscillations"]:
+        raise RecipeError("recipe key 'freezing.enabled' reads the oscillation tracker: set logging.oscillations: true")
 
 
 def _check_start(m: dict) -> None:

@@ -18,7 +18,8 @@ from ..errors import RecipeError
 from ..quant import FakeQuantize
 
 INSTALL = "pip install tensorboard (or: make venv)"
-STEP_KEYS = ("loss", "lr", "rho", "damping", "flips", "oscillations", "osc_freq_mean")
+STEP_KEYS = ("loss", "lr", "rho", "damping", "flips", "oscillations", "osc_freq_mean", "dampening_weight",
+             "freeze_threshold", "frozen_frac")
 EPOCH_KEYS = ("test_acc", "test_loss", "train_loss", "test_acc_before_bn_reestimate", "mean_damping")
 LADDER_KEYS = ("float_acc", "ptq_acc")
 

@@ -28,6 +28,7 @@ from .data import Loader, load_data
 from .model import build_float_model, load_run_state, quantize_model
 from .optimizers import build_optimizer
 from .oscillation import OscillationTracker
+from .oscillation_fixes import WeightFreezer, annealed, dampening_loss
 from .recipe import dump_recipe, quantized
 from .run_dir import LAST, PREVIOUS, resume_checkpoint, write_summary
 from .tensorboard_log import TensorBoardLog
@@ -100,7 +101,7 @@ class Trainer:
         base_lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(
             self.total_steps, int(s["warmup_epochs"] * self.steps_per_epoch), s["name"], s["min_lr"] / base_lr if base_lr else 0.0))
-        self.tracker = OscillationTracker(self.model) if recipe["logging"]["oscillations"] else None
+        self._track_oscillations()
         # Evaluated as exported: the target's weight container (7 bits on cpu-x86) changes the numbers.
         ex = recipe["export"]
         self.weight_bits_max = load_target(ex["target"] or DEFAULT_TARGET).weight_bits_max if ex["enabled"] else None
@@ -136,8 +137,17 @@ class Trainer:
             calibrate(self.model, self.calibration_loader.batches(epoch=-1), self.recipe["calibration_batches"])
         if self.start and self.recipe["bn_reestimate_batches"]:
             self.start["bn_reestimate"] = self._reestimate_bn()
-        if self.tracker:  # integer weights after calibration are the reference for the first flip
-            self.tracker = OscillationTracker(self.model)
+        self._track_oscillations()  # integer weights after calibration are the reference for the first flip
+
+    def _track_oscillations(self) -> None:
+        """The oscillation tracker and, with ``freezing``, the weight freezer that reads it."""
+        self.tracker = OscillationTracker(self.model) if self.recipe["logging"]["oscillations"] else None
+        self.freezer = None
+        if self.recipe["freezing"]["enabled"]:
+            try:
+                self.freezer = WeightFreezer(self.tracker)
+            except ValueError as e:
+                raise RecipeError(f"freezing.enabled: {e}") from None
 
     def _reestimate_bn(self) -> dict:
         return reestimate_batchnorm(self.model, self.calibration_loader.batches(epoch=-2), self.recipe["bn_reestimate_batches"])
@@ -163,6 +173,7 @@ class Trainer:
     def checkpoint(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "tracker": self.tracker.state_dict() if self.tracker else None,
+                "freezer": self.freezer.state_dict() if self.freezer else None,
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
@@ -183,6 +194,8 @@ class Trainer:
         self.scheduler.load_state_dict(ck["scheduler"])
         if self.tracker and ck["tracker"]:
             self.tracker.load_state_dict({k: [t.to(self.device) for t in v] for k, v in ck["tracker"].items()})
+        if self.freezer and ck.get("freezer"):
+            self.freezer.load_state_dict({k: [t.to(self.device) for t in v] for k, v in ck["freezer"].items()})
         torch.set_rng_state(ck["rng_cpu"].cpu())
         if ck["rng_cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng_cuda"]])
@@ -216,8 +229,24 @@ class Trainer:
         kd = F.kl_div(F.log_softmax(logits / t, 1), teacher_log_probs, reduction="batchmean", log_target=True) * t * t
         return (1 - d["alpha"]) * ce + d["alpha"] * kd
 
+    def _annealed(self, section: dict, start: str, final: str) -> float:
+        """A Nagel et al. schedule's value at the coming step (train/oscillation_fixes.py)."""
+        return annealed(self.global_step, self.total_steps, section[start], section[final], section["anneal_start"])
+
+    def _dampening_weight(self) -> float | None:
+        d = self.recipe["dampening"]
+        return self._annealed(d, "weight", "weight_final") if d["enabled"] else None
+
+    def _freeze_threshold(self) -> float | None:
+        """None (freeze nothing) before the threshold's annealing starts, as in the reference code."""
+        f = self.recipe["freezing"]
+        if not f["enabled"] or self.global_step < f["anneal_start"] * self.total_steps:
+            return None
+        return self._annealed(f, "threshold", "threshold_final")
+
     def _closure(self, x, y):
         clip = self.recipe["grad_clip"]
+        damp = self._dampening_weight()
         teacher = None
         if self.teacher is not None:  # once per step: S-Adam's probes call the closure again with the same batch
             with torch.no_grad():
@@ -226,6 +255,8 @@ class Trainer:
         def closure():
             self.optimizer.zero_grad(set_to_none=True)
             loss = self._loss(self.net(x), y, teacher)
+            if damp:  # S-Adam's probes measure the same objective
+                loss = loss + damp * dampening_loss(self.model, self.recipe["dampening"]["aggregation"])
             if torch.is_grad_enabled():
                 loss.backward()
                 grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -334,12 +365,15 @@ class Trainer:
                        leave=False, dynamic_ncols=True)
             for x, y in bar:
                 t0 = time.perf_counter()
+                damp = self._dampening_weight()  # the weight this step's loss uses
                 loss = self._train_step(x, y)
                 self.global_step += 1
                 self.step_in_epoch += 1
                 rec = {"type": "step", "epoch": self.epoch, "step": self.global_step, "loss": loss,
                        "lr": self.optimizer.param_groups[0]["lr"], "skipped": loss is None}
                 rec["rho"], rec["damping"] = self._rho()
+                if damp is not None:
+                    rec["dampening_weight"] = damp
                 if loss is not None:
                     self.losses.append(loss)
                     epoch_losses.append(loss)
@@ -348,7 +382,12 @@ class Trainer:
                 if len(self.losses) >= 2:
                     rec["loss_var50"] = float(torch.tensor(list(self.losses)).var())
                 if self.tracker:
+                    if self.freezer:  # frozen weights back on their codes before the tracker reads them
+                        self.freezer.hold()
                     osc = self.tracker.update()
+                    if self.freezer:
+                        rec["freeze_threshold"] = self._freeze_threshold()
+                        osc["frozen_frac"] = self.freezer.update(rec["freeze_threshold"])
                     rec.update(zip(osc, torch.stack([v.float() for v in osc.values()]).tolist()))  # one host sync
                 rec["sec"] = time.perf_counter() - t0
                 self._log(rec)
@@ -412,7 +451,7 @@ class Trainer:
                    "loss_var50": last.get("loss_var50"), "world_size": self.world, "rank_max_state_diff": rank_diff,
                    "start": self.start, "bn_reestimate": self.bn_report,
                    **({"float_acc": self.start["float_acc"]} if "float_acc" in self.start else {}),
-                   **{k: last[k] for k in ("osc_freq_mean", "osc_frac_0.005", "osc_frac_0.01") if k in last}}
+                   **{k: last[k] for k in ("osc_freq_mean", "osc_frac_0.005", "osc_frac_0.01", "frozen_frac") if k in last}}
         write_summary(self.run_dir, summary)
         return summary
 
