@@ -1,12 +1,15 @@
 """Nagel et al.'s oscillation dampening and iterative weight freezing (train/oscillation_fixes.py),
 each on a hand-made case, then inside the trainer (schedules, resume, recipe errors)."""
+import csv
 import json
 import re
 
 import pytest
 import torch
+import yaml
 
 from qat_sadam import prepare_qat
+from qat_sadam.cli import main
 from qat_sadam.errors import RecipeError
 from qat_sadam.train.oscillation import OscillationTracker
 from qat_sadam.train.oscillation_fixes import WeightFreezer, annealed, dampening_loss
@@ -159,3 +162,26 @@ def test_bad_oscillation_fix_settings_are_recipe_errors(extra, msg):
 def test_freezing_needs_a_low_bit_weight(tmp_path):
     with pytest.raises(RecipeError, match="no weight quantizer of 4 bits or fewer"):
         Trainer(load_recipe(None, TINY + ["freezing.enabled=true"], bits=8), str(tmp_path), progress=False)
+
+
+def test_compare_cells_carry_their_own_recipe_overrides(tmp_path):
+    """The stability study's cells: a method is a recipe override of one cell (freezing, no BN
+    re-estimation), and the effective-lr control of an S-Adam cell with freezing freezes too."""
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("\n".join(["model: {name: small_cnn, width: 8}", "data: {name: synthetic, image_size: 8, batch_size: 128}",
+                                 "quant: {bits: 4}", "epochs: 1", "calibration_batches: 1"]))
+    out = tmp_path / "cmp"
+    freeze = "freezing.enabled=true@freezing.threshold=0.003@freezing.anneal_start=0"
+    cells = ["adamw", f"adamw@{freeze}", f"sadam@{freeze}", f"adamw-effective@{freeze}@of=sadam@{freeze}"]
+    assert main(["compare", str(recipe), "--optimizers", ",".join(cells), "--seeds", "1", "--out", str(out), "--quiet"]) == 0
+    runs = {c: out / c.replace("@", "_").replace("=", "") / "seed0" for c in cells}
+    summaries = {c: json.load(open(r / "summary.json")) for c, r in runs.items()}
+    recipes = {c: yaml.safe_load(open(r / "recipe.yaml")) for c, r in runs.items()}
+    assert not recipes["adamw"]["freezing"]["enabled"] and "frozen_frac" not in summaries["adamw"]
+    for c in cells[1:]:
+        assert recipes[c]["freezing"]["enabled"] and recipes[c]["freezing"]["threshold"] == 0.003
+    eff, src = summaries[cells[3]], summaries[cells[2]]
+    assert eff["lr"] == pytest.approx(1e-3 * src["mean_damping"]) and recipes[cells[3]]["optimizer"]["name"] == "adamw"
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["recipe_overrides"] for r in rows] == ["", *[freeze.replace("@", " ")] * 3]
+    assert "frozen" in (out / "results.md").read_text()

@@ -17,7 +17,12 @@ import os
 import subprocess
 import sys
 
+import torch
+import torchvision
 from tqdm import tqdm
+
+from qat_sadam.models import build_model
+from qat_sadam.workflows.zoo import zoo_row
 
 # timm's edge families: the two smallest members of each (and the families found beside them).
 TIMM_MODELS = [
@@ -33,9 +38,20 @@ TIMM_MODELS = [
 
 
 def torchvision_models() -> list[str]:
-    import torchvision
-
     return torchvision.models.list_models(module=torchvision.models)
+
+
+def smallest_first(names: list[str], source: str) -> list[str]:
+    """Names by parameter count, so that an interrupted sweep has covered the most models."""
+    def count(name):
+        try:
+            with torch.device("meta"):  # no memory for the weights
+                model = build_model(name, 10, image_size=224, source=source)
+        except Exception:  # builders that initialise weights with data-dependent ops need real tensors
+            model = build_model(name, 10, image_size=224, source=source)
+        return sum(p.numel() for p in model.parameters())
+
+    return sorted(names, key=count)
 
 
 def _run_one(name: str, source: str, bits: int, images: int, timeout: int) -> dict:
@@ -104,9 +120,6 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:  # the child process: one row on stdout
-        sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-        from qat_sadam.workflows.zoo import zoo_row
-
         print(json.dumps(zoo_row(a.one, a.source, a.bits[0], a.images)))
         return
     os.makedirs(a.out, exist_ok=True)
@@ -117,6 +130,7 @@ def main() -> None:
         jobs = []
         for source in (("torchvision", "timm") if a.source == "all" else (a.source,)):
             names = a.models.split(",") if a.models else (torchvision_models() if source == "torchvision" else TIMM_MODELS)
+            names = smallest_first([n for n in names if any((n, source, b) not in done for b in a.bits)], source)
             jobs += [(n, source, b) for n in names for b in a.bits if (n, source, b) not in done]
         for name, source, bits in tqdm(jobs, desc="model zoo"):
             row = _run_one(name, source, bits, a.images, a.timeout)

@@ -450,6 +450,7 @@ class Trainer:
                    "mean_damping": sum(damp) / len(damp) if damp else None, "skipped_steps": self.skipped,
                    "loss_var50": last.get("loss_var50"), "world_size": self.world, "rank_max_state_diff": rank_diff,
                    "start": self.start, "bn_reestimate": self.bn_report,
+                   **{k: epochs[-1][k] for k in ("test_acc_before_bn_reestimate",) if epochs and k in epochs[-1]},
                    **({"float_acc": self.start["float_acc"]} if "float_acc" in self.start else {}),
                    **{k: last[k] for k in ("osc_freq_mean", "osc_frac_0.005", "osc_frac_0.01", "frozen_frac") if k in last}}
         write_summary(self.run_dir, summary)

@@ -1,10 +1,13 @@
 """`qat-sadam compare`: the same recipe under several optimizers and seeds, as tables and plots.
 
 Cells are named by presets with optional settings: ``adamw``, ``sadam``, ``sadam-reference@k=8``,
-``prox_sgd``, ``adamw@lr=3e-4``. ``adamw-effective`` is the control of docs/evidence.md: AdamW at
+``prox_sgd``, ``adamw@lr=3e-4``. A setting whose key starts with a recipe section other than the
+optimizer is a recipe override for that cell alone: ``adamw@freezing.enabled=true``,
+``adamw@bn_reestimate_batches=0``. ``adamw-effective`` is the control of docs/evidence.md: AdamW at
 the nominal lr times the mean damping logged by the first S-Adam reference cell (else the
-first S-Adam cell) of the same seed; ``adamw-effective@of=sadam`` names the source cell. Finished
-cells are reused, so an interrupted study resumes.
+first S-Adam cell) of the same seed; ``adamw-effective@of=sadam`` names the source cell (``of=``
+comes last and takes the rest of the spec: ``adamw-effective@freezing.enabled=true@of=sadam@freezing.enabled=true``).
+Finished cells are reused, so an interrupted study resumes.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import yaml
 from ..errors import ExportError, RecipeError
 from ..train.curves import plot_curves
 from ..train.optimizers import KEYS
-from ..train.recipe import load_recipe
+from ..train.recipe import SCHEMA, load_recipe
 from ..train.run_dir import LAST, PREVIOUS, RunLock, clear_run_dir, read_summary, summary_path, write_summary
 from ..train.trainer import Trainer
 from .export_run import export_finished_run
@@ -33,22 +36,31 @@ PRESETS = {
 }
 
 
-def parse_cell(spec: str) -> tuple[str, str, dict, str | None]:
-    """'sadam-reference@k=8' -> (label, preset, optimizer settings, effective-lr source cell or None)."""
-    preset, *settings = spec.strip().split("@")
+# Setting keys that name a recipe section (the recipe's own "name" and "optimizer" excepted).
+RECIPE_SECTIONS = set(SCHEMA) - {"name", "optimizer"}
+
+
+def parse_cell(spec: str) -> tuple[str, str, dict, str | None, list[str]]:
+    """'sadam-reference@k=8' -> (label, preset, optimizer settings, effective-lr source cell or None,
+    the cell's recipe overrides as --set expressions)."""
+    spec = spec.strip()
+    head, sep, of = spec.partition("@of=")
+    preset, *settings = head.split("@")
     if preset not in PRESETS:
         raise RecipeError(f"unknown optimizer {preset!r} in --optimizers; choose from {', '.join(PRESETS)} "
                           "(settings as name@key=value)")
-    opt = dict(PRESETS[preset])
+    if sep and preset != "adamw-effective":
+        raise RecipeError(f"--optimizers: '@of=' applies to adamw-effective only, got {spec!r}")
+    opt, sets = dict(PRESETS[preset]), []
     for s in settings:
         if "=" not in s:
             raise RecipeError(f"--optimizers: expected key=value after '@' in {spec!r}")
         k, v = s.split("=", 1)
-        opt[k] = yaml.safe_load(v) if k != "of" else v
-    of = opt.pop("of", None)
-    if of is not None and preset != "adamw-effective":
-        raise RecipeError(f"--optimizers: '@of=' applies to adamw-effective only, got {spec!r}")
-    return spec.strip(), preset, opt, of
+        if k.split(".")[0] in RECIPE_SECTIONS:
+            sets.append(s)
+        else:
+            opt[k] = yaml.safe_load(v)
+    return spec, preset, opt, of or None, sets
 
 
 def _source_cell(cells, i):
@@ -88,12 +100,12 @@ def compare(recipe_path: str, specs: list[str], seeds: int, out: str, overrides:
     if len({c[0] for c in cells}) != len(cells):
         raise RecipeError("--optimizers lists the same cell twice")
     # Validate every cell's recipe before any training starts.
-    for i, (label, preset, opt, _) in enumerate(cells):
-        _recipe(recipe_path, overrides, bits, opt, first_seed)
+    for i, (label, preset, opt, _, sets) in enumerate(cells):
+        _recipe(recipe_path, [*overrides, *sets], bits, opt, first_seed)
         if preset == "adamw-effective":
             _source_cell(cells, i)
     rows = []
-    for i, (label, preset, opt, _) in enumerate(cells):
+    for i, (label, preset, opt, _, sets) in enumerate(cells):
         runs = []
         for seed in range(first_seed, first_seed + seeds):
             run_dir = os.path.join(out, _dirname(label), f"seed{seed}")
@@ -106,11 +118,11 @@ def compare(recipe_path: str, specs: list[str], seeds: int, out: str, overrides:
             if preset == "adamw-effective":
                 src = _source_cell(cells, i)
                 s = read_summary(os.path.join(out, _dirname(src[0]), f"seed{seed}"))
-                nominal = _recipe(recipe_path, overrides, bits, src[2], seed)["optimizer"].get("lr", 1e-3)
+                nominal = _recipe(recipe_path, [*overrides, *src[4]], bits, src[2], seed)["optimizer"].get("lr", 1e-3)
                 opt_s["lr"] = nominal * s["mean_damping"]
-            runs.append(_run(recipe_path, overrides, bits, opt_s, seed, run_dir, progress, export_target))
+            runs.append(_run(recipe_path, [*overrides, *sets], bits, opt_s, seed, run_dir, progress, export_target))
         if runs:
-            rows.append(_row(label, opt, runs))
+            rows.append(_row(label, opt, runs, sets))
     if not rows:
         raise RecipeError(f"no finished runs under {out}")
     split = _recipe(recipe_path, overrides, bits, cells[0][2], first_seed)["data"]["eval_on"]
@@ -178,13 +190,22 @@ def _mean_std(values):
 COLUMNS = [("float_acc", "float acc"), ("ptq_acc", "PTQ INT8 (ORT)"), ("qat_acc", "QAT INT8 (ORT)"), ("recovery", "recovery"),
            ("final_acc", "test acc (torch)"), ("ort_acc", "test acc (ORT INT8)"), ("best_acc", "best acc"),
            ("osc_freq_mean", "osc freq"), ("osc_frac_0.005", "osc > 0.005"), ("osc_frac_0.01", "osc > 0.01"),
+           ("frozen_frac", "frozen"), ("test_acc_before_bn_reestimate", "test acc before BN re-estimation (torch)"),
+           ("bn_reestimate.bn_mean_error", "BN mean error"), ("bn_reestimate.bn_var_error", "BN var error"),
            ("loss_var50", "loss var (50 steps)"), ("mean_damping", "mean damping"), ("sec_per_epoch", "s / epoch")]
 
 
-def _row(label, opt, runs) -> dict:
-    row = {"optimizer": label, "settings": json.dumps(opt, sort_keys=True), "seeds": len(runs), "lr": runs[0].get("lr")}
+def _dotted(summary: dict, key: str):
+    for part in key.split("."):
+        summary = summary.get(part) if isinstance(summary, dict) else None
+    return summary
+
+
+def _row(label, opt, runs, sets=()) -> dict:
+    row = {"optimizer": label, "settings": json.dumps(opt, sort_keys=True), "recipe_overrides": " ".join(sets),
+           "seeds": len(runs), "lr": runs[0].get("lr")}
     for key, _ in COLUMNS:
-        values = [r.get(key) for r in runs]
+        values = [_dotted(r, key) for r in runs]
         row[key + "_mean"], row[key + "_std"] = _mean_std(values)
         row[key + "_n"] = sum(v is not None for v in values)  # e.g. runs exported: fewer than seeds
     return row
@@ -194,7 +215,7 @@ def _fmt(row, key):
     m, s, n = row[key + "_mean"], row[key + "_std"], row[key + "_n"]
     if m is None:
         return "n/a"
-    text = f"{100 * m:.2f} ± {100 * s:.2f}" if key.endswith("_acc") else f"{m:.4g} ± {s:.2g}"
+    text = f"{100 * m:.2f} ± {100 * s:.2f}" if "_acc" in key else f"{m:.4g} ± {s:.2g}"
     return text if n == row["seeds"] else f"{text} ({n} of {row['seeds']} seeds)"
 
 
