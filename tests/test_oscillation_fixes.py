@@ -184,4 +184,5 @@ def test_compare_cells_carry_their_own_recipe_overrides(tmp_path):
     assert eff["lr"] == pytest.approx(1e-3 * src["mean_damping"]) and recipes[cells[3]]["optimizer"]["name"] == "adamw"
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["recipe_overrides"] for r in rows] == ["", *[freeze.replace("@", " ")] * 3]
-    assert "frozen" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| frozen |" in md and "| osc > 0.01 |" in md and "| BN mean error |" in md

@@ -196,6 +196,9 @@ COLUMNS = [("float_acc", "float acc"), ("ptq_acc", "PTQ INT8 (ORT)"), ("qat_acc"
 
 
 def _dotted(summary: dict, key: str):
+    """summary[key], or a nested entry for a dotted key that is not itself a key ('osc_frac_0.005' is)."""
+    if key in summary:
+        return summary[key]
     for part in key.split("."):
         summary = summary.get(part) if isinstance(summary, dict) else None
     return summary

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The depthwise stability study (docs/results.md, "Low-bit fine-tuning of depthwise networks"): a
+# float checkpoint fine-tuned at low bit widths under AdamW, AdamW with or without BatchNorm
+# re-estimation, Nagel et al.'s dampening and freezing, S-Adam (residual, reference, with freezing),
+# and the effective-lr control of each S-Adam cell; INT8 accuracy on ORT with the ladder.
+#   QAT_SADAM_DATA=../shared/data bash tools/finetune_study.sh float mobilenet_v2     # the checkpoint first
+#   QAT_SADAM_DATA=../shared/data bash tools/stability_study.sh mobilenet_v2 4 3      # MODEL BITS SEEDS
+#   CELLS=adamw,sadam bash tools/stability_study.sh mobilenet_v2 4 1                   # a subset of the cells
+# Each cell is one `qat-sadam compare` cell (finished ones are reused, so the study resumes); the
+# fine-tune recipe's schedule (cosine) applies to every optimizer. One thread per process.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+model=$1 bits=$2 seeds=${3:-3}
+freeze="freezing.enabled=true"
+all="adamw@bn_reestimate_batches=0,adamw,adamw@dampening.enabled=true,adamw@$freeze"
+all+=",sadam,adamw-effective@of=sadam,sadam-reference,adamw-effective@of=sadam-reference"
+all+=",sadam@$freeze,adamw-effective@$freeze@of=sadam@$freeze"
+.venv/bin/qat-sadam compare "recipes/${model}_finetune.yaml" --bits "$bits" --seeds "$seeds" --quiet \
+    --out "runs/stability/$model-w$bits" --export export/cpu-x86.yaml --optimizers "${CELLS:-$all}"
