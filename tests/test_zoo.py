@@ -172,3 +172,13 @@ def test_the_integer_reference_is_checked_against_ort_with_the_output_lsb(tmp_pa
     with torch.no_grad():
         assert np.array_equal(done["integer"](x).numpy(), ort)
     assert rep["output_lsb"] == pytest.approx(float(done["frozen"].activation_quantizers["classifier_3"].scale))
+
+
+def test_timm_mobilevitv2_is_traced_inside_and_resizes_on_small_inputs():
+    """MobileViTv2's block branches on its input's size (fx fell back to it as an opaque leaf,
+    leaving its 45 convs float); at 32x32 its last stage is 1x1 and is resized to a whole patch,
+    whose size the ONNX export once computed as 0 (a negative floor division traced as ONNX Div)."""
+    pytest.importorskip("timm", reason="timm is an optional extra (make venv installs it)")
+    row = zoo_row("mobilevitv2_050", "timm", bits=8, images=4, attempts=1)
+    assert row["size"] == 32 and row["stage"] == "done" and row["bit_exact"] and row["integer_kernels"] == 65, row
+    assert "Resize" in row["float_ops"]

@@ -162,10 +162,16 @@ def same_pad(x: torch.Tensor, kernel: tuple, stride: tuple, dilation: tuple) -> 
     return F.pad(x, (pads[1][0], pads[1][1], pads[0][0], pads[0][1]))
 
 
+def _patches(size, patch: int):
+    """ceil(size / patch) without a negative floor division: the ONNX exporter traces sizes as int
+    tensors, and ONNX's Div truncates toward zero (-(1 // -2) would export as 0)."""
+    return (size + patch - 1) // patch
+
+
 def mobilevit_unfold(x: torch.Tensor, patch: tuple) -> torch.Tensor:
     """MobileViT's (B, C, H, W) -> (B * patch area, patches, C), resized to whole patches first (timm)."""
     b, c, h, w = x.shape
-    nh, nw = -(h // -patch[0]), -(w // -patch[1])
+    nh, nw = _patches(h, patch[0]), _patches(w, patch[1])
     if (nh * patch[0], nw * patch[1]) != (h, w):
         x = F.interpolate(x, size=(nh * patch[0], nw * patch[1]), mode="bilinear", align_corners=False)
     x = x.reshape(b * c * nh, patch[0], nw, patch[1]).transpose(1, 2)
@@ -175,7 +181,7 @@ def mobilevit_unfold(x: torch.Tensor, patch: tuple) -> torch.Tensor:
 def mobilevit_fold(t: torch.Tensor, x: torch.Tensor, patch: tuple) -> torch.Tensor:
     """The inverse of mobilevit_unfold for the feature map x."""
     b, c, h, w = x.shape
-    nh, nw = -(h // -patch[0]), -(w // -patch[1])
+    nh, nw = _patches(h, patch[0]), _patches(w, patch[1])
     t = t.contiguous().view(b, patch[0] * patch[1], nh * nw, -1).transpose(1, 3).reshape(b * c * nh, nw, patch[0], patch[1])
     y = t.transpose(1, 2).reshape(b, c, nh * patch[0], nw * patch[1])
     return y if (nh * patch[0], nw * patch[1]) == (h, w) else F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
@@ -191,12 +197,45 @@ class _TraceableMobileVitBlock:
         return y if self.conv_fusion is None else self.conv_fusion(torch.cat((x, y), dim=1))
 
 
-# timm classes made traceable by name, without importing timm.
-_TRACEABLE_BY_NAME = {"MobileVitBlock": _TraceableMobileVitBlock}
+def mobilevitv2_resize(x: torch.Tensor, patch: tuple) -> torch.Tensor:
+    """MobileViTv2's input resized to whole patches, as timm does (bilinear, corners aligned); x itself
+    when it already is."""
+    h, w = x.shape[-2:]
+    size = (_patches(h, patch[0]) * patch[0], _patches(w, patch[1]) * patch[1])
+    return x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
-for _name in ("window_partition", "window_mask", "window_merge", "same_pad", "mobilevit_unfold", "mobilevit_fold"):
+
+def mobilevitv2_unfold(x: torch.Tensor, patch: tuple) -> torch.Tensor:
+    """MobileViTv2's (B, C, H, W) -> (B, C, patch area, patches): a permutation of whole patches."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // patch[0], patch[0], w // patch[1], patch[1]).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, c, patch[0] * patch[1], -1)
+
+
+def mobilevitv2_fold(t: torch.Tensor, x: torch.Tensor, patch: tuple) -> torch.Tensor:
+    """The inverse of mobilevitv2_unfold for the feature map x."""
+    b, c, h, w = t.shape[0], t.shape[1], x.shape[2], x.shape[3]
+    t = t.reshape(b, c, patch[0], patch[1], h // patch[0], w // patch[1]).permute(0, 1, 4, 2, 5, 3)
+    return t.reshape(b, c, h, w)
+
+
+class _TraceableMobileVitV2Block:
+    """timm's MobileVitV2Block with its shape-dependent resize, unfold and fold as wrapped functions
+    (the unfold and fold permute values: grid-preserving; the resize is a float op)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_1x1(self.conv_kxk(mobilevitv2_resize(x, self.patch_size)))
+        return self.conv_proj(mobilevitv2_fold(self.norm(self.transformer(mobilevitv2_unfold(x, self.patch_size))), x,
+                                               self.patch_size))
+
+
+# timm classes made traceable by name, without importing timm.
+_TRACEABLE_BY_NAME = {"MobileVitBlock": _TraceableMobileVitBlock, "MobileVitV2Block": _TraceableMobileVitV2Block}
+
+for _name in ("window_partition", "window_mask", "window_merge", "same_pad", "mobilevit_unfold", "mobilevit_fold",
+              "mobilevitv2_resize", "mobilevitv2_unfold", "mobilevitv2_fold"):
     torch.fx.wrap(_name)  # shape-dependent Python: one opaque node each in the traced graph
-DATA_MOVEMENT_FUNCS = {window_partition, window_merge, same_pad}
+DATA_MOVEMENT_FUNCS = {window_partition, window_merge, same_pad, mobilevitv2_unfold, mobilevitv2_fold}
 MASK_FUNCS = {window_mask}
 
 
