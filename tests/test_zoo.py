@@ -182,3 +182,27 @@ def test_timm_mobilevitv2_is_traced_inside_and_resizes_on_small_inputs():
     row = zoo_row("mobilevitv2_050", "timm", bits=8, images=4, attempts=1)
     assert row["size"] == 32 and row["stage"] == "done" and row["bit_exact"] and row["integer_kernels"] == 65, row
     assert "Resize" in row["float_ops"]
+
+
+class _ChannelsLastNormHead(nn.Module):
+    """timm's ConvNeXt head: pooled features, LayerNorm over channels (permute, norm, permute back), flatten,
+    identities (pre-logits, dropout), fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool, self.norm, self.fc = nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.LayerNorm(8), nn.Linear(8, 10)
+        self.pre_logits, self.drop = nn.Identity(), nn.Dropout(0.0)
+
+    def forward(self, x):
+        x = self.pool(self.conv(x))
+        x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(self.drop(self.pre_logits(torch.flatten(x, 1))))
+
+
+def test_a_transpose_then_flatten_before_a_linear_keeps_it_an_integer_kernel(tmp_path):
+    """ORT moves a DequantizeLinear forward through Transpose and Reshape but not Flatten: the exporter
+    writes Flatten(axis=1) as Reshape, or the Gemm stays float (timm's convnext_atto)."""
+    qat, x = _prepared(_ChannelsLastNormHead(), 8)
+    _, rep = _validated(qat, x, tmp_path)
+    fu = rep["fusion"]
+    assert fu["ok"] and fu["integer_kernels"] == 2 and fu["optimized_ops"].get("QGemm") == 1, fu

@@ -5,7 +5,9 @@ import copy
 import os
 import warnings
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -66,7 +68,26 @@ def _onnx_export(model: nn.Module, example: torch.Tensor, path: str, target: Tar
         except Exception as e:  # the exporter's errors name the op it cannot translate
             raise ExportError(f"the ONNX exporter refused {failing_module(model, e)}: "
                               f"{str(e).splitlines()[0][:240] or type(e).__name__}") from None
-    onnx.checker.check_model(onnx.load(path))
+    m = onnx.load(path)
+    _flatten_as_reshape(m.graph)
+    onnx.checker.check_model(m)
+    onnx.save(m, path)
+
+
+def _flatten_as_reshape(graph: onnx.GraphProto) -> None:
+    """Flatten(axis=1) as Reshape(0, -1), the same op: ORT's QDQ propagation moves a DequantizeLinear
+    forward through Reshape but not through Flatten, so a Transpose -> Flatten between a DQ and a
+    Gemm (timm's ConvNeXt head: LayerNorm2d, flatten, fc) left the Gemm in float."""
+    nodes = list(graph.node)
+    for i, n in enumerate(nodes):
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        if n.op_type != "Flatten" or axis != 1:
+            continue
+        shape = onnx.numpy_helper.from_array(np.array([0, -1], dtype=np.int64), name=f"{n.output[0]}_shape")
+        graph.initializer.append(shape)
+        nodes[i] = onnx.helper.make_node("Reshape", [n.input[0], shape.name], list(n.output), name=n.name)
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str, target: "str | Target | None" = None) -> dict:
