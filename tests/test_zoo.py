@@ -165,6 +165,18 @@ def test_timm_models_through_their_own_source():
     assert row["stage"] == "build" and "unknown timm model 'no_such_model'" in row["error"]
 
 
+def test_a_module_fx_cannot_see_into_is_named_and_its_layers_reported_float():
+    """timm's EfficientViT attention (LiteMLA) is one of timm's fx leaf modules: prepare_qat says so
+    and the zoo row names it beside the float convs and matmuls it leaves."""
+    timm = pytest.importorskip("timm", reason="timm is an optional extra (make venv installs it)")
+    with pytest.warns(UserWarning, match=r"traced LiteMLA x4 as opaque calls"):
+        qat = prepare_qat(timm.create_model("efficientvit_b0", num_classes=10).eval(), {"bits": 8})
+    assert qat.opaque_modules == {"LiteMLA": 4}
+    with pytest.warns(UserWarning, match="opaque calls"):
+        row = zoo_row("efficientvit_b0", "timm", bits=8, images=4, attempts=1)
+    assert row["opaque_modules"] == {"LiteMLA": 4} and row["float_compute_left"] and not row["bit_exact"]
+
+
 def test_the_integer_reference_is_checked_against_ort_with_the_output_lsb(tmp_path):
     qat, x = _prepared(SMALL["mobilenet_v3"][0](), 8)
     done, rep = _validated(qat, x, tmp_path)

@@ -77,6 +77,8 @@ def write_table(rows: list[dict], out: str) -> None:
         if "error" in r:
             return f"stopped at {r.get('stage', 'start')}: {r['error']}"
         notes = []
+        if r.get("opaque_modules"):
+            notes.append(f"traced as opaque calls, their layers float: {r['opaque_modules']}")
         if r["float_compute_left"]:
             notes.append(f"float compute: {r['float_compute_left']}")
         if r["max_lsb"] > 0:

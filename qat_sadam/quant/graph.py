@@ -117,6 +117,16 @@ class QuantGraph:
         return [n for n in self.gm.graph.nodes
                 if n.op == "call_module" and type(self.modules[n.target]) in QUANT_MODULES and n not in self.constant]
 
+    def opaque_modules(self) -> dict[str, int]:
+        """Modules traced as one call (timm's fx leaf modules, where their forward branches on values
+        or shapes) that hold a Conv2d or Linear, which then stays unquantized: count by type."""
+        found: dict[str, int] = {}
+        for n in self.gm.graph.nodes:
+            m = self.module(n)
+            if m is not None and type(m) not in QUANT_MODULES and any(type(d) in QUANT_MODULES for d in m.modules()):
+                found[type(m).__name__] = found.get(type(m).__name__, 0) + 1
+        return found
+
     def is_anchor(self, n: fx.Node) -> bool:
         if n.op == "placeholder":
             return True

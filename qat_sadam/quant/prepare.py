@@ -7,6 +7,8 @@ quantization commutes with the per-channel BN scale, so folding keeps the intege
 """
 from __future__ import annotations
 
+import warnings
+
 from torch import fx, nn
 
 from .config import QATConfig
@@ -23,6 +25,10 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None) -> fx.
     layers = g.weight_layers()
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layer to quantize")
+    opaque = g.opaque_modules()
+    if opaque:  # said, not silent: these layers run in float, and the export's fusion check fails on them
+        warnings.warn(f"prepare_qat: torch.fx traced {', '.join(f'{k} x{v}' for k, v in opaque.items())} as opaque calls "
+                      "(their forward branches on values or shapes): the conv and linear layers inside stay float")
     sites = g.activation_sites(config.placement)
     edge_sites = set()
     if config.first_last_bits is not None:
@@ -66,6 +72,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None) -> fx.
     gm.graph.lint()
     gm.recompile()
     gm.qat_config = config
+    gm.opaque_modules = opaque
     return gm
 
 

@@ -61,6 +61,7 @@ def _row_at(model, name: str, source: str, size: int, bits: int, images: int, se
     t0 = time.perf_counter()
     try:
         qat = prepare_qat(model, {"bits": bits})
+        row["opaque_modules"] = qat.opaque_modules
         x = torch.randn(images, 3, size, size)
         row["stage"] = "calibrate"
         calibrate(qat, [x])
