@@ -101,13 +101,16 @@ def write_table(rows: list[dict], out: str) -> None:
             if sel:
                 summary.append(f"- {source} W{bits}A{bits}: {sum(bool(r.get('bit_exact')) for r in sel)} of {len(sel)} "
                                f"fully integer and bit-exact; {sum('error' in r for r in sel)} stopped (reason in the table)")
+    findings_path = os.path.join(out, "notes.md")  # hand-written findings, kept across rewrites of the table
+    findings = open(findings_path).read().strip() + "\n\n" if os.path.isfile(findings_path) else ""
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write("# Model zoo: export and parity of the models users bring\n\n"
-                "Command: `.venv/bin/python tools/model_zoo.py --out docs/model-zoo` (random weights, 16 random inputs at "
-                "the smallest input size of 32/64/96/128/224/256 that each model accepts; target cpu-x86: 7-bit weights; "
+                "Command: `.venv/bin/python tools/model_zoo.py --out docs/model-zoo` (smallest models first; random weights, "
+                "16 random inputs at the smallest input size of 32/64/96/128/224/256 that each model accepts; target "
+                "cpu-x86: 7-bit weights; "
                 "integer reference vs ORT CPU 1.32 on this machine). 'integer and bit-exact': every conv, linear and matmul "
                 "is an integer kernel in ORT's optimized graph and the integer reference equals ORT's logits bit for bit.\n\n"
-                + "\n".join(summary) + "\n\n" + "\n".join(lines) + "\n")
+                + "\n".join(summary) + "\n\n" + findings + "\n".join(lines) + "\n")
 
 
 def main() -> None:
