@@ -6,6 +6,7 @@ at a small width and input size so that `make test` stays fast.
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models.convnext import CNBlockConfig
@@ -169,12 +170,38 @@ def test_a_module_fx_cannot_see_into_is_named_and_its_layers_reported_float():
     """timm's EfficientViT attention (LiteMLA) is one of timm's fx leaf modules: prepare_qat says so
     and the zoo row names it beside the float convs and matmuls it leaves."""
     timm = pytest.importorskip("timm", reason="timm is an optional extra (make venv installs it)")
-    with pytest.warns(UserWarning, match=r"traced LiteMLA x4 as opaque calls"):
-        qat = prepare_qat(timm.create_model("efficientvit_b0", num_classes=10).eval(), {"bits": 8})
-    assert qat.opaque_modules == {"LiteMLA": 4}
+    with pytest.warns(UserWarning, match=r"traced LocalWindowAttention x6 as opaque calls"):
+        qat = prepare_qat(timm.create_model("efficientvit_m0", num_classes=10).eval(), {"bits": 8})
+    assert qat.opaque_modules == {"LocalWindowAttention": 6}
     with pytest.warns(UserWarning, match="opaque calls"):
-        row = zoo_row("efficientvit_b0", "timm", bits=8, images=4, attempts=1)
-    assert row["opaque_modules"] == {"LiteMLA": 4} and row["float_compute_left"] and not row["bit_exact"]
+        row = zoo_row("efficientvit_m0", "timm", bits=8, images=4, attempts=1)
+    assert row["opaque_modules"] == {"LocalWindowAttention": 6} and row["float_compute_left"] and not row["bit_exact"]
+    # EfficientViT (MIT)'s LiteMLA has a traceable form: integer and bit-exact
+    row = zoo_row("efficientvit_b0", "timm", bits=8, images=4, attempts=1)
+    assert row["opaque_modules"] == {} and row["bit_exact"], row
+
+
+class _PadWithOnes(nn.Module):
+    """EfficientViT's value padding: ones appended to a quantized tensor before a linear; a cast."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.fc2 = nn.Conv2d(3, 4, 3), nn.Linear(37, 10), nn.Linear(10, 10)
+
+    def forward(self, x):
+        y = self.fc(F.pad(self.conv(x).flatten(2), (0, 1), mode="constant", value=1.0))
+        return self.fc2(y.to(y.dtype)).mean(1)
+
+
+def test_padding_with_a_constant_off_the_grid_is_a_float_op(tmp_path):
+    """F.pad with ones is not grid-preserving (zero padding is): the linear after it gets its own
+    input quantizer, so training sees the ones as deployment does (rounded to a grid), rather than
+    exact in training and rounded to the conv's grid only in the deployed graph. A node named 'to'
+    (x.to(dtype)) does not collide with Module.to."""
+    qat, x = _prepared(_PadWithOnes(), 8, size=8)
+    assert "pad" in qat.activation_quantizers and "to_site" in qat.activation_quantizers
+    _, rep = _validated(qat, x, tmp_path)
+    assert rep["fusion"]["ok"] and rep["parity"]["torch_integer_vs_ort"]["max_lsb"] == 0
 
 
 def test_the_integer_reference_is_checked_against_ort_with_the_output_lsb(tmp_path):

@@ -135,6 +135,8 @@ class QuantGraph:
         return node_is(n, self.modules, ANCHOR_MODULES, ANCHOR_FUNCS, ANCHOR_METHODS) or self.is_multi_input(n)
 
     def is_pass(self, n: fx.Node) -> bool:
+        if n.op == "call_function" and n.target is F.pad and _pad_value(n) not in (None, 0):
+            return False  # a constant off the grid (EfficientViT pads its values with ones): a float op
         return n not in self.non_tensor and node_is(n, self.modules, PASS_MODULES, PASS_FUNCS, PASS_METHODS)
 
     def is_unit_range(self, n: fx.Node) -> bool:
@@ -188,6 +190,12 @@ class QuantGraph:
     def output_sources(self) -> list[fx.Node]:
         out = next(n for n in reversed(self.gm.graph.nodes) if n.op == "output")
         return [self.source(a) for a in out.all_input_nodes if a not in self.non_tensor and a not in self.constant]
+
+
+def _pad_value(n: fx.Node):
+    """The fill value of an F.pad call (None for the default 0 or a non-constant mode)."""
+    mode = n.kwargs.get("mode", n.args[2] if len(n.args) > 2 else "constant")
+    return n.kwargs.get("value", n.args[3] if len(n.args) > 3 else None) if mode == "constant" else None
 
 
 def site_name(node: fx.Node) -> str:

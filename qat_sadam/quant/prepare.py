@@ -62,6 +62,8 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None) -> fx.
         if b is None:
             continue
         key = name.replace(".", "_")
+        if hasattr(nn.ModuleDict, key):  # a node named after a Module method (x.to(dtype) is node 'to')
+            key += "_site"
         spec = config.activation.with_(bits=b)
         if g.is_unit_range(n):
             spec = spec.with_(scale_mode="frozen", fixed_scale=2.0 ** -b)

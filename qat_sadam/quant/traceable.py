@@ -229,8 +229,22 @@ class _TraceableMobileVitV2Block:
                                                self.patch_size))
 
 
+class _TraceableLiteMLA:
+    """timm's EfficientViT (MIT) attention without its device test (``v.device.type != 'meta'``, a
+    value fx cannot branch on) and the autocast guard around it, a no-op in float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        qkv = self.qkv(x)
+        scales = torch.cat([qkv, *(op(qkv) for op in self.aggreg)], dim=1)
+        q, k, v = scales.reshape(b, -1, 3 * self.dim, h * w).transpose(-1, -2).chunk(3, dim=-1)
+        out = self._attn(self.kernel_func(q), self.kernel_func(k), F.pad(v, (0, 1), mode="constant", value=1.0))
+        return self.proj(out.transpose(-1, -2).reshape(b, -1, h, w))
+
+
 # timm classes made traceable by name, without importing timm.
-_TRACEABLE_BY_NAME = {"MobileVitBlock": _TraceableMobileVitBlock, "MobileVitV2Block": _TraceableMobileVitV2Block}
+_TRACEABLE_BY_NAME = {"MobileVitBlock": _TraceableMobileVitBlock, "MobileVitV2Block": _TraceableMobileVitV2Block,
+                      "LiteMLA": _TraceableLiteMLA}
 
 for _name in ("window_partition", "window_mask", "window_merge", "same_pad", "mobilevit_unfold", "mobilevit_fold",
               "mobilevitv2_resize", "mobilevitv2_unfold", "mobilevitv2_fold"):
