@@ -166,19 +166,50 @@ def test_timm_models_through_their_own_source():
     assert row["stage"] == "build" and "unknown timm model 'no_such_model'" in row["error"]
 
 
-def test_a_module_fx_cannot_see_into_is_named_and_its_layers_reported_float():
-    """timm's EfficientViT attention (LiteMLA) is one of timm's fx leaf modules: prepare_qat says so
-    and the zoo row names it beside the float convs and matmuls it leaves."""
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x) if x.sum() > 0 else -self.conv(x)  # control flow on a value: fx cannot trace it
+
+
+class _TimmLike(nn.Module):
+    __module__ = "timm.models.test"  # prepare_qat tries timm's fx leaf registry for timm's models only
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.block, self.fc = nn.Conv2d(3, 4, 3), _Branchy(), nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+
+def test_a_module_fx_cannot_see_into_is_named_and_its_layers_reported_float(tmp_path):
+    """A module in timm's fx leaf registry is traced as one call: prepare_qat says so, records it,
+    and the export's fusion check reports its conv as float compute."""
     timm = pytest.importorskip("timm", reason="timm is an optional extra (make venv installs it)")
-    with pytest.warns(UserWarning, match=r"traced LocalWindowAttention x6 as opaque calls"):
-        qat = prepare_qat(timm.create_model("efficientvit_m0", num_classes=10).eval(), {"bits": 8})
-    assert qat.opaque_modules == {"LocalWindowAttention": 6}
-    with pytest.warns(UserWarning, match="opaque calls"):
-        row = zoo_row("efficientvit_m0", "timm", bits=8, images=4, attempts=1)
-    assert row["opaque_modules"] == {"LocalWindowAttention": 6} and row["float_compute_left"] and not row["bit_exact"]
-    # EfficientViT (MIT)'s LiteMLA has a traceable form: integer and bit-exact
-    row = zoo_row("efficientvit_b0", "timm", bits=8, images=4, attempts=1)
-    assert row["opaque_modules"] == {} and row["bit_exact"], row
+    timm.layers.register_notrace_module(_Branchy)
+    with pytest.warns(UserWarning, match=r"traced _Branchy x1 as opaque calls"):
+        qat, x = _prepared(_TimmLike(), 8)
+    assert qat.opaque_modules == {"_Branchy": 1}
+    _, rep = _validated(qat, x, tmp_path)
+    assert not rep["fusion"]["ok"] and rep["fusion"]["float_compute_left"] == {"Conv": 1}
+
+
+def test_timm_efficientvit_attention_is_traced_inside():
+    """EfficientViT's attention modules were timm fx leaves (a device test in LiteMLA, size-chosen
+    windows in LocalWindowAttention); both have traceable forms, integer and bit-exact. A model
+    evaluated once holds cached position biases that deepcopy refused."""
+    timm = pytest.importorskip("timm", reason="timm is an optional extra (make venv installs it)")
+    model = timm.create_model("efficientvit_m0", num_classes=10).eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))  # fills its attention-bias caches
+    assert prepare_qat(model, {"bits": 8}).opaque_modules == {}
+    for name in ("efficientvit_b0", "efficientvit_m0"):
+        row = zoo_row(name, "timm", bits=8, images=4, attempts=1)
+        assert row["opaque_modules"] == {} and row["bit_exact"], row
 
 
 class _PadWithOnes(nn.Module):

@@ -254,6 +254,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
     for name, m in model.named_modules():
         if isinstance(m, UNSUPPORTED):
             raise ValueError(f"module {name!r} ({type(m).__name__}) is not supported by prepare_qat")
+    for m in model.modules():  # timm's position-bias caches hold non-leaf tensors after an eval forward,
+        if isinstance(getattr(m, "attention_bias_cache", None), dict):  # which deepcopy refuses; timm
+            m.attention_bias_cache = {}  # itself clears them on train()
     copied = make_traceable(copy.deepcopy(model))
     error = None
     for tracer in _tracers(model):

@@ -242,14 +242,51 @@ class _TraceableLiteMLA:
         return self.proj(out.transpose(-1, -2).reshape(b, -1, h, w))
 
 
+def efficientvit_windows(x: torch.Tensor, ws: int) -> torch.Tensor:
+    """EfficientViT (MSRA)'s (B, C, H, W) -> (B * windows, C, ws, ws), zero-padded to whole windows
+    (one window, x itself, when H = W = ws)."""
+    b, c, h, w = x.shape
+    pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
+    x = F.pad(x, (0, pad_r, 0, pad_b))
+    nh, nw = (h + pad_b) // ws, (w + pad_r) // ws
+    return x.view(b, c, nh, ws, nw, ws).permute(0, 2, 4, 1, 3, 5).reshape(b * nh * nw, c, ws, ws)
+
+
+def efficientvit_unwindows(y: torch.Tensor, x: torch.Tensor, ws: int) -> torch.Tensor:
+    """The inverse of efficientvit_windows for the feature map x: windows back in place, unpadded."""
+    b, h, w = x.shape[0], x.shape[2], x.shape[3]
+    nh, nw, c = (h + ws - 1) // ws, (w + ws - 1) // ws, y.shape[1]
+    y = y.view(b, nh, nw, c, ws, ws).permute(0, 3, 1, 4, 2, 5).reshape(b, c, nh * ws, nw * ws)
+    return y[:, :, :h, :w].contiguous()
+
+
+class _TraceableLocalWindowAttention:
+    """timm's EfficientViT (MSRA) window attention with its size-dependent windowing as wrapped,
+    grid-preserving functions (zero padding, permutations)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ws = self.attn.resolution
+        return efficientvit_unwindows(self.attn(efficientvit_windows(x, ws)), x, ws)
+
+
+class _TraceableCascadedGroupAttention:
+    """timm's EfficientViT (MSRA) attention with its position biases read from the parameters on
+    every call (a constant of the traced graph), not from a cache keyed by the device."""
+
+    def get_attention_biases(self, device: torch.device) -> torch.Tensor:
+        return self.attention_biases[:, self.attention_bias_idxs]
+
+
 # timm classes made traceable by name, without importing timm.
 _TRACEABLE_BY_NAME = {"MobileVitBlock": _TraceableMobileVitBlock, "MobileVitV2Block": _TraceableMobileVitV2Block,
-                      "LiteMLA": _TraceableLiteMLA}
+                      "LiteMLA": _TraceableLiteMLA, "LocalWindowAttention": _TraceableLocalWindowAttention,
+                      "CascadedGroupAttention": _TraceableCascadedGroupAttention}
 
 for _name in ("window_partition", "window_mask", "window_merge", "same_pad", "mobilevit_unfold", "mobilevit_fold",
-              "mobilevitv2_resize", "mobilevitv2_unfold", "mobilevitv2_fold"):
+              "mobilevitv2_resize", "mobilevitv2_unfold", "mobilevitv2_fold", "efficientvit_windows", "efficientvit_unwindows"):
     torch.fx.wrap(_name)  # shape-dependent Python: one opaque node each in the traced graph
-DATA_MOVEMENT_FUNCS = {window_partition, window_merge, same_pad, mobilevitv2_unfold, mobilevitv2_fold}
+DATA_MOVEMENT_FUNCS = {window_partition, window_merge, same_pad, mobilevitv2_unfold, mobilevitv2_fold,
+                       efficientvit_windows, efficientvit_unwindows}
 MASK_FUNCS = {window_mask}
 
 
