@@ -212,6 +212,29 @@ def test_timm_efficientvit_attention_is_traced_inside():
         assert row["opaque_modules"] == {} and row["bit_exact"], row
 
 
+class _ShapeBuiltEncoding(nn.Module):
+    """EdgeNeXt's positional encoding: a conv on a tensor built from the input's shape alone, added."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pos, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(2, 4, 1), nn.Linear(4, 10)
+
+    def forward(self, x):
+        y = self.conv(x)
+        b, _, h, w = y.shape
+        grid = torch.ones((b, 2, h, w)).cumsum(2)
+        return self.fc((y + self.pos(grid)).mean((2, 3)))
+
+
+def test_a_conv_on_a_tensor_built_from_shapes_is_a_constant(tmp_path):
+    """Such a conv has no quantized input: it is a float constant of the graph (exported, computed
+    in float at run time since the batch size is dynamic), not an export error."""
+    qat, x = _prepared(_ShapeBuiltEncoding(), 8)
+    assert type(qat.pos) is nn.Conv2d and type(qat.conv).__name__ == "QuantConv2d"
+    _, rep = _validated(qat, x, tmp_path)
+    assert rep["fusion"]["float_compute_left"] == {"Conv": 1} and rep["parity"]["torch_integer_vs_ort"]["max_lsb"] == 0
+
+
 class _PadWithOnes(nn.Module):
     """EfficientViT's value padding: ones appended to a quantized tensor before a linear; a cast."""
 

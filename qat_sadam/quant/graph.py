@@ -47,6 +47,8 @@ PASS_METHODS = {"flatten", "view", "reshape", "contiguous", "permute", "transpos
 UNIT_RANGE_MODULES = (nn.Softmax,)
 UNIT_RANGE_FUNCS = {F.softmax, torch.softmax}
 UNIT_RANGE_METHODS = {"softmax"}
+# Functions that build a tensor from a shape (its values depend on no input's values).
+TENSOR_FACTORIES = {torch.zeros, torch.ones, torch.full, torch.empty, torch.arange, torch.linspace, torch.eye}
 # Ops whose result is a shape, a size or a count, not a tensor.
 SIZE_METHODS = {"size", "dim", "numel"}
 SIZE_ATTRS = {"shape", "ndim", "dtype", "device"}
@@ -79,18 +81,23 @@ class QuantGraph:
                 n.op == "call_function" and n.target is getattr and n.args[1] in SIZE_ATTRS) or (
                 n.op == "call_function" and n.target is len)
             inputs = [a for a in n.all_input_nodes]
-            derived = n.op in ("call_function", "call_method") and inputs and all(a in out for a in inputs)
+            derived = n.op in ("call_function", "call_method") and inputs and all(a in out for a in inputs) and (
+                n.target not in TENSOR_FACTORIES)
             if size_of or derived:
                 out.add(n)
         return out
 
     def _constant_nodes(self) -> set[fx.Node]:
-        """Nodes computed from parameters and buffers alone (a relative position bias, an attention
-        mask): float constants, folded by the exporter, never quantized."""
+        """Nodes computed from parameters, buffers and shapes alone (a relative position bias, an
+        attention mask, a positional encoding built from the input's size): float constants, never
+        quantized (folded by the exporter where no shape is dynamic)."""
         out: set[fx.Node] = set()
         for n in self.gm.graph.nodes:
+            inputs = n.all_input_nodes
+            from_constants = all(a in out or a in self.non_tensor for a in inputs) and (
+                not inputs or any(a in out for a in inputs) or n.target in TENSOR_FACTORIES)
             if n.op == "get_attr" or (n.op == "call_function" and n.target in MASK_FUNCS) or (
-                    n.op in ("call_function", "call_method", "call_module") and all(a in out for a in n.all_input_nodes)):
+                    n.op in ("call_function", "call_method", "call_module") and from_constants):
                 out.add(n)
         return out
 
