@@ -382,12 +382,13 @@ class Trainer:
                 if len(self.losses) >= 2:
                     rec["loss_var50"] = float(torch.tensor(list(self.losses)).var())
                 if self.tracker:
-                    if self.freezer:  # frozen weights back on their codes before the tracker reads them
-                        self.freezer.hold()
+                    threshold = self._freeze_threshold() if self.freezer else None
+                    if threshold is not None:  # frozen weights back on their codes before the tracker reads
+                        self.freezer.hold()    # them; none can be frozen before the threshold's schedule starts
                     osc = self.tracker.update()
                     if self.freezer:
-                        rec["freeze_threshold"] = self._freeze_threshold()
-                        osc["frozen_frac"] = self.freezer.update(rec["freeze_threshold"])
+                        rec["freeze_threshold"] = threshold
+                        osc["frozen_frac"] = self.freezer.update(threshold)
                     rec.update(zip(osc, torch.stack([v.float() for v in osc.values()]).tolist()))  # one host sync
                 rec["sec"] = time.perf_counter() - t0
                 self._log(rec)
