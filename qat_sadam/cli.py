@@ -36,6 +36,9 @@ RUNTIMES_HELP = ("comma-separated runtimes to run the model on, overriding the t
                  "executorch-xnnpack, ort-web, openvino, or 'all'")
 
 
+MERGE_HELP = "a recipe fragment merged over the recipe, e.g. the mixed_precision.yaml of `sensitivity` (repeatable; --set wins)"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors: one line, exit 2
         raise UserError(f"{self.prog}: {message}")
@@ -45,7 +48,7 @@ def cmd_train(a) -> int:
     from .workflows.train_run import train_recipe
 
     s = train_recipe(a.recipe, a.out, a.set, bits=a.bits, optimizer=a.optimizer, seed=a.seed, resume=a.resume,
-                     force=a.force, progress=not a.quiet)
+                     force=a.force, progress=not a.quiet, fragments=a.merge)
     if s.get("interrupted"):
         if s["rank"] == 0:
             print(f"interrupted by {s['signal']} at step {s['step']}; checkpoint: {s['checkpoint']} (continue with --resume)")
@@ -56,7 +59,7 @@ def cmd_train(a) -> int:
 def cmd_ptq(a) -> int:
     from .workflows.ptq import ptq
 
-    s = ptq(a.recipe, a.out, a.set, bits=a.bits, force=a.force, progress=not a.quiet)
+    s = ptq(a.recipe, a.out, a.set, bits=a.bits, force=a.force, progress=not a.quiet, fragments=a.merge)
     return 0 if s["validation_passed"] else 1
 
 
@@ -70,8 +73,8 @@ def cmd_eval(a) -> int:
 def cmd_sensitivity(a) -> int:
     from .workflows.sensitivity import sensitivity
 
-    out = a.out or os.path.join("runs", os.path.splitext(os.path.basename(a.recipe))[0] + "-sensitivity")
-    sensitivity(a.recipe, out, a.set, a.bits, a.samples, a.budget, progress=not a.quiet)
+    out = a.out or os.path.join("runs", os.path.splitext(os.path.basename(os.path.normpath(a.source)))[0] + "-sensitivity")
+    sensitivity(a.source, out, a.set, a.bits, a.samples, a.budget, progress=not a.quiet)
     return 0
 
 
@@ -115,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="recipe YAML (ignored with --resume: the run's own recipe is used)")
     t.add_argument("--bits", type=_bits, help="W{bits}A{bits} with 8-bit first/last layers")
     t.add_argument("--optimizer", help="adamw, sadam, prox_sgd or sgd")
+    t.add_argument("--merge", action="append", default=[], metavar="FRAGMENT.yaml", help=MERGE_HELP)
     t.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
     t.add_argument("--out", help="run directory (default runs/<recipe name>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -128,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "export it to INT8 and validate it: the baseline a QAT fine-tune must beat.")
     q.add_argument("recipe", help="recipe YAML with model.checkpoint or model.weights")
     q.add_argument("--bits", type=_bits, help="W{bits}A{bits} with 8-bit first/last layers")
+    q.add_argument("--merge", action="append", default=[], metavar="FRAGMENT.yaml", help=MERGE_HELP)
     q.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
     q.add_argument("--out", help="run directory (default runs/<recipe name>-ptq)")
     q.add_argument("--force", action="store_true", help="overwrite an existing run directory")
@@ -156,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="For each quantized layer of a recipe's trained float model: the PTQ accuracy drop "
                                    "when only that layer's weights go to the low bit width, and the gain when only it "
                                    "stays at 8 bits (integer reference = ORT, held-out training images).")
-    s.add_argument("recipe", help="recipe YAML with model.checkpoint or model.weights")
+    s.add_argument("source", metavar="RUN|RECIPE", help="a recipe YAML with model.checkpoint or model.weights, or a run "
+                   "directory (a float run is quantized at --bits)")
     s.add_argument("--bits", type=_bits, help="the low bit width (default: the recipe's quant.bits)")
     s.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
     s.add_argument("--samples", type=int, default=1000, help="validation images held out from the end of the training set")

@@ -13,8 +13,9 @@ from qat_sadam.errors import CheckpointError
 from qat_sadam.models import build_model
 from qat_sadam.quant import FakeQuantize, calibrate, prepare_qat, reestimate_batchnorm
 from qat_sadam.train.checkpoint import load_checkpoint
-from qat_sadam.train.recipe import load_recipe
+from qat_sadam.train.recipe import load_recipe, quantized
 from qat_sadam.train.trainer import Trainer
+from qat_sadam.workflows.sensitivity import sensitivity_recipe
 
 SYNTH = ["data.name=synthetic", "data.image_size=8", "data.batch_size=64", "model.name=small_cnn", "model.width=8",
          "data.eval_batch_size=256", "calibration_batches=1"]
@@ -221,12 +222,17 @@ def test_sensitivity_ranks_layers_and_proposes_a_mixed_precision_within_budget(t
     # the fragment is a valid recipe section: the mixed model prepares with those layers at 8 bits
     frag = yaml.safe_load((out / "mixed_precision.yaml").read_text())
     r = load_recipe("recipes/quickstart_finetune.yaml", [f"model.checkpoint={float_run}", "quant.first_last_bits=null",
-                    "quant.act_bits=8",
-                    f"quant.overrides={json.dumps(frag['quant']['overrides'])}"], bits=2)
-    assert r["quant"]["overrides"] == frag["quant"]["overrides"]
+                    "quant.act_bits=8"], bits=2, fragments=[str(out / "mixed_precision.yaml")])
+    assert r["quant"]["overrides"] == frag["quant"]["overrides"] and r["quant"]["bits"] == 2
+    assert r["quant"]["act_bits"] == 8  # a fragment merges into quant: the recipe's other keys stay
+    # a float run directory is a source too: its weights, quantized at --bits
+    r = sensitivity_recipe(str(float_run), bits=3)
+    assert r["model"]["checkpoint"] == str(float_run) and r["quant"]["bits"] == 3 and quantized(r)
     assert (out / "sensitivity.png").stat().st_size > 5_000
     capsys.readouterr()
     assert main(["sensitivity", "recipes/quickstart_finetune.yaml", "--budget", "0.9"] + sets) == 2
     assert "--budget is a ratio to uniform low-bit weight storage and must be >= 1" in capsys.readouterr().err
     assert main(["sensitivity", "recipes/quickstart_float.yaml", "--out", str(tmp_path / "x")]) == 2
     assert "sensitivity needs a quantized recipe that starts from trained weights" in capsys.readouterr().err
+    assert main(["train", "recipes/quickstart_finetune.yaml", "--merge", str(tmp_path / "none.yaml")]) == 2
+    assert "recipe fragment file not found" in capsys.readouterr().err

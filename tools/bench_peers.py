@@ -10,7 +10,8 @@ fine-tune recipe's lr; no lr tuning for anyone), W8A8.
 (AdamW); qat-w8-sadam-s0 (S-Adam defaults) is trained here if absent. Their INT8 accuracy is ORT's,
 read from their validation reports. Step costs are measured in this process, interleaved round by
 round (float step, our QAT step, our S-Adam step, PT2E QAT step); latencies likewise, each INT8
-model against the float model on the same runtime. OUT gets rows.json and table.md.
+model against the float model on the same runtime. OUT gets rows.json and table.md. ``--arm`` adds
+ArmInductorQuantizer's PTQ and QAT rows to an existing OUT (accuracy and step cost; no latency on x86).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ import torch.nn.functional as F
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from torchao.quantization.pt2e import move_exported_model_to_eval
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
+from torchao.quantization.pt2e.quantizer.arm_inductor_quantizer import (
+    ArmInductorQuantizer, get_default_arm_inductor_quantization_config)
 from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
     X86InductorQuantizer, get_default_x86_inductor_quantization_config)
 from tqdm import tqdm
@@ -105,8 +108,15 @@ def ort_ptq(float_model, calib_batches, example, work) -> dict:
 
 # -- torchao PT2E ----------------------------------------------------------------------------------
 
-def _quantizer(is_qat: bool):
-    return X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=is_qat))
+# x86: u8 activations, per-channel s8 weights, inductor's x86 int8 kernels. arm: s8 activations,
+# per-tensor s8 weights (its QAT supports nothing else), for inductor on Arm CPUs.
+QUANTIZERS = {"x86": (X86InductorQuantizer, get_default_x86_inductor_quantization_config),
+              "arm": (ArmInductorQuantizer, get_default_arm_inductor_quantization_config)}
+
+
+def _quantizer(is_qat: bool, kind: str = "x86"):
+    cls, config = QUANTIZERS[kind]
+    return cls().set_global(config(is_qat=is_qat))
 
 
 def _export(model, example):
@@ -114,18 +124,18 @@ def _export(model, example):
     return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
 
 
-def pt2e_ptq(float_model, calib_batches, example):
+def pt2e_ptq(float_model, calib_batches, example, kind: str = "x86"):
     m = _export(copy.deepcopy(float_model).eval(), example).module()
-    m = prepare_pt2e(m, _quantizer(False))
+    m = prepare_pt2e(m, _quantizer(False, kind))
     with torch.no_grad():
         for x in calib_batches:
             m(x)
     return convert_pt2e(m)
 
 
-def pt2e_qat_model(float_model, example):
+def pt2e_qat_model(float_model, example, kind: str = "x86"):
     m = _export(copy.deepcopy(float_model).train(), example).module()
-    return prepare_qat_pt2e(m, _quantizer(True))
+    return prepare_qat_pt2e(m, _quantizer(True, kind))
 
 
 def _compiled(model):
@@ -164,17 +174,9 @@ def train_pt2e(model, recipe, train, steps: int) -> None:
                     return
 
 
-def step_costs(recipe, float_model, train, rounds: int) -> dict:
-    """Median s per training step, interleaved: float, our QAT (AdamW), our QAT (S-Adam), PT2E QAT."""
-    batch = next(iter(train.batches(0)))
-    ours = quantize_model(recipe, copy.deepcopy(float_model))
-    calibrate(ours, [batch[0]])
-    ours_sadam = copy.deepcopy(ours)
-    pt2e = pt2e_qat_model(float_model, batch[0][:2])
-    fm = copy.deepcopy(float_model).train()
-    steppers = {"float": _stepper(fm, recipe, "adamw")[0], "ours_adamw": _stepper(ours.train(), recipe, "adamw")[0],
-                "ours_sadam": _stepper(ours_sadam.train(), recipe, "sadam")[0], "pt2e_qat": _stepper(pt2e, recipe, "adamw")[0]}
-    # S-Adam probes one step in 8: a block of 8 steps per round covers its cycle
+def _interleaved(steppers: dict, batch, rounds: int) -> dict:
+    """Median s per training step of each stepper, blocks of 8 steps interleaved round by round
+    (S-Adam probes one step in 8: a block covers its cycle); ratios to the "float" stepper."""
     times = {k: [] for k in steppers}
     for _ in range(rounds):
         for k, s in steppers.items():
@@ -184,6 +186,37 @@ def step_costs(recipe, float_model, train, rounds: int) -> dict:
             times[k].append((time.perf_counter() - t0) / 8)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {k: {"s_per_step": v, "over_float": v / med["float"]} for k, v in med.items()}
+
+
+def step_costs(recipe, float_model, train, rounds: int) -> dict:
+    """Float, our QAT (AdamW), our QAT (S-Adam), PT2E QAT (x86), interleaved."""
+    batch = next(iter(train.batches(0)))
+    ours = quantize_model(recipe, copy.deepcopy(float_model))
+    calibrate(ours, [batch[0]])
+    ours_sadam = copy.deepcopy(ours)
+    pt2e = pt2e_qat_model(float_model, batch[0][:2])
+    fm = copy.deepcopy(float_model).train()
+    return _interleaved({"float": _stepper(fm, recipe, "adamw")[0], "ours_adamw": _stepper(ours.train(), recipe, "adamw")[0],
+                         "ours_sadam": _stepper(ours_sadam.train(), recipe, "sadam")[0],
+                         "pt2e_qat": _stepper(pt2e, recipe, "adamw")[0]}, batch, rounds)
+
+
+def arm_rows(recipe, float_model, calib_batches, example, train, test, steps: int, rounds: int) -> dict:
+    """ArmInductorQuantizer's PTQ and QAT (same steps and optimizer as the x86 rows). Its int8 kernels
+    are inductor's Arm lowering, which this x86 host cannot run: accuracy is that of the converted
+    model run eagerly (quantize/dequantize in float, PT2E's reference), and there is no latency."""
+    qat = pt2e_qat_model(float_model, example, "arm")
+    train_pt2e(qat, recipe, train, steps)
+    models = {"torchao_pt2e_arm_ptq": pt2e_ptq(float_model, calib_batches, example, "arm"),
+              "torchao_pt2e_arm_qat": convert_pt2e(move_exported_model_to_eval(qat))}
+    rows = {key: {"int8_acc": _accuracy(m, test), "runtime": "eager PT2E reference (Arm int8 kernels need an Arm CPU)",
+                  "latency": None, "size_over_float": None, "checked": "no: the eager reference is the only arithmetic run"}
+            for key, m in models.items()}
+    batch = next(iter(train.batches(0)))
+    rows["step_cost_arm"] = _interleaved({"float": _stepper(copy.deepcopy(float_model).train(), recipe, "adamw")[0],
+                                          "pt2e_arm_qat": _stepper(pt2e_qat_model(float_model, batch[0][:2], "arm"),
+                                                                   recipe, "adamw")[0]}, batch, rounds)
+    return rows
 
 
 # -- ours ------------------------------------------------------------------------------------------
@@ -210,6 +243,7 @@ def main() -> None:
     p.add_argument("--ours", required=True, help="directory with ptq-w8-s0 and qat-w8-s0 (tools/finetune_study.sh)")
     p.add_argument("--out", required=True)
     p.add_argument("--cost-rounds", type=int, default=3)
+    p.add_argument("--arm", action="store_true", help="add ArmInductorQuantizer's rows to OUT/rows.json, keeping the others")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     work = os.path.join("runs", "peers", os.path.basename(os.path.normpath(a.out)))
@@ -223,6 +257,10 @@ def main() -> None:
     steps = recipe["epochs"] * len(train)
     example = calib_batches[0][:2]  # batch 2: a batch of 1 would specialise the dynamic dimension
     x1, x32 = example, calib_batches[0][:32]
+    if a.arm:
+        rows = json.load(open(os.path.join(a.out, "rows.json")))
+        rows.update(arm_rows(recipe, float_model, calib_batches, example, train, test, steps, a.cost_rounds))
+        return _write(rows, a.out)
     rows = {"float": {"float_acc": _accuracy(float_model, test)}}
     print(f"float accuracy {rows['float']['float_acc']:.4f}; fine-tune steps {steps}")
 
@@ -264,15 +302,27 @@ def main() -> None:
                      "checked": f"no (torchao checks nothing); measured here: compiled vs eager reference top-1 "
                                 f"agreement {100 * agree:.1f}%, max |logit diff| {float((a_ - b_).abs().max()):.3g}"}
     rows["step_cost"] = step_costs(recipe, float_model, train, a.cost_rounds)
-    json.dump(rows, open(os.path.join(a.out, "rows.json"), "w"), indent=2)
-    write_table(rows, os.path.join(a.out, "table.md"))
-    print(open(os.path.join(a.out, "table.md")).read())
+    _write(rows, a.out)
 
 
+def _write(rows: dict, out: str) -> None:
+    json.dump(rows, open(os.path.join(out, "rows.json"), "w"), indent=2)
+    write_table(rows, os.path.join(out, "table.md"))
+    print(open(os.path.join(out, "table.md")).read())
+
+
+# row -> (name, its step-cost block and key)
 NAMES = {"ort_quantize_static_ptq": ("ORT quantize_static (PTQ)", None), "torchao_pt2e_ptq": ("torchao PT2E PTQ", None),
-         "torchao_pt2e_qat": ("torchao PT2E QAT (AdamW)", "pt2e_qat"), "qat_sadam_ptq": ("qat-sadam PTQ", None),
-         "qat_sadam_qat_adamw": ("qat-sadam QAT (AdamW)", "ours_adamw"),
-         "qat_sadam_qat_sadam": ("qat-sadam QAT (S-Adam defaults)", "ours_sadam")}
+         "torchao_pt2e_qat": ("torchao PT2E QAT (AdamW)", ("step_cost", "pt2e_qat")),
+         "torchao_pt2e_arm_ptq": ("torchao PT2E PTQ, ArmInductorQuantizer", None),
+         "torchao_pt2e_arm_qat": ("torchao PT2E QAT (AdamW), ArmInductorQuantizer", ("step_cost_arm", "pt2e_arm_qat")),
+         "qat_sadam_ptq": ("qat-sadam PTQ", None),
+         "qat_sadam_qat_adamw": ("qat-sadam QAT (AdamW)", ("step_cost", "ours_adamw")),
+         "qat_sadam_qat_sadam": ("qat-sadam QAT (S-Adam defaults)", ("step_cost", "ours_sadam"))}
+
+
+def _latency(r: dict, batch: str) -> str:
+    return "n/a" if r["latency"] is None else f"{r['latency'][batch]['int8_over_float']:.2f}"
 
 
 def write_table(rows: dict, path: str) -> None:
@@ -281,10 +331,12 @@ def write_table(rows: dict, path: str) -> None:
          "| method | INT8 acc | vs float | step cost / float step | runtime | latency b1 INT8/float | latency b32 INT8/float "
          "| size INT8/float | checked against a reference |", "|---|---|---|---|---|---|---|---|---|"]
     for key, (name, cost_key) in NAMES.items():
+        if key not in rows:
+            continue
         r = rows[key]
-        cost = f"{rows['step_cost'][cost_key]['over_float']:.2f}x" if cost_key else "- (no training)"
+        cost = f"{rows[cost_key[0]][cost_key[1]]['over_float']:.2f}x" if cost_key else "- (no training)"
         L.append(f"| {name} | {100 * r['int8_acc']:.2f}% | {100 * (r['int8_acc'] - f):+.2f} | {cost} | {r['runtime']} | "
-                 f"{r['latency']['batch1']['int8_over_float']:.2f} | {r['latency']['batch32']['int8_over_float']:.2f} | "
+                 f"{_latency(r, 'batch1')} | {_latency(r, 'batch32')} | "
                  f"{'n/a (no INT8 file)' if r['size_over_float'] is None else format(r['size_over_float'], '.3f')} | {r['checked']} |")
     with open(path, "w") as fh:
         fh.write("\n".join(L) + "\n")

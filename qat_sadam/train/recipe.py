@@ -157,22 +157,32 @@ def _looks_numeric(s: str) -> bool:
         return False
 
 
+def _read_mapping(path: str, what: str) -> dict:
+    if not os.path.isfile(path):
+        raise RecipeError(f"{what} file not found: {path}")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a {what} must be a YAML mapping")
+    return raw
+
+
 def load_recipe(path: str | None = None, overrides: list[str] = (), bits: int | None = None,
-                optimizer: str | None = None, seed: int | None = None, base: dict | None = None) -> dict:
-    """Read a recipe file (or start from the recipe ``base``), apply --bits/--optimizer/--seed, then
-    the --set overrides (which win), fill defaults and validate. Raises RecipeError."""
+                optimizer: str | None = None, seed: int | None = None, base: dict | None = None,
+                fragments: list[str] = ()) -> dict:
+    """Read a recipe file (or start from the recipe ``base``), merge the recipe ``fragments`` over it
+    in order (e.g. the quant.overrides that ``qat-sadam sensitivity`` proposes), apply
+    --bits/--optimizer/--seed, then the --set overrides (which win), fill defaults and validate.
+    Raises RecipeError."""
     raw: dict = copy.deepcopy(base) if base is not None else {}
     if path is not None:
-        if not os.path.isfile(path):
-            raise RecipeError(f"recipe file not found: {path}")
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise RecipeError(f"{path}: a recipe must be a YAML mapping")
+        raw = _read_mapping(path, "recipe")
         raw.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    for frag in fragments:
+        raw = _merge(raw, _read_mapping(frag, "recipe fragment"))
     if bits is not None:
         raw.setdefault("quant", {})
         if not isinstance(raw["quant"], dict):

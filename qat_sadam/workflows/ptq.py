@@ -16,10 +16,10 @@ from .train_run import prepare_out
 
 
 def ptq(recipe_path: str, out: str | None = None, overrides: list[str] = (), bits: int | None = None,
-        force: bool = False, progress: bool = True) -> dict:
+        force: bool = False, progress: bool = True, fragments: list[str] = ()) -> dict:
     """Calibrate the recipe's trained model, export it for the recipe's target and validate it on
     ORT; writes RUN/checkpoints/ptq.pt, RUN/export/ and summary.json (float_acc, ptq_acc)."""
-    recipe = load_recipe(recipe_path, overrides, bits=bits)
+    recipe = load_recipe(recipe_path, overrides, bits=bits, fragments=fragments)
     if not starts_trained(recipe):
         raise RecipeError("ptq needs a trained float model: set model.checkpoint (a state_dict or a float run "
                           "directory) or model.weights (torchvision's)")

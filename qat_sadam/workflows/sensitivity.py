@@ -84,9 +84,26 @@ def propose(rows: list[dict], low: int, budget: float) -> list[dict]:
     return chosen
 
 
-def sensitivity(recipe_path: str, out: str, overrides: list[str] = (), bits: int | None = None, samples: int = 1000,
+def sensitivity_recipe(source: str, overrides: list[str] = (), bits: int | None = None) -> dict:
+    """The recipe a sensitivity sweep runs: a recipe file; or a run directory, whose own recipe is
+    used (a QAT fine-tune's: the float model it started from), or, for a float run, the run's model
+    and data with quantizers at ``bits`` and its trained weights as the starting point."""
+    if not os.path.isdir(source):
+        return load_recipe(source, overrides, bits=bits)
+    path = os.path.join(source, "recipe.yaml")
+    if not os.path.isfile(path):
+        raise RecipeError(f"{source}: not a run directory (no recipe.yaml) and not a recipe file")
+    with open(path) as f:
+        base = yaml.safe_load(f)
+    if not quantized(base):  # a float run: its trained weights are what gets quantized
+        base["quant"] = {}
+        base["model"].update(checkpoint=source, weights=None)
+    return load_recipe(None, overrides, bits=bits, base=base)
+
+
+def sensitivity(source: str, out: str, overrides: list[str] = (), bits: int | None = None, samples: int = 1000,
                 budget: float | None = None, progress: bool = True) -> dict:
-    recipe = load_recipe(recipe_path, overrides, bits=bits)
+    recipe = sensitivity_recipe(source, overrides, bits)
     if not starts_trained(recipe) or not quantized(recipe):
         raise RecipeError("sensitivity needs a quantized recipe that starts from trained weights (model.checkpoint or "
                           "model.weights): per-layer drops of an untrained network mean nothing")
@@ -105,7 +122,7 @@ def sensitivity(recipe_path: str, out: str, overrides: list[str] = (), bits: int
         only_high = _deployed_accuracy(recipe, float_model, {name: HIGH}, calib, val)
         rows.append({"layer": name, "weights": layers[name], "drop": all_high - only_low, "gain": only_high - all_low})
     os.makedirs(out, exist_ok=True)
-    result = {"recipe": recipe_path, "low_bits": low, "validation_samples": samples, "all_8bit_weights_acc": all_high,
+    result = {"source": source, "low_bits": low, "validation_samples": samples, "all_8bit_weights_acc": all_high,
               f"all_{low}bit_weights_acc": all_low, "layers": rows}
     if budget is not None:
         chosen = propose(rows, low, budget)
@@ -113,7 +130,8 @@ def sensitivity(recipe_path: str, out: str, overrides: list[str] = (), bits: int
         result["proposal"] = {"budget": budget, "overrides": chosen, "acc": mixed}
         with open(os.path.join(out, "mixed_precision.yaml"), "w") as f:
             f.write(f"# qat-sadam sensitivity --budget {budget}: {len(chosen)} layers at 8-bit weights; PTQ accuracy on "
-                    f"the validation split {100 * mixed:.2f}% vs {100 * all_low:.2f}% uniform. Merge into the recipe.\n")
+                    f"the validation split {100 * mixed:.2f}% vs {100 * all_low:.2f}% uniform.\n"
+                    f"# Fine-tune with it: qat-sadam train RECIPE --bits {low} --merge {os.path.join(out, 'mixed_precision.yaml')}\n")
             yaml.safe_dump({"quant": {"overrides": chosen}}, f, sort_keys=False)
     with open(os.path.join(out, "sensitivity.json"), "w") as f:
         json.dump(result, f, indent=2)

@@ -41,15 +41,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def resumed_recipe(out: str, overrides: list[str], bits: int | None, optimizer: str | None, seed: int | None) -> dict:
+def resumed_recipe(out: str, overrides: list[str], bits: int | None, optimizer: str | None, seed: int | None,
+                   fragments: list[str] = ()) -> dict:
     """The run's own recipe with the overrides a resumed run can take; any other change (model,
     quantizers, optimizer, data, seed) is refused, naming the key and both values. The changes go to
     RUN/recipe_history.jsonl."""
     ck, _ = resume_checkpoint(out)
     old = ck["recipe"]
-    if not (overrides or bits is not None or optimizer is not None or seed is not None):
+    if not (overrides or fragments or bits is not None or optimizer is not None or seed is not None):
         return old
-    new = load_recipe(None, overrides, bits=bits, optimizer=optimizer, seed=seed, base=old)
+    new = load_recipe(None, overrides, bits=bits, optimizer=optimizer, seed=seed, base=old, fragments=fragments)
     before, after = _flat(old), _flat(new)
     changes = {k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}
     for key, (was, now) in changes.items():
@@ -64,17 +65,17 @@ def resumed_recipe(out: str, overrides: list[str], bits: int | None, optimizer: 
 
 def train_recipe(recipe_path: str, out: str | None = None, overrides: list[str] = (), bits: int | None = None,
                  optimizer: str | None = None, seed: int | None = None, resume: bool = False, force: bool = False,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, fragments: list[str] = ()) -> dict:
     """Train (or with ``resume`` continue) a run while holding its lock; export and validate it when
-    the recipe says so. Returns the summary; ``{"interrupted": True, "signal": ...}`` when SIGINT or
+    the recipe says so (``fragments``: recipe files merged over the recipe, see ``load_recipe``). Returns the summary; ``{"interrupted": True, "signal": ...}`` when SIGINT or
     SIGTERM stopped it after a save."""
     out = out or os.path.join("runs", os.path.splitext(os.path.basename(recipe_path))[0])
     if not resume:
-        recipe = load_recipe(recipe_path, overrides, bits=bits, optimizer=optimizer, seed=seed)
+        recipe = load_recipe(recipe_path, overrides, bits=bits, optimizer=optimizer, seed=seed, fragments=fragments)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 owns the run directory
     with RunLock(out) if main_rank else contextlib.nullcontext():
         if resume:
-            recipe = resumed_recipe(out, overrides, bits, optimizer, seed)
+            recipe = resumed_recipe(out, overrides, bits, optimizer, seed, fragments)
         elif main_rank:
             prepare_out(out, force)
         trainer = Trainer(recipe, out, resume=resume, progress=progress)
