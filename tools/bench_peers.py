@@ -11,7 +11,8 @@ fine-tune recipe's lr; no lr tuning for anyone), W8A8.
 read from their validation reports. Step costs are measured in this process, interleaved round by
 round (float step, our QAT step, our S-Adam step, PT2E QAT step); latencies likewise, each INT8
 model against the float model on the same runtime. OUT gets rows.json and table.md. ``--arm`` adds
-ArmInductorQuantizer's PTQ and QAT rows to an existing OUT (accuracy and step cost; no latency on x86).
+ArmInductorQuantizer's PTQ and QAT rows to an existing OUT (accuracy and step cost; no latency on x86);
+``--latency`` measures the ORT rows' latencies again (all against one float model, interleaved).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 from tqdm import tqdm
 
 from qat_sadam.export import ort_session
+from qat_sadam.export.validate import fusion
 from qat_sadam.optim import loss_closure
 from qat_sadam.train.optimizers import build_optimizer
 from qat_sadam.quant import calibrate
@@ -244,6 +246,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--cost-rounds", type=int, default=3)
     p.add_argument("--arm", action="store_true", help="add ArmInductorQuantizer's rows to OUT/rows.json, keeping the others")
+    p.add_argument("--latency", action="store_true", help="measure the ORT rows' latencies of OUT/rows.json again, nothing else")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     work = os.path.join("runs", "peers", os.path.basename(os.path.normpath(a.out)))
@@ -257,9 +260,12 @@ def main() -> None:
     steps = recipe["epochs"] * len(train)
     example = calib_batches[0][:2]  # batch 2: a batch of 1 would specialise the dynamic dimension
     x1, x32 = example, calib_batches[0][:32]
-    if a.arm:
+    if a.arm or a.latency:
         rows = json.load(open(os.path.join(a.out, "rows.json")))
-        rows.update(arm_rows(recipe, float_model, calib_batches, example, train, test, steps, a.cost_rounds))
+        if a.arm:
+            rows.update(arm_rows(recipe, float_model, calib_batches, example, train, test, steps, a.cost_rounds))
+        if a.latency:
+            ort_latencies(rows, x1, x32, work)
         return _write(rows, a.out)
     rows = {"float": {"float_acc": _accuracy(float_model, test)}}
     print(f"float accuracy {rows['float']['float_acc']:.4f}; fine-tune steps {steps}")
@@ -272,12 +278,7 @@ def main() -> None:
     sadam_run = _ensure_sadam_run(a.recipe, a.ours)
     for key, run in (("qat_sadam_ptq", "ptq-w8-s0"), ("qat_sadam_qat_adamw", "qat-w8-s0"), ("qat_sadam_qat_sadam", sadam_run)):
         rows[key] = _ours_row(os.path.join(a.ours, run) if key != "qat_sadam_qat_sadam" else run)
-    for key in [k for k in rows if "onnx" in rows[k]]:
-        r = rows[key]
-        lat = {f"batch{b}": _median_ms({"float": _ort(r["float_onnx"]), "int8": _ort(r["onnx"])}, x) for b, x in ((1, x1), (32, x32))}
-        r["latency"] = {b: {**v, "int8_over_float": v["int8"] / v["float"]} for b, v in lat.items()}
-        r["size_over_float"] = os.path.getsize(r["onnx"]) / os.path.getsize(r["float_onnx"])
-        r["runtime"] = "ORT CPU"
+    ort_latencies(rows, x1, x32, work)
 
     # torchao PT2E: PTQ, then QAT with the same steps
     fcomp = _compiled(copy.deepcopy(float_model).eval())
@@ -303,6 +304,21 @@ def main() -> None:
                                 f"agreement {100 * agree:.1f}%, max |logit diff| {float((a_ - b_).abs().max()):.3g}"}
     rows["step_cost"] = step_costs(recipe, float_model, train, a.cost_rounds)
     _write(rows, a.out)
+
+
+def ort_latencies(rows: dict, x1, x32, work: str) -> None:
+    """Every ORT INT8 model and ORT's float model in one interleaved measurement per batch size, so that
+    all rows share one float denominator (float speed does not depend on the weights); with each
+    row, the op histogram of ORT's optimized graph (what runs)."""
+    keys = [k for k in rows if "onnx" in rows[k]]
+    sessions = {"float": _ort(rows["ort_quantize_static_ptq"]["float_onnx"]), **{k: _ort(rows[k]["onnx"]) for k in keys}}
+    med = {b: _median_ms(sessions, x) for b, x in (("batch1", x1), ("batch32", x32))}
+    for key in keys:
+        r = rows[key]
+        r["latency"] = {b: {"float": m["float"], "int8": m[key], "int8_over_float": m[key] / m["float"]} for b, m in med.items()}
+        r["size_over_float"] = os.path.getsize(r["onnx"]) / os.path.getsize(r["float_onnx"])
+        r["runtime"] = "ORT CPU"
+        r["optimized_ops"] = fusion(r["onnx"], work)["optimized_ops"]
 
 
 def _write(rows: dict, out: str) -> None:
@@ -338,6 +354,11 @@ def write_table(rows: dict, path: str) -> None:
         L.append(f"| {name} | {100 * r['int8_acc']:.2f}% | {100 * (r['int8_acc'] - f):+.2f} | {cost} | {r['runtime']} | "
                  f"{_latency(r, 'batch1')} | {_latency(r, 'batch32')} | "
                  f"{'n/a (no INT8 file)' if r['size_over_float'] is None else format(r['size_over_float'], '.3f')} | {r['checked']} |")
+    graphs = {NAMES[k][0]: rows[k]["optimized_ops"] for k in NAMES if "optimized_ops" in rows.get(k, {})}
+    for i, (name, ops) in enumerate(graphs.items()):
+        same = [n for n in list(graphs)[:i] if graphs[n] == ops]
+        L.append(("" if i else "\nORT's optimized graphs (what runs):\n") + f"- {name}: "
+                 + (f"the same op histogram as {same[0]}" if same else ", ".join(f"{c} {o}" for o, c in ops.items())))
     with open(path, "w") as fh:
         fh.write("\n".join(L) + "\n")
 
