@@ -34,15 +34,18 @@ class LSQPerTensor(torch.autograd.Function):
     @staticmethod
     @torch.profiler.record_function("LSQPerTensor")  # a label for profilers (tools/bench_training_cost.py)
     def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, grad_factor: float):
+        # Two full-size float buffers and one mask, the rest in place: on CPU a fresh buffer of
+        # activation size costs more than the arithmetic (its pages are faulted in on first touch).
         v = x * scale.reciprocal()
-        level = torch.round(v)  # relative to the zero point: clipped to [qmin - zp, qmax - zp]
+        q = torch.round(v)  # the level relative to the zero point, clipped below to [qmin - zp, qmax - zp]
         lo, hi = qmin - zero_point, qmax - zero_point  # int32: exact
-        clipped = (level < lo).logical_or_(level > hi)
-        out = level.clamp_(lo, hi) * scale
+        clipped = (q < lo).logical_or_(q > hi)
+        q.clamp_(lo, hi)
         # masked_fill, not a product with the mask: a bool factor would be converted to float first
-        ctx.save_for_backward(clipped, level.sub_(v.masked_fill_(clipped, 0.0)))  # r, in level's memory
+        r = torch.sub(q, v.masked_fill_(clipped, 0.0), out=v)  # r = q - v inside the range, q outside
+        ctx.save_for_backward(clipped, r)
         ctx.grad_factor = grad_factor
-        return out
+        return q.mul_(scale)
 
     @staticmethod
     def values(x, scale, zero_point, qmin: int, qmax: int):
