@@ -215,6 +215,8 @@ def test_sensitivity_ranks_layers_and_proposes_a_mixed_precision_within_budget(t
     rows = {r["layer"]: r for r in res["layers"]}
     assert set(rows) == {"stem.0", "body.0", "fc"}
     assert res["all_2bit_weights_acc"] < res["all_8bit_weights_acc"] - 0.05  # 2-bit weights cost accuracy
+    # activations are 8-bit here already: the "8-bit activations" configuration is the all-2-bit one
+    assert res["all_2bit_weights_8bit_activations_acc"] == res["all_2bit_weights_acc"]
     assert max(r["drop"] for r in rows.values()) > 0.02 and max(r["gain"] for r in rows.values()) > 0.02
     chosen = [o["pattern"] for o in res["proposal"]["overrides"]]
     base = sum(r["weights"] * 2 for r in rows.values())

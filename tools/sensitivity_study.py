@@ -87,9 +87,9 @@ def report(a) -> str:
     for kind, label, r in (("uniform", f"uniform W{a.bits}", 1.0),
                            ("mixed", f"mixed: {n8} layers at 8-bit weights", ratio)):
         d = done[kind]
+        per_seed = ", ".join(f"s{s}: {100 * c['qat']:.1f}" for s, c in d.items())
         L.append(f"| {label} | {r:.3f} | {len(d)} | {_stat([c['ptq'] for c in d.values()])} | "
-                 f"{_stat([c['qat'] for c in d.values()])} | "
-                 f"{', '.join(f's{s}: {100 * c['qat']:.1f}' for s, c in d.items())} |")
+                 f"{_stat([c['qat'] for c in d.values()])} | {per_seed} |")
     paired = [done["mixed"][s]["qat"] - done["uniform"][s]["qat"] for s in a.seeds if s in done["mixed"] and s in done["uniform"]]
     if paired:
         L += ["", f"Mixed minus uniform, paired by seed (QAT INT8): {_stat(paired)} points over {len(paired)} seeds."]

@@ -5,10 +5,11 @@ For each quantized conv/linear of a recipe's trained float model, two post-train
 (AIMET's per-layer quant analysis, done on the deployed arithmetic):
 - drop: every layer's weights at 8 bits except this one at the low bit width, against all at 8;
 - gain: every layer at the low bit width except this one at 8, against all at the low width.
-Activations stay at the recipe's bit width. Each configuration is prepared, calibrated on the
-recipe's calibration batches and scored with the integer reference (what ORT's integer kernels
-compute, bit for bit; docs/export.md) on a validation split held out from the end of the training
-set, so the test set stays unseen. BatchNorm is not re-estimated (the same for every configuration).
+Activations stay at the recipe's bit width (one more configuration, all weights low with 8-bit
+activations, says whether the activations rather than the weights carry the loss). Each
+configuration is prepared, calibrated on the recipe's calibration batches and scored with the
+integer reference (what ORT's integer kernels compute, bit for bit; docs/export.md) on a
+validation split held out from the end of the training set, so the test set stays unseen. BatchNorm is not re-estimated (the same for every configuration).
 
 ``--budget R`` proposes ``quant.overrides`` that raise layers to 8-bit weights, highest gain per
 added weight bit first, while the weight storage stays within R times uniform low-bit storage.
@@ -116,6 +117,10 @@ def sensitivity(source: str, out: str, overrides: list[str] = (), bits: int | No
     layers = _layers(recipe, float_model)
     all_high = _deployed_accuracy(recipe, float_model, {n: HIGH for n in layers}, calib, val)
     all_low = _deployed_accuracy(recipe, float_model, {}, calib, val)
+    # where the loss is: the weights are what --budget trades; 8-bit activations are a different trade
+    act_high = copy.deepcopy(recipe)
+    act_high["quant"]["act_bits"] = HIGH
+    acts_8bit = _deployed_accuracy(act_high, float_model, {}, calib, val)
     rows = []
     for name in tqdm(layers, desc="layers", disable=None if progress else True):
         only_low = _deployed_accuracy(recipe, float_model, {n: HIGH for n in layers if n != name}, calib, val)
@@ -123,7 +128,7 @@ def sensitivity(source: str, out: str, overrides: list[str] = (), bits: int | No
         rows.append({"layer": name, "weights": layers[name], "drop": all_high - only_low, "gain": only_high - all_low})
     os.makedirs(out, exist_ok=True)
     result = {"source": source, "low_bits": low, "validation_samples": samples, "all_8bit_weights_acc": all_high,
-              f"all_{low}bit_weights_acc": all_low, "layers": rows}
+              f"all_{low}bit_weights_acc": all_low, f"all_{low}bit_weights_8bit_activations_acc": acts_8bit, "layers": rows}
     if budget is not None:
         chosen = propose(rows, low, budget)
         mixed = _deployed_accuracy(recipe, float_model, {o["pattern"]: HIGH for o in chosen}, calib, val)
@@ -145,7 +150,8 @@ def sensitivity(source: str, out: str, overrides: list[str] = (), bits: int | No
 def _write_table(res: dict, path: str) -> None:
     low = res["low_bits"]
     L = [f"PTQ accuracy on {res['validation_samples']} held-out training images (integer reference = ORT): all weights "
-         f"8-bit {100 * res['all_8bit_weights_acc']:.2f}%, all {low}-bit {100 * res[f'all_{low}bit_weights_acc']:.2f}%.", "",
+         f"8-bit {100 * res['all_8bit_weights_acc']:.2f}%, all {low}-bit {100 * res[f'all_{low}bit_weights_acc']:.2f}%; "
+         f"all {low}-bit with 8-bit activations {100 * res[f'all_{low}bit_weights_8bit_activations_acc']:.2f}%.", "",
          f"| layer | weights | drop: only this layer at {low} bits | gain: only this layer at 8 bits |", "|---|---|---|---|"]
     L += [f"| {r['layer']} | {r['weights']} | {100 * r['drop']:+.2f} | {100 * r['gain']:+.2f} |"
           for r in sorted(res["layers"], key=lambda r: -r["drop"])]
