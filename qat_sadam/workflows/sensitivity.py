@@ -155,11 +155,18 @@ def _write_table(res: dict, path: str) -> None:
          f"| layer | weights | drop: only this layer at {low} bits | gain: only this layer at 8 bits |", "|---|---|---|---|"]
     L += [f"| {r['layer']} | {r['weights']} | {100 * r['drop']:+.2f} | {100 * r['gain']:+.2f} |"
           for r in sorted(res["layers"], key=lambda r: -r["drop"])]
+    all_low, n = res[f"all_{low}bit_weights_acc"], res["validation_samples"]
+    L += ["", f"Where the loss is: 8-bit weights everywhere recover {100 * (res['all_8bit_weights_acc'] - all_low):+.2f} "
+          f"points, 8-bit activations everywhere {100 * (res[f'all_{low}bit_weights_8bit_activations_acc'] - all_low):+.2f}. "
+          f"One accuracy on {n} images has a standard error of {100 * (all_low * (1 - all_low) / n) ** 0.5:.1f} points."]
     if "proposal" in res:
         p = res["proposal"]
         L += ["", f"Proposal within {p['budget']:g}x uniform {low}-bit weight storage: "
               f"{', '.join(o['pattern'] for o in p['overrides']) or 'no layer'} at 8 bits -> {100 * p['acc']:.2f}% "
               "(mixed_precision.yaml)."]
+        if p["acc"] <= all_low:
+            L.append(f"The proposal does not beat uniform {low}-bit weights on this split: the per-layer gains it was "
+                     "built from are within the split's noise (more --samples, or raise activations instead).")
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
 
