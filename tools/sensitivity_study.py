@@ -59,11 +59,13 @@ def _storage_ratio(sens: dict) -> float:
 
 
 def _cell(run: str) -> dict | None:
-    path = os.path.join(run, "summary.json")
-    if not os.path.isfile(path):
+    """A finished run's INT8 accuracies on ORT: the fine-tuned export's and its PTQ rung's (export-ptq)."""
+    paths = [os.path.join(run, d, "validation.json") for d in ("export", "export-ptq")]
+    if not all(os.path.isfile(p) for p in paths):
         return None
-    s = json.load(open(path))
-    return {"ptq": s["ptq_acc"], "qat": s["ort_acc"], "float": s["float_acc"], "agreement": s["ort_agreement"]}
+    qat, ptq = (json.load(open(p)) for p in paths)
+    return {"ptq": ptq["accuracy"]["ort_int8"], "qat": qat["accuracy"]["ort_int8"], "float": qat["ladder"]["float_acc"],
+            "agreement": min(r["parity"]["torch_integer_vs_ort"]["top1_agreement"] for r in (qat, ptq))}
 
 
 def _stat(xs: list[float]) -> str:
