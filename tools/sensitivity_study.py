@@ -86,7 +86,7 @@ def report(a) -> str:
          f"{', '.join(map(str, a.seeds))}; INT8 accuracy on ORT CPU, test set (1,000 images):", "",
          "| precision | weight storage / uniform | seeds done | PTQ INT8 (ORT) | QAT INT8 (ORT) | per seed (QAT) |",
          "|---|---|---|---|---|---|"]
-    for kind, label, r in (("uniform", f"uniform W{a.bits}", 1.0),
+    for kind, label, r in (("uniform", f"uniform W{a.bits}A{a.bits}", 1.0),
                            ("mixed", f"mixed: {n8} layers at 8-bit weights", ratio)):
         d = done[kind]
         per_seed = ", ".join(f"s{s}: {100 * c['qat']:.1f}" for s, c in d.items())
