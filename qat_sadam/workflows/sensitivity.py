@@ -9,7 +9,8 @@ Activations stay at the recipe's bit width (one more configuration, all weights 
 activations, says whether the activations rather than the weights carry the loss). Each
 configuration is prepared, calibrated on the recipe's calibration batches and scored with the
 integer reference (what ORT's integer kernels compute, bit for bit; docs/export.md) on a
-validation split held out from the end of the training set, so the test set stays unseen. BatchNorm is not re-estimated (the same for every configuration).
+validation split held out from the end of the training set, so the test set stays unseen.
+BatchNorm is not re-estimated (the same for every configuration).
 
 ``--budget R`` proposes ``quant.overrides`` that raise layers to 8-bit weights, highest gain per
 added weight bit first, while the weight storage stays within R times uniform low-bit storage.
@@ -96,6 +97,8 @@ def sensitivity_recipe(source: str, overrides: list[str] = (), bits: int | None 
         raise RecipeError(f"{source}: not a run directory (no recipe.yaml) and not a recipe file")
     with open(path) as f:
         base = yaml.safe_load(f)
+    if not isinstance(base, dict) or not isinstance(base.get("model"), dict):
+        raise RecipeError(f"{path}: not a run's recipe (a YAML mapping with a model section)")
     if not quantized(base):  # a float run: its trained weights are what gets quantized
         base["quant"] = {}
         base["model"].update(checkpoint=source, weights=None)
