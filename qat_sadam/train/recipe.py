@@ -157,7 +157,8 @@ def _looks_numeric(s: str) -> bool:
         return False
 
 
-def _read_mapping(path: str, what: str) -> dict:
+def read_mapping(path: str, what: str) -> dict:
+    """A YAML file that must hold a mapping (a recipe, a fragment, a run's recipe); RecipeError otherwise."""
     if not os.path.isfile(path):
         raise RecipeError(f"{what} file not found: {path}")
     try:
@@ -179,10 +180,10 @@ def load_recipe(path: str | None = None, overrides: list[str] = (), bits: int | 
     Raises RecipeError."""
     raw: dict = copy.deepcopy(base) if base is not None else {}
     if path is not None:
-        raw = _read_mapping(path, "recipe")
+        raw = read_mapping(path, "recipe")
         raw.setdefault("name", os.path.splitext(os.path.basename(path))[0])
     for frag in fragments:
-        raw = _merge(raw, _read_mapping(frag, "recipe fragment"))
+        raw = _merge(raw, read_mapping(frag, "recipe fragment"))
     if bits is not None:
         raw.setdefault("quant", {})
         if not isinstance(raw["quant"], dict):

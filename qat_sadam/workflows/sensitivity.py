@@ -31,7 +31,7 @@ from ..export import freeze, integer_reference
 from ..quant import calibrate
 from ..train.data import Loader, Split, load_data
 from ..train.model import build_float_model, quantize_model
-from ..train.recipe import load_recipe, quantized, starts_trained
+from ..train.recipe import load_recipe, quantized, read_mapping, starts_trained
 
 HIGH = 8
 
@@ -95,9 +95,8 @@ def sensitivity_recipe(source: str, overrides: list[str] = (), bits: int | None 
     path = os.path.join(source, "recipe.yaml")
     if not os.path.isfile(path):
         raise RecipeError(f"{source}: not a run directory (no recipe.yaml) and not a recipe file")
-    with open(path) as f:
-        base = yaml.safe_load(f)
-    if not isinstance(base, dict) or not isinstance(base.get("model"), dict):
+    base = read_mapping(path, "run recipe")
+    if not isinstance(base.get("model"), dict):
         raise RecipeError(f"{path}: not a run's recipe (a YAML mapping with a model section)")
     if not quantized(base):  # a float run: its trained weights are what gets quantized
         base["quant"] = {}
