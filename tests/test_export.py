@@ -1,10 +1,12 @@
 import collections
 import importlib
+import io
 
 import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 
 from qat_sadam import calibrate, prepare_qat
 from qat_sadam.export import ExportError, export_float_onnx, export_onnx, fold_check, freeze
@@ -144,10 +146,16 @@ def _dequantized(q, ints: np.ndarray) -> torch.Tensor:
     return (torch.from_numpy(ints.astype(np.float32)) - q.zero_point.float()) * q.scale
 
 
+class _Normalize(torch.nn.Module):
+    def forward(self, x):
+        return F.normalize(x, dim=-1)
+
+
 def test_kernel_emulations_match_ort_op_by_op():
-    """The integer reference's QLinearAdd and QLinearSoftmax against ORT's kernels, at random scales
-    and zero points: every output integer equal."""
-    from qat_sadam.export.integer_reference import _PendingAdd, _PendingSoftmax
+    """The integer reference's QLinearAdd, QLinearSoftmax, float LayerNormalization and L2 normalization
+    against ORT's kernels, at random scales and zero points: every output equal (torch's layer_norm is
+    not)."""
+    from qat_sadam.export.integer_reference import _ort_l2_normalize, _ort_layer_norm, _PendingAdd, _PendingSoftmax
 
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -166,6 +174,26 @@ def test_kernel_emulations_match_ort_op_by_op():
         qx, qy = _qdq(float(xs), 0), _qdq(1 / 256, 0)
         ours = _PendingSoftmax(_dequantized(qx, x), qx, -1).requantize(qy) / qy.scale
         assert np.array_equal(torch.round(ours).numpy(), ort), d
+    for n in (8, 96, 384, 768):  # float32 LayerNormalization: every output bit equal
+        x = (rng.standard_normal((2_000, n)) * rng.uniform(0.1, 5, (2_000, 1)) + rng.uniform(-2, 2, (2_000, 1))).astype(np.float32)
+        w, b = rng.uniform(0.5, 1.5, n).astype(np.float32), rng.uniform(-0.5, 0.5, n).astype(np.float32)
+        node = onnx.helper.make_node("LayerNormalization", ["x", "w", "b"], ["y"], axis=-1, epsilon=1e-5)
+        graph = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                                       [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                                       [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")])
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+        ort = ort_session(model.SerializeToString()).run(None, {"x": x})[0]
+        ours = _ort_layer_norm(torch.from_numpy(x), (n,), torch.from_numpy(w), torch.from_numpy(b), 1e-5)
+        assert np.array_equal(ours.numpy(), ort), n
+        assert not np.array_equal(F.layer_norm(torch.from_numpy(x), (n,), torch.from_numpy(w), torch.from_numpy(b)).numpy(), ort)
+    for n in (16, 32, 64):  # F.normalize as torch.onnx exports it (ReduceL2, Clip, Div)
+        x = torch.from_numpy((rng.standard_normal((4_000, n)) * rng.uniform(0.1, 5, (4_000, 1))).astype(np.float32))
+        buf = io.BytesIO()
+        torch.onnx.export(_Normalize(), (x,), buf, dynamo=False, opset_version=17)
+        sess = ort_session(buf.getvalue())
+        ort = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        assert np.array_equal(_ort_l2_normalize(x, dim=-1).numpy(), ort), n
+        assert not np.array_equal(F.normalize(x, dim=-1).numpy(), ort)
 
 
 def test_batchnorm_folding_moves_a_block_output_by_at_most_one_lsb():

@@ -48,12 +48,12 @@ def _validated(qat, x, tmp_path):
     return done, validate(done["path"], target=TARGET, inputs=[x.numpy()], integer_outputs=integer, out_dir=str(tmp_path))
 
 
-# Float ops whose ORT kernels round differently from torch's in the last bit (LayerNorm's float32
-# sums, MLAS's polynomial erf / logistic / tanh, the hard sigmoid's (x/6 + 1/2) for torch's (x + 3)/6):
-# where such an op feeds a quantizer, a value on a rounding tie can land one LSB apart
-# (docs/model-zoo/README.md). Element-wise Mul/Add (a BatchNorm as an affine) round the same in both.
-INEXACT_FLOAT_OPS = {"LayerNormalization", "Erf", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Softmax", "ReduceMean",
-                     "Div", "Sqrt", "Pow", "ReduceL2"}
+# Float ops whose ORT kernels round differently from torch's in the last bit (MLAS's polynomial erf /
+# logistic / tanh, the hard sigmoid's (x/6 + 1/2) for torch's (x + 3)/6): where such an op feeds a
+# quantizer, a value on a rounding tie can land one LSB apart (docs/model-zoo/README.md). Element-wise
+# Mul/Add (a BatchNorm as an affine) round the same in both; LayerNorm is emulated (integer_reference).
+INEXACT_FLOAT_OPS = {"Erf", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Softmax", "ReduceMean", "Div", "Sqrt", "Pow",
+                     "ReduceL2"}
 
 
 @pytest.mark.parametrize("family", sorted(SMALL))
@@ -85,6 +85,48 @@ def test_attention_is_quantized_where_ort_has_integer_kernels(tmp_path):
     assert ops["QLinearMatMul"] == 4 and ops["QLinearSoftmax"] == 2 and ops["QGemm"] == 13  # 2 x (q, k, v, out, 2 mlp) + head
     assert {"LayerNormalization", "Erf"} <= set(rep["fusion"]["float_ops"])
     assert "LayerNorm" in rep["fusion"]["float_ops"]["LayerNormalization"]["reason"]
+
+
+class _BiasedAttention(nn.Module):
+    """Attention whose logits get a float scale and a learned position bias before the softmax (as in
+    Swin V2 and MaxViT): the softmax's input is not the matmul's quantized output."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 4, 4)
+        self.qkv = nn.Linear(16, 48)
+        self.bias = nn.Parameter(torch.randn(4, 4))
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        attn = (torch.matmul(q, k.transpose(-2, -1)) * 0.25 + self.bias).softmax(dim=-1)
+        return self.head(torch.matmul(attn, v).flatten(1))
+
+
+def test_a_softmax_of_float_logits_gets_an_input_quantizer_and_runs_as_qlinearsoftmax(tmp_path):
+    """ORT's float Softmax uses MLAS's ISA-specific exp, which the integer reference does not follow;
+    a quantizer on the biased logits makes it QLinearSoftmax (a table), which it does, bit for bit."""
+    qat, x = _prepared(_BiasedAttention(), 8, size=8, images=64)
+    softmax = next(n for n in qat.graph.nodes if n.op == "call_method" and n.target == "softmax")
+    assert softmax.args[0].op == "call_module" and softmax.args[0].target.startswith("activation_quantizers.")
+    _, rep = _validated(qat, x, tmp_path)
+    assert rep["fusion"]["optimized_ops"]["QLinearSoftmax"] == 1 and "Softmax" not in rep["fusion"]["float_ops"]
+    assert rep["parity"]["torch_integer_vs_ort"]["max_lsb"] == 0
+
+
+def test_what_parameters_alone_compute_is_folded_in_torch_before_export(tmp_path):
+    """Swin V2's exp(logit scale) and 16 * sigmoid(position-bias MLP) become initializers computed by
+    torch: ORT would fold them with its own exp and sigmoid, off in the last bit from the values the
+    integer reference uses."""
+    import onnx
+
+    qat, x = _prepared(SMALL["swin_v2"][0](), 8)
+    done, rep = _validated(qat, x, tmp_path)
+    ops = {n.op_type for n in onnx.load(done["path"]).graph.node}
+    assert not ops & {"Exp", "Sigmoid"} and rep["fusion"]["optimized_ops"]["QLinearSoftmax"] == 4
+    assert rep["parity"]["torch_integer_vs_ort"]["max_lsb"] == 0
 
 
 def test_dropout_in_functional_form_follows_train_and_eval():

@@ -4,8 +4,10 @@
   folding only rescales each channel: the integer weights stay those trained, the scale
   becomes s * |a| and the sign of a moves into the integers (narrow range: -q never overflows).
   A BatchNorm that follows no conv (DenseNet's pre-activation) becomes a per-channel affine.
-- Dropout and stochastic depth are removed (identities at inference); layers that compute a
-  constant from parameters (Swin V2's position-bias MLP) stay float: the ONNX exporter folds them.
+- Dropout and stochastic depth are removed (identities at inference). What is computed from
+  parameters alone (Swin V2's position-bias MLP, its exp(logit scale)) is evaluated here, in torch,
+  and becomes a buffer: left in the graph, ONNX Runtime folds it with its own exp and sigmoid, whose
+  last bits differ from torch's, and the integer reference would start from other constants.
 - Activation quantizers become QuantDequant nodes in a uint8 container: the n-bit range
   [qmin, qmax] is shifted to [0, qmax - qmin] (a Min keeps it there below 8 bits).
 - Biases become int32 at scale s_in * s_w, as ONNX Runtime's integer kernels need.
@@ -90,6 +92,7 @@ def freeze(qat_model: fx.GraphModule, weight_bits_max: int | None = None) -> tup
         if node.op == "call_function" and node.target in RANDOM_IN_TRAINING:
             _bypass(gm, node)
     _absorb_clips(gm, modules, qdq_of)
+    _fold_parameter_constants(gm, g)
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(modules[node.target], (QuantConv2d, QuantLinear)):
             continue
@@ -122,6 +125,29 @@ def _follows_conv(node: fx.Node, modules: dict) -> bool:
     prev = node.args[0]
     return (isinstance(modules[node.target], nn.BatchNorm2d) and isinstance(prev, fx.Node) and prev.op == "call_module"
             and isinstance(modules[prev.target], QuantConv2d) and len(prev.users) == 1)
+
+
+def _fold_parameter_constants(gm: fx.GraphModule, g: QuantGraph) -> None:
+    """Replace each tensor computed from parameters and buffers alone (not from shapes, which may be
+    dynamic) by a buffer holding its value."""
+    pure: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n in g.constant and (n.op == "get_attr" or (n.all_input_nodes and all(a in pure for a in n.all_input_nodes))):
+            pure.add(n)
+    interp = fx.Interpreter(gm)
+    with torch.no_grad():
+        for n in gm.graph.nodes:
+            if n in pure:
+                interp.env[n] = interp.run_node(n)
+    for i, n in enumerate([n for n in gm.graph.nodes if n in pure and n.op != "get_attr" and any(u not in pure for u in n.users)]):
+        value = interp.env[n]
+        if not isinstance(value, torch.Tensor):
+            continue
+        name = f"folded_constant_{i}"
+        gm.register_buffer(name, value.detach().clone())
+        with gm.graph.inserting_before(n):
+            n.replace_all_uses_with(gm.graph.get_attr(name))
+    gm.graph.eliminate_dead_code()
 
 
 def _bypass(gm: fx.GraphModule, node: fx.Node) -> None:

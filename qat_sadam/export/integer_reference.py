@@ -10,9 +10,10 @@ layer's outputs differing in isolation grew to 7% top-1 disagreement at the logi
 accumulation, ORT's requantization order), so what still differs from ORT is a fault of the
 exporter or the kernel, not float noise.
 
-Emulated: conv/linear requantization, and the element-wise add of two quantized tensors
+Emulated: conv/linear requantization, the element-wise add of two quantized tensors
 (QLinearAdd, with ORT's AVX2 arithmetic on x86: float32 scale ratios, fused multiply-adds, one
-rounding). Pooling and reshapes keep the float QDQ semantics of the frozen graph: fed ORT's own
+rounding), QLinearSoftmax, and the float LayerNormalization and L2 normalization between DQ and Q
+(their float32 rounding decides which side of a quantizer tie their outputs land on). Pooling and reshapes keep the float QDQ semantics of the frozen graph: fed ORT's own
 inputs, each matched ORT on every output measured (tools/export_site_parity.py).
 """
 from __future__ import annotations
@@ -87,8 +88,11 @@ def _accumulate(m: QConv2d | QLinear, x: torch.Tensor) -> _Accumulator:
 
 
 def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """float32 fused multiply-add (one rounding): a*b + c is exact in float64 for the operands here
-    (an 8-bit integer times a float32, plus a float32 within 2**30 of it), then rounded once."""
+    """float32 fused multiply-add: a*b is exact in float64 (two float32 factors), and so is a*b + c
+    for the requantization operands (an 8-bit integer times a float32, plus a float32 within 2**30 of
+    it), then rounded once. For arbitrary float32 (LayerNorm) the float64 sum rounds first, which
+    differs from one rounding only when it lands on a float32 rounding midpoint (about 2**-29 of
+    cases)."""
     return (a.double() * b.double() + c.double()).float()
 
 
@@ -153,10 +157,61 @@ class _PendingSoftmax(_Pending):
         return self
 
 
+def _ort_layer_norm(x: torch.Tensor, shape, weight, bias, eps: float) -> torch.Tensor:
+    """ORT's float32 LayerNormalization on x86 (CPU EP, AVX2 path), inferred from its outputs: the
+    mean in double precision; the variance a two-pass sum of (x - mean)^2 over 8 float32 lanes with
+    fused multiply-adds, the lanes added in halves (8 -> 4 -> 2 -> 1), a tail of fewer than 8 values
+    added after it one product at a time; inv_std = 1 / sqrt(var / n + eps) in float32; then
+    y = fma((x - mean) * inv_std, weight, bias). Matched to ORT 1.32 bit for bit on every output for
+    rows of 8 to 770 values whose length is a multiple of 8 (tests/test_export.py::
+    test_kernel_emulations_match_ort_op_by_op); shorter rows take another kernel, not emulated, so
+    they keep torch's layer_norm."""
+    n = int(np.prod(shape))
+    if n < 8:
+        return F.layer_norm(x, shape, weight, bias, eps)
+    rows = x.reshape(-1, n)
+    mean = (rows.double().sum(-1, keepdim=True) / n).float()
+    diff = rows - mean
+    lanes = torch.zeros(rows.shape[0], 8)
+    body = n - n % 8
+    for j in range(0, body, 8):
+        lanes = _fma32(diff[:, j:j + 8], diff[:, j:j + 8], lanes)
+    while lanes.shape[1] > 1:
+        half = lanes.shape[1] // 2
+        lanes = lanes[:, :half] + lanes[:, half:]
+    total = lanes[:, 0]
+    for j in range(body, n):
+        total = total + diff[:, j] * diff[:, j]
+    # Division and square root in float64, then rounded: the correctly rounded float32 results
+    # (float64 has enough bits for that), which torch's float32 ops are not always (it multiplies
+    # by the reciprocal of a 0-dim divisor; its vectorized sqrt is off in the last bit at times).
+    var = (total.double() / n).float() + torch.tensor(eps, dtype=torch.float32)
+    inv_std = (1.0 / torch.sqrt(var.double()).float().double()).float()
+    y = diff * inv_std.unsqueeze(-1)
+    w = weight.reshape(-1) if weight is not None else torch.ones(n)
+    y = _fma32(y, w, bias.reshape(-1)) if bias is not None else y * w
+    return y.reshape(x.shape)
+
+
+def _ort_l2_normalize(x: torch.Tensor, p=2.0, dim=1, eps=1e-12, out=None) -> torch.Tensor:
+    """F.normalize as exported (ReduceL2, Clip at eps, Div) and run by ORT's CPU kernels: over the
+    last axis, ReduceL2 sums the float32 squares one after another, then takes the square root
+    (matched to ORT 1.32 on rows of 16 to 64 values, tests/test_export.py::
+    test_kernel_emulations_match_ort_op_by_op). Other norms and axes keep torch's F.normalize."""
+    if p != 2 or dim not in (-1, x.dim() - 1):
+        return F.normalize(x, p, dim, eps)
+    total = x[..., 0] * x[..., 0]
+    for j in range(1, x.shape[-1]):  # in order: the kernel's loop
+        total = total + x[..., j] * x[..., j]
+    norm = torch.sqrt(total.double()).float().clamp_min(eps).unsqueeze(-1)  # correctly rounded, as ORT's
+    return (x.double() / norm.double()).float()
+
+
 _RELUS = (torch.relu, F.relu)
 _ADDS = {operator.add, operator.iadd, torch.add}
 _SOFTMAXES = {torch.softmax, F.softmax}
 _MATMULS = {torch.matmul, operator.matmul}
+_LAYER_NORMS = {F.layer_norm, torch.layer_norm}
 
 
 def _integers(x: torch.Tensor, q: QuantDequant) -> torch.Tensor:
@@ -210,6 +265,9 @@ class IntegerReference(fx.Interpreter):
         x = args[0] if args else None
         if isinstance(m, (QConv2d, QLinear)):
             return _accumulate(m, x)
+        if type(m) is nn.LayerNorm:  # a subclass may compute something else
+            (x,) = self._floats((x,))
+            return _ort_layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
         if isinstance(x, _Pending):
             if isinstance(m, QuantDequant):
                 return x.requantize(m)
@@ -249,12 +307,22 @@ class IntegerReference(fx.Interpreter):
     def call_function(self, target, args, kwargs):
         if target in _RELUS and isinstance(args[0], _Pending):
             return args[0].relu()
+        if target in _LAYER_NORMS:
+            return _ort_layer_norm(*self._layer_norm_args(tuple(self._floats(args)), kwargs))
+        if target is F.normalize:
+            return _ort_l2_normalize(*self._floats(args), **kwargs)
         return self._fused(args, kwargs) or super().call_function(target, tuple(self._floats(args)), kwargs)
 
     def call_method(self, target, args, kwargs):
         if target == "relu" and isinstance(args[0], _Pending):
             return args[0].relu()
         return self._fused(args, kwargs) or super().call_method(target, tuple(self._floats(args)), kwargs)
+
+    @staticmethod
+    def _layer_norm_args(args, kwargs):
+        x, shape, weight, bias, eps = (*args, *[None] * (5 - len(args)))
+        return (x, kwargs.get("normalized_shape", shape), kwargs.get("weight", weight), kwargs.get("bias", bias),
+                kwargs.get("eps", 1e-5 if eps is None else eps))
 
     @staticmethod
     def _floats(args):

@@ -186,6 +186,11 @@ class QuantGraph:
                 inputs = self.tensor_args(n)[:1]
             elif self.is_multi_input(n):
                 inputs = self.tensor_args(n)
+            elif self.is_unit_range(n) and n not in self.constant:
+                # A softmax of a quantized input runs as QLinearSoftmax (a table of exponentials); of a
+                # float input (Swin V2's scaled cosine plus a position bias) as float Softmax, whose
+                # exp approximation is ISA-specific MLAS code the integer reference cannot follow.
+                inputs = self.tensor_args(n)[:1]
             else:
                 continue
             for a in inputs:
