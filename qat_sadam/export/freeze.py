@@ -7,7 +7,9 @@
 - Dropout and stochastic depth are removed (identities at inference). What is computed from
   parameters alone (Swin V2's position-bias MLP, its exp(logit scale)) is evaluated here, in torch,
   and becomes a buffer: left in the graph, ONNX Runtime folds it with its own exp and sigmoid, whose
-  last bits differ from torch's, and the integer reference would start from other constants.
+  last bits differ from torch's, and the integer reference would start from other constants. For
+  export, constants built from static shapes are folded as well (EdgeNeXt's positional encoding,
+  whose conv would otherwise run in float on a tensor ORT cannot fold: it has the dynamic batch).
 - Activation quantizers become QuantDequant nodes in a uint8 container: the n-bit range
   [qmin, qmax] is shifted to [0, qmax - qmin] (a Min keeps it there below 8 bits).
 - Biases become int32 at scale s_in * s_w, as ONNX Runtime's integer kernels need.
@@ -19,6 +21,7 @@ the parity reference. Modules are from ``qdq.py``; each has an ONNX translation.
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 from torch import fx, nn
@@ -58,8 +61,10 @@ def _folded(layer: nn.Module, bn: nn.BatchNorm2d | None):
     return w_int, scale, bias
 
 
-def freeze(qat_model: fx.GraphModule, weight_bits_max: int | None = None) -> tuple[fx.GraphModule, dict]:
-    """The frozen inference graph of a prepared QAT model, and a report (requantized layers)."""
+def freeze(qat_model: fx.GraphModule, weight_bits_max: int | None = None,
+           example_input: torch.Tensor | None = None) -> tuple[fx.GraphModule, dict]:
+    """The frozen inference graph of a prepared QAT model, and a report (requantized layers). With an
+    example input (the exporter's), constants built from its static shapes are folded too."""
     if not isinstance(qat_model, fx.GraphModule) or not hasattr(qat_model, "activation_quantizers"):
         raise ExportError("export needs a model from qat_sadam.prepare_qat (got an unprepared "
                           f"{type(qat_model).__name__})")
@@ -92,7 +97,7 @@ def freeze(qat_model: fx.GraphModule, weight_bits_max: int | None = None) -> tup
         if node.op == "call_function" and node.target in RANDOM_IN_TRAINING:
             _bypass(gm, node)
     _absorb_clips(gm, modules, qdq_of)
-    _fold_parameter_constants(gm, g)
+    _fold_constants(gm, g, example_input)
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(modules[node.target], (QuantConv2d, QuantLinear)):
             continue
@@ -127,27 +132,67 @@ def _follows_conv(node: fx.Node, modules: dict) -> bool:
             and isinstance(modules[prev.target], QuantConv2d) and len(prev.users) == 1)
 
 
-def _fold_parameter_constants(gm: fx.GraphModule, g: QuantGraph) -> None:
-    """Replace each tensor computed from parameters and buffers alone (not from shapes, which may be
-    dynamic) by a buffer holding its value."""
-    pure: set[fx.Node] = set()
-    for n in gm.graph.nodes:
-        if n in g.constant and (n.op == "get_attr" or (n.all_input_nodes and all(a in pure for a in n.all_input_nodes))):
-            pure.add(n)
-    interp = fx.Interpreter(gm)
+def _fold_constants(gm: fx.GraphModule, g: QuantGraph, example_input: torch.Tensor | None) -> None:
+    """Replace each tensor that no input's values reach by a buffer holding its value: without an
+    example input, those computed from parameters and buffers alone; with one, also those computed
+    from static shapes (EdgeNeXt's positional encoding, a conv on a grid built from H and W), when
+    their value does not depend on the batch size or is the same for every image and only broadcast
+    into element-wise sums and products (checked at batch 1 and 2)."""
+    wanted = [n for n in gm.graph.nodes if n in g.constant and n.op != "get_attr" and any(u not in g.constant for u in n.users)]
     with torch.no_grad():
-        for n in gm.graph.nodes:
-            if n in pure:
-                interp.env[n] = interp.run_node(n)
-    for i, n in enumerate([n for n in gm.graph.nodes if n in pure and n.op != "get_attr" and any(u not in pure for u in n.users)]):
-        value = interp.env[n]
-        if not isinstance(value, torch.Tensor):
-            continue
+        if example_input is None:
+            values = _parameter_only_values(gm, g)
+        else:
+            x = example_input[:1].to(next(gm.parameters()).device)
+            at1, at2 = (_recorded(gm, set(wanted), torch.cat([x] * b)) for b in (1, 2))
+            values = {n: at1[n] for n in wanted if _batch_independent(n, at1[n], at2[n])}
+    for i, n in enumerate(n for n in wanted if isinstance(values.get(n), torch.Tensor)):
         name = f"folded_constant_{i}"
-        gm.register_buffer(name, value.detach().clone())
+        gm.register_buffer(name, values[n].detach().clone())
         with gm.graph.inserting_before(n):
             n.replace_all_uses_with(gm.graph.get_attr(name))
     gm.graph.eliminate_dead_code()
+
+
+def _parameter_only_values(gm: fx.GraphModule, g: QuantGraph) -> dict:
+    interp, pure = fx.Interpreter(gm), set()
+    for n in gm.graph.nodes:
+        if n in g.constant and (n.op == "get_attr" or (n.all_input_nodes and all(a in pure for a in n.all_input_nodes))):
+            pure.add(n)
+            interp.env[n] = interp.run_node(n)
+    return interp.env
+
+
+def _recorded(gm: fx.GraphModule, nodes: set, x: torch.Tensor) -> dict:
+    values = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in nodes:
+                values[n] = out
+            return out
+
+    Recorder(gm).run(x)
+    return values
+
+
+def _batch_independent(n: fx.Node, at1, at2) -> bool:
+    """Equal at batch 1 and 2 up to float rounding (a conv's last bits change with the batch's
+    blocking), or the same per image and only broadcast into element-wise ops."""
+    if not (isinstance(at1, torch.Tensor) and isinstance(at2, torch.Tensor)):
+        return False
+    if at1.shape != at2.shape:
+        broadcast_only = all(u.op in ("call_function", "call_method") and u.target in _BROADCASTING for u in n.users)
+        if not (broadcast_only and at1.dim() > 0 and at1.shape[0] == 1 and at2.shape == (2, *at1.shape[1:])):
+            return False
+        at1 = at1.expand_as(at2)
+    if not at1.is_floating_point():
+        return torch.equal(at1, at2)
+    return torch.allclose(at2, at1, rtol=1e-5, atol=1e-6 * float(at1.abs().amax())) if at1.numel() else True
+
+
+_BROADCASTING = {operator.add, torch.add, operator.mul, torch.mul, operator.sub, torch.sub, "add", "mul", "sub"}
 
 
 def _bypass(gm: fx.GraphModule, node: fx.Node) -> None:

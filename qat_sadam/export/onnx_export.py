@@ -97,7 +97,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str, target
     BatchNorm is folded, weights are int8 per-channel, activations uint8 per-tensor (sub-8-bit
     ranges kept by a Min in the 8-bit container: int8 kernels, not 4-bit storage)."""
     target = load_target(target)
-    frozen, report = freeze(model, target.weight_bits_max)
+    frozen, report = freeze(model, target.weight_bits_max, example_input.detach())
     frozen = frozen.cpu()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     _onnx_export(frozen, example_input.detach().cpu(), path, target)
