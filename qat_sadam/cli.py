@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from .errors import TrainingStopped, UserError
+from .errors import RecipeError, TrainingStopped, UserError
 
 EXIT_USER_ERROR = 2
 
@@ -74,18 +74,24 @@ def cmd_sensitivity(a) -> int:
     from .workflows.sensitivity import sensitivity
 
     out = a.out or os.path.join("runs", os.path.splitext(os.path.basename(os.path.normpath(a.source)))[0] + "-sensitivity")
-    sensitivity(a.source, out, a.set, a.bits, a.samples, a.budget, progress=not a.quiet)
+    if a.act_budget is not None and not a.activations:
+        raise RecipeError("--act-budget proposes activation sites: add --activations (the sweep it is built from)")
+    sensitivity(a.source, out, a.set, a.bits, a.samples, a.budget, progress=not a.quiet, activations=a.activations,
+                act_budget=a.act_budget)
     return 0
 
 
-def _budget(v: str) -> float:
-    try:
-        b = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--budget must be a size ratio such as 1.1, got {v!r}") from None
-    if b < 1:
-        raise argparse.ArgumentTypeError(f"--budget is a ratio to uniform low-bit weight storage and must be >= 1, got {b}")
-    return b
+def _budget(flag: str, what: str):
+    def parse(v: str) -> float:
+        try:
+            b = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a size ratio such as 1.1, got {v!r}") from None
+        if b < 1:
+            raise argparse.ArgumentTypeError(f"{flag} is a ratio to uniform low-bit {what} storage and must be >= 1, got {b}")
+        return b
+
+    return parse
 
 
 def cmd_compare(a) -> int:
@@ -166,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bits", type=_bits, help="the low bit width (default: the recipe's quant.bits)")
     s.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
     s.add_argument("--samples", type=int, default=1000, help="validation images held out from the end of the training set")
-    s.add_argument("--budget", type=_budget, help="propose quant.overrides within this ratio of uniform low-bit weight storage")
+    s.add_argument("--budget", type=_budget("--budget", "weight"), help="propose quant.overrides within this ratio of uniform low-bit weight storage")
+    s.add_argument("--activations", action="store_true", help="sweep the activation quantizers too (weights low)")
+    s.add_argument("--act-budget", type=_budget("--act-budget", "activation"), help="propose sites kept at 8-bit activations within this ratio of "
+                   "uniform low-bit activation storage (with --activations)")
     s.add_argument("--out", help="output directory (default runs/<recipe>-sensitivity)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sensitivity)

@@ -13,6 +13,7 @@ from qat_sadam.errors import CheckpointError
 from qat_sadam.models import build_model
 from qat_sadam.quant import FakeQuantize, calibrate, prepare_qat, reestimate_batchnorm
 from qat_sadam.train.checkpoint import load_checkpoint
+from qat_sadam.train.model import quantize_model
 from qat_sadam.train.recipe import load_recipe, quantized
 from qat_sadam.train.trainer import Trainer
 from qat_sadam.workflows.sensitivity import sensitivity_recipe
@@ -192,6 +193,40 @@ def test_ptq_then_finetune_ladder_on_digits(tmp_path, capsys):
     assert ft["final_acc"] == ft["qat_acc"]  # the trainer evaluates what it exports (cpu-x86: 7-bit weights)
     assert "## Accuracy ladder" in (tmp_path / "ft" / "export" / "validation.md").read_text()
     assert ft["start"]["bn_reestimate"]["bn_batches"] > 0 and ft["bn_reestimate"]["bn_batches"] > 0
+
+
+def test_activation_sensitivity_ranks_sites_and_proposes_8bit_activations_within_budget(tmp_path, capsys):
+    float_run = tmp_path / "float"
+    assert main(["train", "recipes/quickstart_float.yaml", "--out", str(float_run), "--quiet", "--set", "epochs=2"]) == 0
+    sets = ["--set", f"model.checkpoint={float_run}", "--set", "quant.first_last_bits=null", "--set", "quant.act_bits=2",
+            "--bits", "4"]
+    out = tmp_path / "sens"
+    assert main(["sensitivity", "recipes/quickstart_finetune.yaml", "--samples", "300", "--activations",
+                 "--act-budget", "1.5", "--out", str(out), "--quiet"] + sets) == 0
+    res = json.loads((out / "sensitivity.json").read_text())
+    r = load_recipe("recipes/quickstart_finetune.yaml", [f"model.checkpoint={float_run}", "quant.first_last_bits=null",
+                    "quant.act_bits=2"], bits=4)
+    model = quantize_model(r, build_model("small_cnn", 10))
+    sites = {s["site"]: s for s in res["activation_sites"]}
+    assert set(sites) == set(model.activation_site_names.values()) and len(sites) >= 4
+    assert all(s["elements"] > 0 for s in sites.values())
+    # 2-bit activations cost accuracy, and some single site's 8 bits win a part of it back
+    assert res["all_4bit_weights_acc"] < res["all_4bit_weights_8bit_activations_acc"] - 0.05
+    assert max(s["drop"] for s in sites.values()) > 0.02 and max(s["gain"] for s in sites.values()) > 0.02
+    chosen = [o["pattern"] for o in res["proposal"]["overrides"]]
+    assert chosen and all(o == {"pattern": o["pattern"], "act_bits": 8} for o in res["proposal"]["overrides"])
+    base = sum(s["elements"] * 2 for s in sites.values())
+    assert sum(sites[c]["elements"] * 6 for c in chosen) + base <= 1.5 * base
+    # merged, the fragment puts exactly those sites at 8-bit activations
+    r = load_recipe("recipes/quickstart_finetune.yaml", [f"model.checkpoint={float_run}", "quant.first_last_bits=null",
+                    "quant.act_bits=2"], bits=4, fragments=[str(out / "mixed_precision.yaml")])
+    mixed = quantize_model(r, build_model("small_cnn", 10))
+    at8 = {mixed.activation_site_names[k] for k, q in mixed.activation_quantizers.items() if q.spec.bits == 8}
+    assert at8 == set(chosen)
+    assert "activation site" in (out / "sensitivity.md").read_text()
+    capsys.readouterr()
+    assert main(["sensitivity", "recipes/quickstart_finetune.yaml", "--act-budget", "1.2"] + sets) == 2
+    assert "--act-budget proposes activation sites: add --activations" in capsys.readouterr().err
 
 
 def test_recovery_is_a_ratio_only_when_ptq_lost_accuracy():

@@ -56,6 +56,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None) -> fx.
             set_module(gm, n.target, QUANT_MODULES[type(layer)].from_float(layer, config.weight.with_(bits=b)))
 
     gm.activation_quantizers = nn.ModuleDict()
+    gm.activation_site_names = {}  # quantizer key -> the site name quant.overrides patterns match
     for n in sites:
         name = site_name(n)
         b = bits(name, "activation", config.activation.bits, n in edge_sites)
@@ -68,6 +69,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None) -> fx.
         if g.is_unit_range(n):
             spec = spec.with_(scale_mode="frozen", fixed_scale=2.0 ** -b)
         gm.activation_quantizers[key] = FakeQuantize(spec, "activation")
+        gm.activation_site_names[key] = name
         with gm.graph.inserting_after(n):
             q = gm.graph.call_module(f"activation_quantizers.{key}", (n,))
         n.replace_all_uses_with(q, delete_user_cb=lambda u, q=q: u is not q)
