@@ -195,11 +195,23 @@ def test_ptq_then_finetune_ladder_on_digits(tmp_path, capsys):
     assert ft["start"]["bn_reestimate"]["bn_batches"] > 0 and ft["bn_reestimate"]["bn_batches"] > 0
 
 
-def test_activation_sensitivity_ranks_sites_and_proposes_8bit_activations_within_budget(tmp_path, capsys):
-    float_run = tmp_path / "float"
-    assert main(["train", "recipes/quickstart_float.yaml", "--out", str(float_run), "--quiet", "--set", "epochs=2"]) == 0
-    sets = ["--set", f"model.checkpoint={float_run}", "--set", "quant.first_last_bits=null", "--set", "quant.act_bits=2",
-            "--bits", "4"]
+@pytest.fixture(scope="module")
+def quickstart_float(tmp_path_factory):
+    """A briefly trained float quickstart model: the starting point the sensitivity sweeps quantize."""
+    run = tmp_path_factory.mktemp("quickstart") / "float"
+    assert main(["train", "recipes/quickstart_float.yaml", "--out", str(run), "--quiet", "--set", "epochs=2"]) == 0
+    return run
+
+
+def _sweep_settings(float_run, act_bits: int, bits: int) -> list[str]:
+    """Every layer at the low width (no 8-bit first/last exception), activations at act_bits."""
+    return ["--set", f"model.checkpoint={float_run}", "--set", "quant.first_last_bits=null", "--set",
+            f"quant.act_bits={act_bits}", "--bits", str(bits)]
+
+
+def test_activation_sensitivity_ranks_sites_and_proposes_8bit_activations_within_budget(quickstart_float, tmp_path, capsys):
+    float_run = quickstart_float
+    sets = _sweep_settings(float_run, 2, 4)
     out = tmp_path / "sens"
     assert main(["sensitivity", "recipes/quickstart_finetune.yaml", "--samples", "300", "--activations",
                  "--act-budget", "1.5", "--out", str(out), "--quiet"] + sets) == 0
@@ -237,12 +249,9 @@ def test_recovery_is_a_ratio_only_when_ptq_lost_accuracy():
     assert accuracy_ladder({"float_acc": 0.727, "ptq_acc": 0.731, "qat_acc": 0.749}, 1000)["recovery"] is None
 
 
-def test_sensitivity_ranks_layers_and_proposes_a_mixed_precision_within_budget(tmp_path, capsys):
-    float_run = tmp_path / "float"
-    assert main(["train", "recipes/quickstart_float.yaml", "--out", str(float_run), "--quiet", "--set", "epochs=2"]) == 0
-    # W2A8 with no 8-bit first/last exception: three layers to rank
-    sets = ["--set", f"model.checkpoint={float_run}", "--set", "quant.first_last_bits=null", "--set", "quant.act_bits=8",
-            "--bits", "2"]
+def test_sensitivity_ranks_layers_and_proposes_a_mixed_precision_within_budget(quickstart_float, tmp_path, capsys):
+    float_run = quickstart_float
+    sets = _sweep_settings(float_run, 8, 2)  # W2A8: three layers to rank
     out = tmp_path / "sens"
     assert main(["sensitivity", "recipes/quickstart_finetune.yaml", "--samples", "300", "--budget", "1.5",
                  "--out", str(out), "--quiet"] + sets) == 0
