@@ -13,8 +13,9 @@ exporter or the kernel, not float noise.
 Emulated: conv/linear requantization, the element-wise add of two quantized tensors
 (QLinearAdd, with ORT's AVX2 arithmetic on x86: float32 scale ratios, fused multiply-adds, one
 rounding), QLinearSoftmax, and the float LayerNormalization and L2 normalization between DQ and Q
-(their float32 rounding decides which side of a quantizer tie their outputs land on). Pooling and reshapes keep the float QDQ semantics of the frozen graph: fed ORT's own
-inputs, each matched ORT on every output measured (tools/export_site_parity.py).
+(their float32 rounding decides which side of a quantizer tie their outputs land on). Pooling and
+reshapes keep the float QDQ semantics of the frozen graph: fed ORT's own inputs, each matched ORT
+on every output measured (tools/export_site_parity.py).
 """
 from __future__ import annotations
 
@@ -163,7 +164,7 @@ def _ort_layer_norm(x: torch.Tensor, shape, weight, bias, eps: float) -> torch.T
     fused multiply-adds, the lanes added in halves (8 -> 4 -> 2 -> 1), a tail of fewer than 8 values
     added after it one product at a time; inv_std = 1 / sqrt(var / n + eps) in float32; then
     y = fma((x - mean) * inv_std, weight, bias). Matched to ORT 1.32 bit for bit on every output for
-    rows of 8 to 770 values whose length is a multiple of 8 (tests/test_export.py::
+    rows of 8 to 768 values whose length is a multiple of 8 (tests/test_export.py::
     test_kernel_emulations_match_ort_op_by_op); shorter rows take another kernel, not emulated, so
     they keep torch's layer_norm."""
     n = int(np.prod(shape))
@@ -193,7 +194,7 @@ def _ort_layer_norm(x: torch.Tensor, shape, weight, bias, eps: float) -> torch.T
     return y.reshape(x.shape)
 
 
-def _ort_l2_normalize(x: torch.Tensor, p=2.0, dim=1, eps=1e-12, out=None) -> torch.Tensor:
+def _ort_l2_normalize(x: torch.Tensor, p=2.0, dim=1, eps=1e-12, out=None) -> torch.Tensor:  # F.normalize's arguments
     """F.normalize as exported (ReduceL2, Clip at eps, Div) and run by ORT's CPU kernels: over the
     last axis, ReduceL2 sums the float32 squares one after another, then takes the square root
     (matched to ORT 1.32 on rows of 16 to 64 values, tests/test_export.py::
