@@ -20,6 +20,7 @@ on every output measured (tools/export_site_parity.py).
 from __future__ import annotations
 
 import abc
+import inspect
 import operator
 from dataclasses import dataclass
 
@@ -194,7 +195,7 @@ def _ort_layer_norm(x: torch.Tensor, shape, weight, bias, eps: float) -> torch.T
     return y.reshape(x.shape)
 
 
-def _ort_l2_normalize(x: torch.Tensor, p=2.0, dim=1, eps=1e-12, out=None) -> torch.Tensor:  # F.normalize's arguments
+def _ort_l2_normalize(x: torch.Tensor, p: float, dim: int, eps: float) -> torch.Tensor:
     """F.normalize as exported (ReduceL2, Clip at eps, Div) and run by ORT's CPU kernels: over the
     last axis, ReduceL2 sums the float32 squares one after another, then takes the square root
     (matched to ORT 1.32 on rows of 16 to 64 values, tests/test_export.py::
@@ -213,6 +214,13 @@ _ADDS = {operator.add, operator.iadd, torch.add}
 _SOFTMAXES = {torch.softmax, F.softmax}
 _MATMULS = {torch.matmul, operator.matmul}
 _LAYER_NORMS = {F.layer_norm, torch.layer_norm}
+
+
+def _arguments(fn, args, kwargs) -> dict:
+    """A call's arguments by name, defaults filled in from ``fn``'s signature."""
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
 
 
 def _integers(x: torch.Tensor, q: QuantDequant) -> torch.Tensor:
@@ -308,22 +316,18 @@ class IntegerReference(fx.Interpreter):
     def call_function(self, target, args, kwargs):
         if target in _RELUS and isinstance(args[0], _Pending):
             return args[0].relu()
-        if target in _LAYER_NORMS:
-            return _ort_layer_norm(*self._layer_norm_args(tuple(self._floats(args)), kwargs))
+        if target in _LAYER_NORMS:  # torch.layer_norm's sixth argument (cudnn_enable) does not matter here
+            a = _arguments(F.layer_norm, tuple(self._floats(args))[:5], kwargs)
+            return _ort_layer_norm(a["input"], a["normalized_shape"], a["weight"], a["bias"], a["eps"])
         if target is F.normalize:
-            return _ort_l2_normalize(*self._floats(args), **kwargs)
+            a = _arguments(F.normalize, tuple(self._floats(args)), kwargs)
+            return _ort_l2_normalize(a["input"], a["p"], a["dim"], a["eps"])
         return self._fused(args, kwargs) or super().call_function(target, tuple(self._floats(args)), kwargs)
 
     def call_method(self, target, args, kwargs):
         if target == "relu" and isinstance(args[0], _Pending):
             return args[0].relu()
         return self._fused(args, kwargs) or super().call_method(target, tuple(self._floats(args)), kwargs)
-
-    @staticmethod
-    def _layer_norm_args(args, kwargs):
-        x, shape, weight, bias, eps = (*args, *[None] * (5 - len(args)))
-        return (x, kwargs.get("normalized_shape", shape), kwargs.get("weight", weight), kwargs.get("bias", bias),
-                kwargs.get("eps", 1e-5 if eps is None else eps))
 
     @staticmethod
     def _floats(args):
