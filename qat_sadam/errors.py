@@ -29,6 +29,10 @@ class ValidationError(UserError, ValueError):
     """A model file that cannot be validated (missing, unreadable, rejected by a runtime)."""
 
 
+class KernelBuildError(UserError, RuntimeError):
+    """A kernel this platform cannot build (torch.compile with no C++ compiler); the message says how to run without it."""
+
+
 class TrainingStopped(RuntimeError):
     """Training stopped on purpose (a non-finite loss under nan_policy: stop); the message says where.
     Not a user error: the CLI exits with code 1."""

@@ -6,6 +6,7 @@ import torch
 from qat_sadam import QATConfig, QuantSpec, calibrate, prepare_qat
 from qat_sadam.models import build_model
 from qat_sadam.quant import FakeQuantize, quantizers
+from qat_sadam.quant.fake_quant import use_fused_fake_quant
 
 
 def _fq(bits=4, **kw):
@@ -44,9 +45,21 @@ def test_lsq_scale_gradient_matches_formula():
     assert q.scale.grad.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def _lsq_with(q, x, dy, fused: bool):
+    use_fused_fake_quant(fused)
+    try:
+        q.scale.grad, x.grad = None, None
+        y = q(x)
+        y.backward(dy)
+        return y.detach(), x.grad.clone(), q.scale.grad.clone()
+    finally:
+        use_fused_fake_quant(True)
+
+
 @pytest.mark.parametrize("bits,signed,zero_point", [(4, False, 0), (4, False, 3), (8, False, 17), (3, True, 0)])
 def test_per_tensor_lsq_equals_torchs_learnable_op(bits, signed, zero_point):
-    """LSQPerTensor against torch's native learnable op: values and x gradient bit for bit."""
+    """LSQPerTensor (eager) and FusedLSQPerTensor (inductor) against torch's native learnable op:
+    values and x gradient bit for bit; the two kernels' scale gradients bit for bit with each other."""
     q = FakeQuantize(QuantSpec(bits=bits, signed=signed, symmetric=False, scale_mode="lsq"), "activation")
     q.scale.data.fill_(0.07)
     q.zero_point.fill_(zero_point)
@@ -54,19 +67,32 @@ def test_per_tensor_lsq_equals_torchs_learnable_op(bits, signed, zero_point):
     torch.manual_seed(0)
     x = (torch.randn(16, 8, 12, 12) * 0.6).requires_grad_()
     dy = torch.randn(16, 8, 12, 12)
-    ours = q(x)
-    ours.backward(dy)
-    ours_dx, ours_ds = x.grad.clone(), q.scale.grad.clone()
+    eager, fused = _lsq_with(q, x, dy, fused=False), _lsq_with(q, x, dy, fused=True)
     x.grad = None
     scale = q.scale.detach().reshape(1).clone().requires_grad_()
     ref = torch._fake_quantize_learnable_per_tensor_affine(x, scale, torch.full((1,), float(zero_point)), q.spec.qmin,
                                                           q.spec.qmax, q.lsq_grad_factor(x))
     ref.backward(dy)
-    assert torch.equal(ours, ref) and torch.equal(ours_dx, x.grad)
+    for ours, ours_dx, _ in (eager, fused):
+        assert torch.equal(ours, ref) and torch.equal(ours_dx, x.grad)
+    assert torch.equal(eager[2], fused[2])
     with torch.no_grad():  # the path without autograd (evaluation, probes) gives the same values
         assert torch.equal(q(x), ref)
-    assert 0.0 < (ours_dx == 0).float().mean() < 0.9  # some elements clip, most do not: both branches count
-    assert ours_ds.item() == pytest.approx(scale.grad.item(), rel=1e-4)
+    assert 0.0 < (eager[1] == 0).float().mean() < 0.9  # some elements clip, most do not: both branches count
+    assert eager[2].item() == pytest.approx(scale.grad.item(), rel=1e-4)
+
+
+def test_fused_lsq_clips_values_far_outside_the_range_as_the_eager_kernels_do():
+    # torch's own op converts x / s to an integer first (it wraps at 1e30), so the reference here is the eager path
+    q = FakeQuantize(QuantSpec(bits=4, signed=True, symmetric=False, scale_mode="lsq"), "activation")
+    q.init_from(torch.linspace(-1, 1, 50))
+    x = torch.tensor([float("inf"), -float("inf"), 1e30, -1e30, 5e8, 0.3, -0.2], requires_grad=True)
+    dy = torch.arange(1.0, 8.0)
+    eager, fused = _lsq_with(q, x, dy, fused=False), _lsq_with(q, x, dy, fused=True)
+    assert all(torch.equal(a, b) for a, b in zip(eager, fused))
+    lo, hi = q.value_range(x)
+    assert eager[0][:5].tolist() == [hi.item(), lo.item(), hi.item(), lo.item(), hi.item()]
+    assert eager[1].tolist() == [0.0] * 5 + [6.0, 7.0]  # dy inside the range, nothing where clipped
 
 
 def test_per_tensor_lsq_output_may_be_modified_in_place():

@@ -7,6 +7,7 @@ import torch
 
 from qat_sadam.cli import main
 from qat_sadam.errors import RecipeError
+from qat_sadam.quant import fake_quant
 from qat_sadam.train.oscillation import OscillationTracker
 from qat_sadam.train.recipe import load_recipe
 from qat_sadam.train.trainer import Trainer
@@ -103,6 +104,18 @@ def test_user_errors_exit_2_with_one_line(argv, msg, capsys, tmp_path):
     assert code == 2
     assert msg in err and "Traceback" not in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_platform_that_cannot_build_the_fused_kernels_gets_one_line_and_the_eager_switch(tmp_path, capsys, monkeypatch):
+    def no_compiler(*args):
+        raise torch._dynamo.exc.BackendCompilerFailed(None, RuntimeError("Compiler: cc is not found.\nmore"), None)
+
+    monkeypatch.setattr(fake_quant, "_fused_forward", no_compiler)
+    argv = ["train", "recipes/quickstart.yaml", "--bits", "4", *(a for kv in TINY + ["epochs=1"] for a in ("--set", kv)), "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "set fused_fake_quant: false" in err and "cc is not found" in err and err.count("\n") == 1
+    assert main(argv + ["--set", "fused_fake_quant=false", "--force", "--quiet"]) == 0  # the eager kernels need no compiler
 
 
 def test_cli_train_refuses_existing_dir_without_force(tmp_path, capsys):

@@ -5,7 +5,9 @@
 
 Cells, each a model in train mode with its own optimizer, timed in blocks of 8 steps (one S-Adam
 probe period) interleaved round by round in one process: float AdamW; QAT AdamW at W8A8 and W4A4
-with LSQ scales, W4A4 with observer scales; QAT S-Adam (defaults) at W4A4. The table gives the
+with LSQ scales (W4A4 also with the eager activation kernels instead of the fused ones), W4A4 with
+observer scales; QAT S-Adam (defaults) at W4A4. One untimed step per cell first (the fused
+kernels compile on first use). The table gives the
 median s/step, its spread (min-max over rounds) and the ratio to the float step measured in the
 same run. ``--profile`` adds a torch.profiler breakdown of one 8-step block of each QAT cell by
 component: weight fake-quant, activation fake-quant, oscillation tracking, S-Adam probes, and the
@@ -29,11 +31,12 @@ from qat_sadam import SAdam, calibrate, prepare_qat, sadam_param_groups
 from qat_sadam.models import build_model
 from qat_sadam.optim import loss_closure
 from qat_sadam.quant import FakeQuantize
-from qat_sadam.quant.fake_quant import LSQPerTensor
+from qat_sadam.quant.fake_quant import LSQPerTensor, use_fused_fake_quant
 from qat_sadam.train.oscillation import OscillationTracker
 
 BLOCK = 8
-CELLS = ["float adamw", "QAT W8A8 adamw (LSQ)", "QAT W4A4 adamw (LSQ)", "QAT W4A4 adamw (observer)", "QAT W4A4 sadam (defaults)"]
+CELLS = ["float adamw", "QAT W8A8 adamw (LSQ)", "QAT W4A4 adamw (LSQ)", "QAT W4A4 adamw (LSQ, eager kernels)",
+         "QAT W4A4 adamw (observer)", "QAT W4A4 sadam (defaults)"]
 
 
 def _cell(name: str, model_name: str, x):
@@ -52,11 +55,13 @@ def _cell(name: str, model_name: str, x):
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tracker = OscillationTracker(model) if name != "float adamw" else None
-    return model, opt, tracker
+    return model, opt, tracker, "eager kernels" not in name
 
 
-def _step(model, opt, tracker, x, y):
+def _step(model, opt, tracker, fused, x, y):
+    use_fused_fake_quant(fused)
     opt.step(loss_closure(opt, lambda: F.cross_entropy(model(x), y)))
+    use_fused_fake_quant(True)
     if tracker:
         with record_function("oscillation tracking"):
             tracker.update()
@@ -66,17 +71,17 @@ def _label(name: str) -> str | None:
     """A profiler event's component by its name (our record_function labels and torch's op names)."""
     if "fake_quantize" in name and "per_channel" in name:
         return "weight fake-quant (per-channel)"
-    if "fake_quantize" in name or name in ("LSQPerTensor", "LSQPerTensorBackward"):
+    if "fake_quantize" in name or name in ("LSQPerTensor", "LSQPerTensorBackward", "FusedLSQPerTensorBackward"):
         return "activation fake-quant (per-tensor)"
     return None
 
 
 def breakdown(cell, x, y) -> dict:
-    model, opt, tracker = cell
+    model, opt, tracker, fused = cell
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(BLOCK):
-            _step(model, opt, tracker, x, y)
+            _step(model, opt, tracker, fused, x, y)
         total = time.perf_counter() - t0
     parts = {"total_s": total}
     for e in prof.key_averages():
@@ -96,10 +101,14 @@ def components(model_name: str, batch: int, rounds: int = 7) -> None:
     ops = {"relu": lambda x: torch.relu(x),
            "torch _fake_quantize_learnable_per_tensor_affine": lambda x: torch._fake_quantize_learnable_per_tensor_affine(
                x, scale, zp.float(), 0, 15, 1e-3),
-           "qat-sadam LSQPerTensor": lambda x: LSQPerTensor.apply(x, scale, zp, 0, 15, 1e-3)}
+           "qat-sadam LSQPerTensor, eager kernels": lambda x: LSQPerTensor.apply(x, scale, zp, 0, 15, 1e-3),
+           "qat-sadam LSQPerTensor, fused kernels": lambda x: LSQPerTensor.apply(x, scale, zp, 0, 15, 1e-3)}
+    x = x0.clone().requires_grad_()
+    LSQPerTensor.apply(x, scale, zp, 0, 15, 1e-3).backward(torch.ones_like(x0))  # the fused kernels compile on first use
     times = {k: [] for k in ops}
     for _ in range(rounds):
         for k, op in ops.items():
+            use_fused_fake_quant(not k.endswith("eager kernels"))
             x = x0.clone().requires_grad_()
             t0 = time.perf_counter()
             op(x).backward(torch.ones_like(x0))
@@ -109,7 +118,7 @@ def components(model_name: str, batch: int, rounds: int = 7) -> None:
     ref = statistics.median(times["torch _fake_quantize_learnable_per_tensor_affine"])
     for k, v in times.items():
         print(f"| {k} | {statistics.median(v):.1f} | {statistics.median(v) / ref:.2f}x |")
-    model, _, tracker = _cell("QAT W4A4 adamw (LSQ)", model_name, torch.randn(8, 3, 32, 32))
+    model, _, tracker, _ = _cell("QAT W4A4 adamw (LSQ)", model_name, torch.randn(8, 3, 32, 32))
     weights = [w for w, _ in tracker.tracked]
     ms = []
     for _ in range(rounds):
@@ -139,6 +148,8 @@ def main():
     x, y = torch.randn(a.batch, 3, 32, 32), torch.randint(0, 100, (a.batch,))
     names = [n for n in CELLS if n not in a.skip]
     cells = {n: _cell(n, a.model, x) for n in names}
+    for cell in cells.values():
+        _step(*cell, x, y)
     times = {n: [] for n in names}
     with tqdm(total=a.rounds * len(names), desc="blocks") as bar:
         for r in range(a.rounds):

@@ -32,6 +32,7 @@ SCHEMA: dict[str, Any] = {
     "seed": int,
     "device": str,
     "compile": bool,
+    "fused_fake_quant": bool,
     "calibration_batches": int,
     "bn_reestimate_batches": (int, type(None)),
     "grad_clip": (_NUM, type(None)),
@@ -61,6 +62,9 @@ DEFAULTS: dict[str, Any] = {
     # torch.compile the training forward (the GPU path; on this project's CPUs it gave no speed-up,
     # docs/benchmarks.md). Compiled kernels may round some values differently from eager ones.
     "compile": False,
+    # Per-tensor LSQ fake quantization in two torch.compile'd loops (quant/fake_quant.py, same numbers
+    # as the eager ops); false runs the eager ops, for a platform where inductor cannot build.
+    "fused_fake_quant": True,
     "calibration_batches": 2,
     "bn_reestimate_batches": None,
     "grad_clip": None,

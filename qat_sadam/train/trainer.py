@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..errors import ExportError, RecipeError, TrainingStopped
 from ..export import DEFAULT_TARGET, freeze, integer_reference, load_target
 from ..optim import SAdam
-from ..quant import calibrate, reestimate_batchnorm
+from ..quant import calibrate, reestimate_batchnorm, use_fused_fake_quant
 from . import distributed
 from .checkpoint import save_atomic
 from .data import Loader, load_data
@@ -74,6 +74,7 @@ class Trainer:
             self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
         torch.manual_seed(recipe["seed"])
+        use_fused_fake_quant(recipe["fused_fake_quant"])
         data = load_data(recipe["data"])
         self.info = {"num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": data.image_size,
                      "mean": list(data.mean), "std": list(data.std)}
