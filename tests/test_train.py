@@ -39,6 +39,7 @@ def test_train_end_to_end_writes_metrics_and_checkpoints(tmp_path):
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert (tmp_path / "checkpoints" / "last.pt").exists() and (tmp_path / "checkpoints" / "best.pt").exists()
     assert (tmp_path / "recipe.yaml").exists()
+    assert recs[0] == {"type": "kernels", "fake_quant": "fused"}
 
 
 @pytest.mark.parametrize("every", [0, 5])
@@ -114,8 +115,12 @@ def test_a_platform_that_cannot_build_the_fused_kernels_gets_one_line_and_the_ea
     argv = ["train", "recipes/quickstart.yaml", "--bits", "4", *(a for kv in TINY + ["epochs=1"] for a in ("--set", kv)), "--out", str(tmp_path / "run")]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "set fused_fake_quant: false" in err and "cc is not found" in err and err.count("\n") == 1
-    assert main(argv + ["--set", "fused_fake_quant=false", "--force", "--quiet"]) == 0  # the eager kernels need no compiler
+    assert "set fake_quant_kernels: eager" in err and "cc is not found" in err and err.count("\n") == 1
+    assert main(argv + ["--set", "fake_quant_kernels=eager", "--force", "--quiet"]) == 0  # the eager kernels need no compiler
+    monkeypatch.setenv("CXX", "no-such-compiler")  # auto: no compiler found, so the eager kernels run, and the log says so
+    assert main(argv + ["--set", "fake_quant_kernels=auto", "--force", "--quiet"]) == 0
+    recs = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert {"type": "kernels", "fake_quant": "eager"} in recs
 
 
 def test_cli_train_refuses_existing_dir_without_force(tmp_path, capsys):

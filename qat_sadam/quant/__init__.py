@@ -1,10 +1,11 @@
 """The quantizer: specs, fake-quant modules, QAT preparation, calibration and BatchNorm re-estimation."""
 from .config import QATConfig
-from .fake_quant import FakeQuantize, use_fused_fake_quant
+from .fake_quant import FakeQuantize, fused_kernels_buildable, use_fused_fake_quant
 from .modules import QuantConv2d, QuantLinear
 from .calibration import calibrate, reestimate_batchnorm
 from .prepare import prepare_qat, quantizers
 from .spec import QuantSpec
 
 __all__ = ["QATConfig", "QuantSpec", "FakeQuantize", "QuantConv2d", "QuantLinear", "prepare_qat", "calibrate",
-           "reestimate_batchnorm", "quantizers", "use_fused_fake_quant"]
+           "reestimate_batchnorm", "quantizers", "fused_kernels_buildable",
+           "use_fused_fake_quant"]

@@ -8,8 +8,11 @@ _fake_quantize_learnable_per_channel_affine adds the LSQ gradient for a per-chan
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import torch
+import torch._inductor.config as inductor_config
 import torch.distributed as dist
 from torch import nn
 
@@ -90,8 +93,8 @@ def _compiled(kernel, *args):
     except torch._dynamo.exc.BackendCompilerFailed as e:
         cause = e.inner_exception
         raise KernelBuildError(f"the fused activation fake-quant could not be compiled ({type(cause).__name__}: "
-                               f"{str(cause).splitlines()[0]}); set fused_fake_quant: false in the recipe "
-                               "to run the eager kernels") from e
+                               f"{str(cause).splitlines()[0]}); set fake_quant_kernels: eager in the recipe "
+                               "to run without them") from e
 
 
 class FusedLSQPerTensor(LSQPerTensor):
@@ -123,6 +126,11 @@ def use_fused_fake_quant(enabled: bool) -> None:
     """Per-tensor LSQ fake quantization through FusedLSQPerTensor (default) or LSQPerTensor's eager
     ops, for a platform where inductor cannot build (no C++ compiler)."""
     _lsq_kernels["fused"] = bool(enabled)
+
+
+def fused_kernels_buildable(device: torch.device) -> bool:
+    """Whether inductor can build the fused kernels here: Triton on CUDA, a C++ compiler on CPU."""
+    return device.type == "cuda" or shutil.which(os.environ.get("CXX") or inductor_config.cpp.cxx[-1]) is not None
 
 
 class FakeQuantize(nn.Module):

@@ -32,7 +32,7 @@ SCHEMA: dict[str, Any] = {
     "seed": int,
     "device": str,
     "compile": bool,
-    "fused_fake_quant": bool,
+    "fake_quant_kernels": str,
     "calibration_batches": int,
     "bn_reestimate_batches": (int, type(None)),
     "grad_clip": (_NUM, type(None)),
@@ -62,9 +62,9 @@ DEFAULTS: dict[str, Any] = {
     # torch.compile the training forward (the GPU path; on this project's CPUs it gave no speed-up,
     # docs/benchmarks.md). Compiled kernels may round some values differently from eager ones.
     "compile": False,
-    # Per-tensor LSQ fake quantization in two torch.compile'd loops (quant/fake_quant.py, same numbers
-    # as the eager ops); false runs the eager ops, for a platform where inductor cannot build.
-    "fused_fake_quant": True,
+    # Per-tensor LSQ fake quantization: fused (two torch.compile'd loops, quant/fake_quant.py) or eager
+    # torch ops, the same numbers either way; auto: fused on CUDA and where a C++ compiler is found.
+    "fake_quant_kernels": "auto",
     "calibration_batches": 2,
     "bn_reestimate_batches": None,
     "grad_clip": None,
@@ -86,6 +86,7 @@ DEFAULTS: dict[str, Any] = {
 
 CHOICES = {"schedule.name": ("constant", "cosine"), "nan_policy": ("stop", "skip"),
            "data.eval_on": ("test", "val"), "device": ("auto", "cpu", "cuda"), "export.checkpoint": ("best", "last"),
+           "fake_quant_kernels": ("auto", "fused", "eager"),
            "dampening.aggregation": AGGREGATIONS}
 
 

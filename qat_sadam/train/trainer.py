@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..errors import ExportError, RecipeError, TrainingStopped
 from ..export import DEFAULT_TARGET, freeze, integer_reference, load_target
 from ..optim import SAdam
-from ..quant import calibrate, reestimate_batchnorm, use_fused_fake_quant
+from ..quant import calibrate, fused_kernels_buildable, reestimate_batchnorm, use_fused_fake_quant
 from . import distributed
 from .checkpoint import save_atomic
 from .data import Loader, load_data
@@ -74,7 +74,11 @@ class Trainer:
             self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
         torch.manual_seed(recipe["seed"])
-        use_fused_fake_quant(recipe["fused_fake_quant"])
+        kernels = recipe["fake_quant_kernels"]
+        if kernels == "auto":  # the run log says which ran (train())
+            kernels = "fused" if fused_kernels_buildable(self.device) else "eager"
+        self.fake_quant_kernels = kernels
+        use_fused_fake_quant(kernels == "fused")
         data = load_data(recipe["data"])
         self.info = {"num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": data.image_size,
                      "mean": list(data.mean), "std": list(data.std)}
@@ -327,6 +331,7 @@ class Trainer:
         """Run to the end; on SIGINT (Ctrl-C) or SIGTERM (what schedulers send before they preempt)
         save at the next step boundary and return {"interrupted": True, "signal": ...}."""
         self.write_run_files()
+        self._log({"type": "kernels", "fake_quant": self.fake_quant_kernels})
         self.tb = TensorBoardLog(self.run_dir, self.recipe, self.global_step, enabled=self.rank == 0)
         self.tb.ladder(self.start)
         previous = {s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS} if _main_thread() else {}
