@@ -12,8 +12,8 @@ median s/step, its spread (min-max over rounds) and the ratio to the float step 
 same run. ``--profile`` adds a torch.profiler breakdown of one 8-step block of each QAT cell by
 component: weight fake-quant, activation fake-quant, oscillation tracking, S-Adam probes, and the
 rest (convolutions, BatchNorm, the loss, backward, the optimizer update). ``--components`` times,
-interleaved, forward + backward of our per-tensor LSQ fake-quant (LSQPerTensor) against torch's
-_fake_quantize_learnable_per_tensor_affine and a relu on one (batch, 64, 32, 32) activation, and
+interleaved, forward + backward of our per-tensor LSQ fake-quant (LSQPerTensor, eager, and
+FusedLSQPerTensor, torch.compile) against torch's _fake_quantize_learnable_per_tensor_affine and a relu on one (batch, 64, 32, 32) activation, and
 one oscillation-tracker update over the model's 4-bit weights.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from qat_sadam import SAdam, calibrate, prepare_qat, sadam_param_groups
 from qat_sadam.models import build_model
 from qat_sadam.optim import loss_closure
 from qat_sadam.quant import FakeQuantize
-from qat_sadam.quant.fake_quant import LSQPerTensor, use_fused_fake_quant
+from qat_sadam.quant.fake_quant import FusedLSQPerTensor, LSQPerTensor, use_fused_fake_quant
 from qat_sadam.train.oscillation import OscillationTracker
 
 BLOCK = 8
@@ -101,14 +101,13 @@ def components(model_name: str, batch: int, rounds: int = 7) -> None:
     ops = {"relu": lambda x: torch.relu(x),
            "torch _fake_quantize_learnable_per_tensor_affine": lambda x: torch._fake_quantize_learnable_per_tensor_affine(
                x, scale, zp.float(), 0, 15, 1e-3),
-           "qat-sadam LSQPerTensor, eager kernels": lambda x: LSQPerTensor.apply(x, scale, zp, 0, 15, 1e-3),
-           "qat-sadam LSQPerTensor, fused kernels": lambda x: LSQPerTensor.apply(x, scale, zp, 0, 15, 1e-3)}
+           "qat-sadam LSQPerTensor (eager kernels)": lambda x: LSQPerTensor.apply(x, scale, zp, 0, 15, 1e-3),
+           "qat-sadam FusedLSQPerTensor (torch.compile)": lambda x: FusedLSQPerTensor.apply(x, scale, zp, 0, 15, 1e-3)}
     x = x0.clone().requires_grad_()
-    LSQPerTensor.apply(x, scale, zp, 0, 15, 1e-3).backward(torch.ones_like(x0))  # the fused kernels compile on first use
+    FusedLSQPerTensor.apply(x, scale, zp, 0, 15, 1e-3).backward(torch.ones_like(x0))  # it compiles on first use
     times = {k: [] for k in ops}
     for _ in range(rounds):
         for k, op in ops.items():
-            use_fused_fake_quant(not k.endswith("eager kernels"))
             x = x0.clone().requires_grad_()
             t0 = time.perf_counter()
             op(x).backward(torch.ones_like(x0))
