@@ -122,12 +122,30 @@ def _quantizer(is_qat: bool, kind: str = "x86"):
 
 
 def _export(model, example):
-    """torch.export with a dynamic batch dimension (PT2E's graphs are otherwise fixed to the example)."""
-    return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    """torch.export with a dynamic batch dimension (PT2E's graphs are otherwise fixed to the example),
+    as a module whose ReLU calls are separate source partitions (_one_partition_per_relu_call)."""
+    ep = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    return _one_partition_per_relu_call(ep.module())
+
+
+def _one_partition_per_relu_call(gm):
+    """torchvision's BasicBlock calls its one self.relu twice. PT2E's source partitions group both
+    calls under the module's name, and X86InductorQuantizer's conv + add + relu matcher refuses the
+    two-output partition ("Input partition has more than one output node", torchao 0.18). Each
+    ReLU call gets its own module name in the metadata the partitions are read from (torch.export's
+    nn_module_stack); the graph and its arithmetic are untouched."""
+    relu = f"{torch.nn.ReLU.__module__}.{torch.nn.ReLU.__qualname__}"
+    for n in gm.graph.nodes:
+        stack = n.meta.get("nn_module_stack")
+        if stack:
+            key, (fqn, cls) = next(reversed(stack.items()))
+            if cls in (torch.nn.ReLU, relu):
+                stack[key] = (f"{fqn}.{n.name}", cls)
+    return gm
 
 
 def pt2e_ptq(float_model, calib_batches, example, kind: str = "x86"):
-    m = _export(copy.deepcopy(float_model).eval(), example).module()
+    m = _export(copy.deepcopy(float_model).eval(), example)
     m = prepare_pt2e(m, _quantizer(False, kind))
     with torch.no_grad():
         for x in calib_batches:
@@ -136,7 +154,7 @@ def pt2e_ptq(float_model, calib_batches, example, kind: str = "x86"):
 
 
 def pt2e_qat_model(float_model, example, kind: str = "x86"):
-    m = _export(copy.deepcopy(float_model).train(), example).module()
+    m = _export(copy.deepcopy(float_model).train(), example)
     return prepare_qat_pt2e(m, _quantizer(True, kind))
 
 
