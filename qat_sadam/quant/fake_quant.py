@@ -3,7 +3,8 @@
 torch.fake_quantize_per_{tensor,channel}_affine round half to even (as ONNX QuantizeLinear)
 and pass a straight-through gradient (1 inside the clip range, 0 outside);
 _fake_quantize_learnable_per_channel_affine adds the LSQ gradient for a per-channel (weight) scale,
-``LSQPerTensor`` for a per-tensor (activation) scale.
+``LSQPerTensor`` (eager ops) and ``FusedLSQPerTensor`` (the same numbers in torch.compile'd loops)
+for a per-tensor (activation) scale.
 """
 from __future__ import annotations
 
