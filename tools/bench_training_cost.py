@@ -8,12 +8,13 @@ probe period) interleaved round by round in one process: float AdamW; QAT AdamW 
 with LSQ scales (W4A4 also with the eager activation kernels instead of the fused ones), W4A4 with
 observer scales; QAT S-Adam (defaults) at W4A4. One untimed step per cell first (the fused
 kernels compile on first use). The table gives the median s/step, its spread (min-max over
-rounds) and the ratio to the float step measured in the same run. ``--profile`` adds a torch.profiler breakdown of one 8-step block of each QAT cell by
-component: weight fake-quant, activation fake-quant, oscillation tracking, S-Adam probes, and the
+rounds) and the ratio to the float step measured in the same run. ``--profile`` adds a
+torch.profiler breakdown of one 8-step block of each QAT cell by component: weight fake-quant, activation fake-quant, oscillation tracking, S-Adam probes, and the
 rest (convolutions, BatchNorm, the loss, backward, the optimizer update). ``--components`` times,
 interleaved, forward + backward of our per-tensor LSQ fake-quant (LSQPerTensor, eager, and
 FusedLSQPerTensor, torch.compile) against torch's _fake_quantize_learnable_per_tensor_affine and
-a relu on one (batch, 64, 32, 32) activation, and one oscillation-tracker update over the model's 4-bit weights.
+a relu on one (batch, 64, 32, 32) activation, and one oscillation-tracker update over the
+model's 4-bit weights.
 """
 from __future__ import annotations
 
