@@ -6,7 +6,7 @@ import torch
 from qat_sadam import QATConfig, QuantSpec, calibrate, prepare_qat
 from qat_sadam.models import build_model
 from qat_sadam.quant import FakeQuantize, quantizers
-from qat_sadam.quant.fake_quant import use_fused_fake_quant
+from qat_sadam.quant.kernels import use_fused_kernels
 
 
 def _fq(bits=4, **kw):
@@ -46,14 +46,11 @@ def test_lsq_scale_gradient_matches_formula():
 
 
 def _lsq_with(q, x, dy, fused: bool):
-    use_fused_fake_quant(fused)
-    try:
-        q.scale.grad, x.grad = None, None
-        y = q(x)
-        y.backward(dy)
-        return y.detach(), x.grad.clone(), q.scale.grad.clone()
-    finally:
-        use_fused_fake_quant(True)
+    use_fused_kernels(fused)
+    q.scale.grad, x.grad = None, None
+    y = q(x)
+    y.backward(dy)
+    return y.detach(), x.grad.clone(), q.scale.grad.clone()
 
 
 @pytest.mark.parametrize("bits,signed,zero_point", [(4, False, 0), (4, False, 3), (8, False, 17), (3, True, 0)])
@@ -76,8 +73,10 @@ def test_per_tensor_lsq_equals_torchs_learnable_op(bits, signed, zero_point):
     for ours, ours_dx, _ in (eager, fused):
         assert torch.equal(ours, ref) and torch.equal(ours_dx, x.grad)
     assert torch.equal(eager[2], fused[2])
-    with torch.no_grad():  # the path without autograd (evaluation, probes) gives the same values
-        assert torch.equal(q(x), ref)
+    for fused in (False, True):  # the path without autograd (evaluation, probes) gives the same values
+        use_fused_kernels(fused)
+        with torch.no_grad():
+            assert torch.equal(q(x), ref)
     assert 0.0 < (eager[1] == 0).float().mean() < 0.9  # some elements clip, most do not: both branches count
     assert eager[2].item() == pytest.approx(scale.grad.item(), rel=1e-4)
 
@@ -93,6 +92,25 @@ def test_fused_lsq_clips_values_far_outside_the_range_as_the_eager_kernels_do():
     lo, hi = q.value_range(x)
     assert eager[0][:5].tolist() == [hi.item(), lo.item(), hi.item(), lo.item(), hi.item()]
     assert eager[1].tolist() == [0.0] * 5 + [6.0, 7.0]  # dy inside the range, nothing where clipped
+
+
+def test_fused_lsq_serves_every_activation_shape_of_a_rank_with_one_build():
+    """Batch 1, N == C, odd sizes: no recompile once a rank has been built (dynamo's limit is 8 per
+    function, past which it would silently run eager ops)."""
+    q = FakeQuantize(QuantSpec(bits=4, signed=False, symmetric=False, scale_mode="lsq"), "activation")
+    q.init_from(torch.rand(100))
+
+    def run(*shape):
+        x = torch.rand(*shape, requires_grad=True)
+        q(x).backward(torch.ones(shape))
+        with torch.no_grad():
+            q(x)
+        return x.grad
+
+    run(4, 8, 6, 6), run(4, 8)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for shape in [(1, 8, 6, 6), (8, 8, 6, 6), (3, 16, 1, 1), (5, 2, 7, 3), (1, 8), (9, 9)]:
+            assert run(*shape).shape == shape
 
 
 def test_per_tensor_lsq_output_may_be_modified_in_place():

@@ -8,6 +8,7 @@ import torch
 from qat_sadam.cli import main
 from qat_sadam.errors import RecipeError
 from qat_sadam.quant import fake_quant
+from qat_sadam.quant.kernels import use_fused_kernels
 from qat_sadam.train.oscillation import OscillationTracker
 from qat_sadam.train.recipe import load_recipe
 from qat_sadam.train.trainer import Trainer
@@ -57,8 +58,10 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, every):
     assert full.optimizer.rho == resumed.optimizer.rho
 
 
-def test_oscillation_counter_matches_hand_sequence():
+@pytest.mark.parametrize("fused", [True, False])
+def test_oscillation_counter_matches_hand_sequence(fused):
     from qat_sadam import prepare_qat
+    use_fused_kernels(fused)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1, bias=False), torch.nn.Flatten(), torch.nn.Linear(1, 1))
     qat = prepare_qat(model, {"bits": 4, "first_last_bits": None, "weight": {"scale_mode": "frozen", "per_channel": False}})
     conv = qat.get_submodule("0")
@@ -79,6 +82,32 @@ def test_oscillation_counter_matches_hand_sequence():
     for o in oscs:
         freq = 0.5 * freq + 0.5 * o
     assert float(tr.freq[0].item()) == pytest.approx(freq)
+
+
+def test_fused_oscillation_tracker_equals_the_eager_one_bit_for_bit():
+    from qat_sadam import calibrate, prepare_qat
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 1), torch.nn.Conv2d(8, 8, 3, groups=8),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5))
+    qat = prepare_qat(model, {"bits": 3, "first_last_bits": None})
+    calibrate(qat, [torch.randn(2, 3, 8, 8)])
+    trackers = {fused: OscillationTracker(qat) for fused in (True, False)}
+    weights = [w for w, _ in trackers[True].tracked]
+    assert len(weights) == 4
+    oscillations = 0
+    for _ in range(12):
+        with torch.no_grad():
+            for w in weights:
+                w.add_(torch.randn_like(w), alpha=0.3 * w.abs().mean().item())
+        out = {}
+        for fused, tr in trackers.items():
+            use_fused_kernels(fused)
+            out[fused] = {k: v.item() for k, v in tr.update().items()}
+        assert out[True] == out[False]
+        oscillations += out[True]["oscillations"]
+    assert oscillations > 100
+    for key, state in trackers[True].state_dict().items():
+        assert all(torch.equal(a, b) for a, b in zip(state, trackers[False].state_dict()[key])), key
 
 
 BAD = [
@@ -111,7 +140,7 @@ def test_a_platform_that_cannot_build_the_fused_kernels_gets_one_line_and_the_ea
     def no_compiler(*args):
         raise torch._dynamo.exc.BackendCompilerFailed(None, RuntimeError("Compiler: cc is not found.\nmore"), None)
 
-    monkeypatch.setattr(fake_quant, "_fused_forward", no_compiler)
+    monkeypatch.setattr(fake_quant._fused_values, "kernel", no_compiler)
     argv = ["train", "recipes/quickstart.yaml", "--bits", "4", *(a for kv in TINY + ["epochs=1"] for a in ("--set", kv)), "--out", str(tmp_path / "run")]
     assert main(argv) == 2
     err = capsys.readouterr().err

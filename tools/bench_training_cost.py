@@ -5,8 +5,8 @@
 
 Cells, each a model in train mode with its own optimizer, timed in blocks of 8 steps (one S-Adam
 probe period) interleaved round by round in one process: float AdamW; QAT AdamW at W8A8 and W4A4
-with LSQ scales (W4A4 also with the eager activation kernels instead of the fused ones), W4A4 with
-observer scales; QAT S-Adam (defaults) at W4A4. One untimed step per cell first (the fused
+with LSQ scales (W4A4 also with the eager kernels instead of the fused ones: the activation
+fake-quant and the oscillation tracker), W4A4 with observer scales; QAT S-Adam (defaults) at W4A4. Four untimed steps per cell first (the fused
 kernels compile on first use). The table gives the median s/step, its spread (min-max over
 rounds) and the ratio to the float step measured in the same run. ``--profile`` adds a
 torch.profiler breakdown of one 8-step block of each QAT cell by component: weight fake-quant, activation fake-quant, oscillation tracking, S-Adam probes, and the
@@ -14,7 +14,7 @@ rest (convolutions, BatchNorm, the loss, backward, the optimizer update). ``--co
 interleaved, forward + backward of our per-tensor LSQ fake-quant (LSQPerTensor, eager, and
 FusedLSQPerTensor, torch.compile) against torch's _fake_quantize_learnable_per_tensor_affine and
 a relu on one (batch, 64, 32, 32) activation, and one oscillation-tracker update over the
-model's 4-bit weights.
+model's 4-bit weights, fused and eager.
 """
 from __future__ import annotations
 
@@ -31,10 +31,12 @@ from qat_sadam import SAdam, calibrate, prepare_qat, sadam_param_groups
 from qat_sadam.models import build_model
 from qat_sadam.optim import loss_closure
 from qat_sadam.quant import FakeQuantize
-from qat_sadam.quant.fake_quant import FusedLSQPerTensor, LSQPerTensor, use_fused_fake_quant
+from qat_sadam.quant.fake_quant import FusedLSQPerTensor, LSQPerTensor
+from qat_sadam.quant.kernels import use_fused_kernels
 from qat_sadam.train.oscillation import OscillationTracker
 
 BLOCK = 8
+WARMUP = 4  # untimed steps per cell: the fused kernels compile their shape variants in the first few
 CELLS = ["float adamw", "QAT W8A8 adamw (LSQ)", "QAT W4A4 adamw (LSQ)", "QAT W4A4 adamw (LSQ, eager kernels)",
          "QAT W4A4 adamw (observer)", "QAT W4A4 sadam (defaults)"]
 
@@ -59,12 +61,12 @@ def _cell(name: str, model_name: str, x):
 
 
 def _step(model, opt, tracker, fused, x, y):
-    use_fused_fake_quant(fused)
+    use_fused_kernels(fused)
     opt.step(loss_closure(opt, lambda: F.cross_entropy(model(x), y)))
-    use_fused_fake_quant(True)
     if tracker:
         with record_function("oscillation tracking"):
             tracker.update()
+    use_fused_kernels(True)
 
 
 def _label(name: str) -> str | None:
@@ -119,16 +121,20 @@ def components(model_name: str, batch: int, rounds: int = 7) -> None:
         print(f"| {k} | {statistics.median(v):.1f} | {statistics.median(v) / ref:.2f}x |")
     model, _, tracker, _ = _cell("QAT W4A4 adamw (LSQ)", model_name, torch.randn(8, 3, 32, 32))
     weights = [w for w, _ in tracker.tracked]
-    ms = []
-    for _ in range(rounds):
+    ms = {True: [], False: []}
+    for r in range(rounds + 2):  # the first two: the fused update compiles its shape variants
         with torch.no_grad():
             for w in weights:
                 w.add_(torch.randn_like(w), alpha=1e-3)  # a training step's worth of movement
-        t0 = time.perf_counter()
-        tracker.update()
-        ms.append(1e3 * (time.perf_counter() - t0))
-    print(f"\noscillation tracker update over {sum(w.numel() for w in weights) / 1e6:.1f} M weights: "
-          f"{statistics.median(ms):.0f} ms (median of {rounds})")
+        for fused in ms:
+            use_fused_kernels(fused)
+            t0 = time.perf_counter()
+            tracker.update()
+            ms[fused].append(1e3 * (time.perf_counter() - t0))
+    use_fused_kernels(True)
+    n = sum(w.numel() for w in weights) / 1e6
+    print(f"\noscillation tracker update over {n:.1f} M weights, median of {rounds}: "
+          f"{statistics.median(ms[True][2:]):.0f} ms fused, {statistics.median(ms[False][2:]):.0f} ms eager")
 
 
 def main():
@@ -148,7 +154,8 @@ def main():
     names = [n for n in CELLS if n not in a.skip]
     cells = {n: _cell(n, a.model, x) for n in names}
     for cell in cells.values():
-        _step(*cell, x, y)
+        for _ in range(WARMUP):
+            _step(*cell, x, y)
     times = {n: [] for n in names}
     with tqdm(total=a.rounds * len(names), desc="blocks") as bar:
         for r in range(a.rounds):

@@ -6,10 +6,39 @@ frequency of a weight is an EMA (momentum 0.01) of its oscillation indicator.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from ..optim.groups import quantized_weights
+from ..quant.fake_quant import integer_codes
+from ..quant.kernels import FusedKernel, fused_kernels_enabled
+
+
+def _advance(w, scale, zero_point, qmin: int, qmax: int, prev, last_dir, freq, momentum: float):
+    """One tracker step over one weight tensor: its codes, last flip directions and frequencies,
+    and the counts of flips, oscillations and frequencies above 0.005 and 0.01. Int8 products
+    stand in for sign comparisons; the frequency update is eager's ``mul_`` then ``add_``."""
+    cur = integer_codes(w, scale, zero_point, qmin, qmax)
+    direction = (cur - prev).sign_().to(torch.int8)
+    osc = (direction * last_dir) == -1  # a flip against the previous one
+    last_dir = torch.where(direction != 0, direction, last_dir)
+    freq = freq.mul(1 - momentum).add_(osc, alpha=momentum)
+    # int32 sums, not count_nonzero's int64: cheaper in the fused loop, exact below 2**31 weights a tensor
+    counts = torch.stack([t.sum(dtype=torch.int32) for t in (direction != 0, osc, freq > 0.005, freq > 0.01)])
+    return cur, last_dir, freq, counts
+
+
+# It runs every step over every tracked weight: one generated loop instead of a dozen passes.
+_fused_advance = FusedKernel(_advance)
+
+
+def _as_3d(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """A view (before the channel axis, channels, after): every weight layout, its per-channel scale
+    and the tracker's state in one compiled graph (a parameter's own shape is static to dynamo, so
+    each layer's shape would be another build)."""
+    return t.reshape(math.prod(t.shape[:axis]), t.shape[axis] if t.dim() else 1, -1)
 
 
 class OscillationTracker:
@@ -28,20 +57,17 @@ class OscillationTracker:
     @torch.no_grad()
     def update(self) -> dict[str, torch.Tensor]:
         """Advance one step; returns device tensors (flips, oscillations, mean frequency, share above thresholds)."""
-        # Per-tensor sums instead of one concatenated frequency vector: this runs every step over
-        # every tracked weight, so it avoids copies and int8 products stand in for sign comparisons.
-        totals = torch.zeros(5, device=self.freq[0].device if self.freq else None)
+        advance = _fused_advance if fused_kernels_enabled() else _advance
+        device = self.freq[0].device if self.freq else None
+        counts, freq_sum = torch.zeros(4, dtype=torch.int64, device=device), torch.zeros((), device=device)
         for i, (w, q) in enumerate(self.tracked):
-            cur = q.integer(w)
-            direction = (cur - self.prev[i]).sign_().to(torch.int8)
-            osc = (direction * self.last_dir[i]) == -1  # a flip against the previous one
-            self.last_dir[i] = torch.where(direction != 0, direction, self.last_dir[i])
-            self.freq[i].mul_(1 - self.momentum).add_(osc, alpha=self.momentum)
-            self.prev[i] = cur
-            f = self.freq[i]
-            totals += torch.stack([direction.count_nonzero(), osc.count_nonzero(), f.sum(), (f > 0.005).count_nonzero(),
-                                   (f > 0.01).count_nonzero()]).float()
-        flips, oscs, freq_sum, above_5e3, above_1e2 = totals
+            axis = q.spec.axis % w.dim() if q.spec.per_channel else 0
+            args = (_as_3d(t, axis) for t in (w, q.step_size(w), q.zero_point_like(w)))
+            state = (_as_3d(t, axis) for t in (self.prev[i], self.last_dir[i], self.freq[i]))
+            *state, c = advance(*args, q.spec.qmin, q.spec.qmax, *state, self.momentum)
+            self.prev[i], self.last_dir[i], self.freq[i] = (t.view(w.shape) for t in state)
+            counts, freq_sum = counts + c, freq_sum + self.freq[i].sum()  # torch's pairwise sum, as before
+        flips, oscs, above_5e3, above_1e2 = counts.float()
         n = max(sum(f.numel() for f in self.freq), 1)
         return {"flips": flips, "oscillations": oscs, "osc_freq_mean": freq_sum / n,
                 "osc_frac_0.005": above_5e3 / n, "osc_frac_0.01": above_1e2 / n}

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..errors import ExportError, RecipeError, TrainingStopped
 from ..export import DEFAULT_TARGET, freeze, integer_reference, load_target
 from ..optim import SAdam
-from ..quant import calibrate, fused_kernels_buildable, reestimate_batchnorm, use_fused_fake_quant
+from ..quant import calibrate, fused_kernels_buildable, reestimate_batchnorm, use_fused_kernels
 from . import distributed
 from .checkpoint import save_atomic
 from .data import Loader, load_data
@@ -78,7 +78,7 @@ class Trainer:
         if kernels == "auto":  # the run log says which ran (train())
             kernels = "fused" if fused_kernels_buildable(self.device) else "eager"
         self.fake_quant_kernels = kernels
-        use_fused_fake_quant(kernels == "fused")
+        use_fused_kernels(kernels == "fused")
         data = load_data(recipe["data"])
         self.info = {"num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": data.image_size,
                      "mean": list(data.mean), "std": list(data.std)}
