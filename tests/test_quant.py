@@ -104,13 +104,19 @@ def test_fused_lsq_serves_every_activation_shape_of_a_rank_with_one_build():
         x = torch.rand(*shape, requires_grad=True)
         q(x).backward(torch.ones(shape))
         with torch.no_grad():
-            q(x)
-        return x.grad
+            y = q(x)
+        return y, x.grad
 
     run(4, 8, 6, 6), run(4, 8)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for shape in [(1, 8, 6, 6), (8, 8, 6, 6), (3, 16, 1, 1), (5, 2, 7, 3), (1, 8), (9, 9)]:
-            assert run(*shape).shape == shape
+    for shape in [(1, 8, 6, 6), (8, 8, 6, 6), (3, 16, 1, 1), (5, 2, 7, 3), (1, 8), (9, 9)]:
+        torch.manual_seed(1)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            fused = run(*shape)
+        use_fused_kernels(False)
+        torch.manual_seed(1)
+        eager = run(*shape)
+        use_fused_kernels(True)
+        assert fused[0].shape == shape and all(torch.equal(a, b) for a, b in zip(fused, eager)), shape
 
 
 def test_per_tensor_lsq_output_may_be_modified_in_place():
