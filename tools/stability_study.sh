@@ -6,6 +6,9 @@
 #   QAT_SADAM_DATA=../shared/data bash tools/finetune_study.sh float mobilenet_v2     # the checkpoint first
 #   QAT_SADAM_DATA=../shared/data bash tools/stability_study.sh mobilenet_v2 4 3      # MODEL BITS SEEDS
 #   CELLS=adamw,sadam bash tools/stability_study.sh mobilenet_v2 4 1                   # a subset of the cells
+#   SPLIT=val CELLS="adamw@lr=1.5e-4,adamw,adamw@lr=1.5e-3" bash tools/stability_study.sh mobilenet_v2 4 1
+#     lr tuning: 10% of the training images held out and scored (torch), nothing exported,
+#     into runs/stability/MODEL-wBITS-val
 # Each cell is one `qat-sadam compare` cell (finished ones are reused, so the study resumes); the
 # fine-tune recipe's schedule (cosine) applies to every optimizer. One thread per process.
 set -euo pipefail
@@ -16,5 +19,9 @@ freeze="freezing.enabled=true"
 all="adamw@bn_reestimate_batches=0,adamw,adamw@dampening.enabled=true,adamw@$freeze"
 all+=",sadam,adamw-effective@of=sadam,sadam-reference,adamw-effective@of=sadam-reference"
 all+=",sadam@$freeze,adamw-effective@$freeze@of=sadam@$freeze"
+out="runs/stability/$model-w$bits" split=(--export export/cpu-x86.yaml)
+if [ "${SPLIT:-test}" = val ]; then
+  out+="-val" split=(--set data.val_split=0.1 --set data.eval_on=val --set export.enabled=false)
+fi
 .venv/bin/qat-sadam compare "recipes/${model}_finetune.yaml" --bits "$bits" --seeds "$seeds" --quiet \
-    --out "runs/stability/$model-w$bits" --export export/cpu-x86.yaml --optimizers "${CELLS:-$all}"
+    --out "$out" "${split[@]}" --optimizers "${CELLS:-$all}"
