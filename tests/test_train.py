@@ -12,6 +12,7 @@ from qat_sadam.quant.kernels import use_fused_kernels
 from qat_sadam.train.oscillation import OscillationTracker
 from qat_sadam.train.recipe import load_recipe
 from qat_sadam.train.trainer import Trainer
+from qat_sadam.workflows.compare import parse_cell
 
 TINY = ["data.name=synthetic", "data.image_size=8", "data.batch_size=64", "model.name=small_cnn", "model.width=8",
         "epochs=2", "calibration_batches=1", "data.eval_batch_size=256"]
@@ -122,9 +123,23 @@ BAD = [
     (["train", "recipes/quickstart.yaml", "--set", "data.name=cifar100", "--set", "data.root=/nonexistent"], "cifar100: not found under /nonexistent"),
     (["compare", "recipes/quickstart.yaml", "--optimizers", "adamw,rmsprop"], "unknown optimizer 'rmsprop'"),
     (["compare", "recipes/quickstart.yaml", "--optimizers", "sadam,adamw-effective@of=adamw"], "'of' must name an S-Adam cell"),
+    (["compare", "recipes/quickstart.yaml", "--optimizers", "sadam@lr=fast"], "'optimizer.lr' must be a number, got 'fast'"),
     (["eval", "/nonexistent/run"], "no such run directory or checkpoint"),
     (["validate", "/nonexistent.onnx"], "model not found"),
 ]
+
+
+def test_a_cell_setting_reads_numbers_as_set_does():
+    # YAML reads 5e-3 (no dot) as text; a cell's lr must not become the string '5e-3'
+    assert parse_cell("sadam@lr=5e-3@k=8")[2] == {"name": "sadam", "lgi": "residual", "lr": 0.005, "k": 8}
+    assert parse_cell("adamw@lr=5e-4@epochs=3")[4] == ["epochs=3"]
+
+
+def test_a_recipe_file_with_lr_as_text_gets_a_clear_error(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(open("recipes/quickstart.yaml").read() + "\noptimizer: {name: adamw, lr: 5e-4}\n")
+    with pytest.raises(RecipeError, match=r"'optimizer.lr' must be a number, got '5e-4' \(YAML reads 5e-4 as text"):
+        load_recipe(str(recipe))
 
 
 @pytest.mark.parametrize("argv,msg", BAD)

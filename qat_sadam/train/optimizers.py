@@ -26,6 +26,10 @@ def check_optimizer(cfg: dict) -> None:
     unknown = sorted(set(cfg) - KEYS[name] - {"name"})
     if unknown:
         raise RecipeError(f"unknown recipe key 'optimizer.{unknown[0]}' for {name} (known: {', '.join(sorted(KEYS[name]))})")
+    for k, v in cfg.items():
+        if k not in ("name", "lgi", "betas", "nesterov") and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise RecipeError(f"recipe key 'optimizer.{k}' must be a number, got {v!r}"
+                              + (" (YAML reads 5e-4 as text: write 5.0e-4)" if isinstance(v, str) else ""))
     if "betas" in cfg:
         b = cfg["betas"]
         if not (isinstance(b, (list, tuple)) and len(b) == 2 and all(isinstance(x, (int, float)) for x in b)):

@@ -16,12 +16,10 @@ import json
 import os
 import statistics
 
-import yaml
-
 from ..errors import ExportError, RecipeError
 from ..train.curves import plot_curves
 from ..train.optimizers import KEYS
-from ..train.recipe import SCHEMA, load_recipe
+from ..train.recipe import SCHEMA, load_recipe, parse_override
 from ..train.run_dir import LAST, PREVIOUS, RunLock, clear_run_dir, read_summary, summary_path, write_summary
 from ..train.trainer import Trainer
 from .export_run import export_finished_run
@@ -55,11 +53,11 @@ def parse_cell(spec: str) -> tuple[str, str, dict, str | None, list[str]]:
     for s in settings:
         if "=" not in s:
             raise RecipeError(f"--optimizers: expected key=value after '@' in {spec!r}")
-        k, v = s.split("=", 1)
-        if k.split(".")[0] in RECIPE_SECTIONS:
+        path, value = parse_override(s)  # read as --set reads it: 5e-3 is a number
+        if path[0] in RECIPE_SECTIONS:
             sets.append(s)
         else:
-            opt[k] = yaml.safe_load(v)
+            opt[".".join(path)] = value
     return spec, preset, opt, of or None, sets
 
 
