@@ -6,6 +6,7 @@ import torch
 from qat_sadam import QATConfig, QuantSpec, calibrate, prepare_qat
 from qat_sadam.models import build_model
 from qat_sadam.quant import FakeQuantize, quantizers
+from qat_sadam.optim.groups import quantized_weights
 from qat_sadam.quant.kernels import use_fused_kernels
 
 
@@ -117,6 +118,48 @@ def test_fused_lsq_serves_every_activation_shape_of_a_rank_with_one_build():
         eager = run(*shape)
         use_fused_kernels(True)
         assert fused[0].shape == shape and all(torch.equal(a, b) for a, b in zip(fused, eager)), shape
+
+
+@pytest.mark.parametrize("shape", [(8, 3, 3, 3), (16, 1, 3, 3), (12, 7), (6, 6, 1, 1)],
+                         ids=["conv", "depthwise", "linear", "1x1 with C == K"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_fused_per_channel_lsq_equals_torchs_learnable_op_bit_for_bit(shape, bits):
+    """The weight quantizer's fused kernels against torch._fake_quantize_learnable_per_channel_affine:
+    values, x gradient and the per-channel scale gradient bit for bit, with values at exact half
+    levels (rounded half to even) and values clipped on both sides."""
+    q = FakeQuantize(QuantSpec(bits=bits, per_channel=True, narrow_range=True, scale_mode="lsq"), "weight", channels=shape[0])
+    torch.manual_seed(bits)
+    q.scale.data.copy_(torch.rand(shape[0]) * 0.1 + 0.01)
+    q.initialized.fill_(True)
+    step = q.step_size(torch.empty(shape)).expand(shape).reshape(-1)
+    x = torch.randn(shape).reshape(-1) * 0.3
+    x[:8] = torch.tensor([0.5, 1.5, -0.5, -2.5, 200.0, -200.0, 0.0, 2.5])[:8] * step[:8]  # halves; clipped
+    x = x.reshape(shape).requires_grad_()
+    dy = torch.randn(shape)
+    fused = _lsq_with(q, x, dy, fused=True)
+    x.grad = None
+    scale = q.scale.detach().clone().requires_grad_()
+    ref = torch._fake_quantize_learnable_per_channel_affine(x, scale, torch.zeros(shape[0]), 0, q.spec.qmin, q.spec.qmax,
+                                                           q.lsq_grad_factor(x))
+    ref.backward(dy)
+    assert torch.equal(fused[0], ref) and torch.equal(fused[1], x.grad) and torch.equal(fused[2], scale.grad)
+    with torch.no_grad():
+        assert torch.equal(q(x), ref)
+    assert 0.0 < (fused[1] == 0).float().mean() < 0.9 or bits == 2  # both branches of the gradient are exercised
+
+
+def test_fused_per_channel_lsq_builds_few_variants_for_a_whole_network():
+    """Every weight of MobileNetV2 (conv, depthwise, 1x1, linear) through the fused per-channel
+    kernels, forward, backward and no-grad, without reaching dynamo's recompile limit (8)."""
+    torch._dynamo.reset()
+    model = prepare_qat(build_model("mobilenet_v2", 10), QATConfig.from_dict({"bits": 4}))
+    weights = list(quantized_weights(model).items())
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
+        for w, fq in weights:
+            fq(w).sum().backward()
+            with torch.no_grad():
+                fq(w)
+    assert all(w.grad is not None and fq.scale.grad is not None for w, fq in weights)
 
 
 def test_per_tensor_lsq_output_may_be_modified_in_place():

@@ -8,13 +8,16 @@ probe period) interleaved round by round in one process: float AdamW; QAT AdamW 
 with LSQ scales (W4A4 also with the eager kernels instead of the fused ones: the activation
 fake-quant and the oscillation tracker), W4A4 with observer scales; QAT S-Adam (defaults) at W4A4. Four untimed steps per cell first (the fused
 kernels compile on first use). The table gives the median s/step, its spread (min-max over
-rounds) and the ratio to the float step measured in the same run. ``--profile`` adds a
+rounds) and the ratio to the float step measured in the same run, and, timed in the same rotation,
+one forward of the W4A4 model without autograd (what S-Adam's probes run) with the floor it sets
+for S-Adam's cost: 1 + 2k / probe_every x its share of a step. ``--profile`` adds a
 torch.profiler breakdown of one 8-step block of each QAT cell by component: weight fake-quant, activation fake-quant, oscillation tracking, S-Adam probes, and the
 rest (convolutions, BatchNorm, the loss, backward, the optimizer update). ``--components`` times,
 interleaved, forward + backward of our per-tensor LSQ fake-quant (LSQPerTensor, eager, and
 FusedLSQPerTensor, torch.compile) against torch's _fake_quantize_learnable_per_tensor_affine and
-a relu on one (batch, 64, 32, 32) activation, and one oscillation-tracker update over the
-model's 4-bit weights, fused and eager.
+a relu on one (batch, 64, 32, 32) activation, one oscillation-tracker update over the model's
+4-bit weights, fused and eager, and forward + backward of every weight's fake-quant
+(FusedLSQPerChannel against torch's _fake_quantize_learnable_per_channel_affine).
 """
 from __future__ import annotations
 
@@ -30,11 +33,14 @@ from tqdm import tqdm
 from qat_sadam import SAdam, calibrate, prepare_qat, sadam_param_groups
 from qat_sadam.models import build_model
 from qat_sadam.optim import loss_closure
+from qat_sadam.optim.groups import quantized_weights
 from qat_sadam.quant import FakeQuantize
 from qat_sadam.quant.fake_quant import FusedLSQPerTensor, LSQPerTensor
 from qat_sadam.quant.kernels import use_fused_kernels
 from qat_sadam.train.oscillation import OscillationTracker
 
+QAT, SADAM = "QAT W4A4 adamw (LSQ)", "QAT W4A4 sadam (defaults)"
+PROBE = "one forward without gradients (an S-Adam probe, train mode)"
 BLOCK = 8
 WARMUP = 4  # untimed steps per cell: the fused kernels compile their shape variants in the first few
 CELLS = ["float adamw", "QAT W8A8 adamw (LSQ)", "QAT W4A4 adamw (LSQ)", "QAT W4A4 adamw (LSQ, eager kernels)",
@@ -67,6 +73,11 @@ def _step(model, opt, tracker, fused, x, y):
         with record_function("oscillation tracking"):
             tracker.update()
     use_fused_kernels(True)
+
+
+def _probe_forward(model, x, y):
+    with torch.no_grad():
+        F.cross_entropy(model(x), y)
 
 
 def _label(name: str) -> str | None:
@@ -135,6 +146,18 @@ def components(model_name: str, batch: int, rounds: int = 7) -> None:
     n = sum(w.numel() for w in weights) / 1e6
     print(f"\noscillation tracker update over {n:.1f} M weights, median of {rounds}: "
           f"{statistics.median(ms[True][2:]):.0f} ms fused, {statistics.median(ms[False][2:]):.0f} ms eager")
+    quantized = list(quantized_weights(model).items())
+    ms = {True: [], False: []}
+    for r in range(rounds + 2):
+        for fused in ms:  # fused: FusedLSQPerChannel; eager: torch's learnable per-channel op
+            use_fused_kernels(fused)
+            t0 = time.perf_counter()
+            for w, q in quantized:
+                q(w).backward(torch.ones_like(w))
+            ms[fused].append(1e3 * (time.perf_counter() - t0))
+    use_fused_kernels(True)
+    print(f"weight fake-quant forward + backward over all {len(quantized)} weights, median of {rounds}: "
+          f"{statistics.median(ms[True][2:]):.0f} ms fused, {statistics.median(ms[False][2:]):.0f} ms torch's op")
 
 
 def main():
@@ -156,21 +179,30 @@ def main():
     for cell in cells.values():
         for _ in range(WARMUP):
             _step(*cell, x, y)
-    times = {n: [] for n in names}
-    with tqdm(total=a.rounds * len(names), desc="blocks") as bar:
+    blocks = {n: (lambda c=cells[n]: _step(*c, x, y)) for n in names}
+    if {QAT, SADAM} <= set(cells):  # what S-Adam's probes run: forwards of the QAT model without autograd
+        blocks[PROBE] = lambda m=cells[QAT][0]: _probe_forward(m, x, y)
+    times = {n: [] for n in blocks}
+    order = list(blocks)
+    with tqdm(total=a.rounds * len(order), desc="blocks") as bar:
         for r in range(a.rounds):
-            for n in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
+            for n in order[r % len(order):] + order[:r % len(order)]:  # rotate the order
                 t0 = time.perf_counter()
                 for _ in range(BLOCK):
-                    _step(*cells[n], x, y)
+                    blocks[n]()
                 times[n].append((time.perf_counter() - t0) / BLOCK)
                 bar.update()
     f = statistics.median(times["float adamw"])
     print(f"\n{a.model}, batch {a.batch}, {a.threads} thread(s), {a.rounds} rounds of {BLOCK} steps\n")
     print("| cell | s/step (median) | min-max | / float step |\n|---|---|---|---|")
-    for n in names:
+    for n in order:
         m = statistics.median(times[n])
         print(f"| {n} | {m:.3f} | {min(times[n]):.3f}-{max(times[n]):.3f} | {m / f:.2f}x |")
+    if PROBE in times:
+        g = cells[SADAM][1].param_groups[0]
+        share = statistics.median(times[PROBE]) / statistics.median(times[QAT])
+        print(f"\nS-Adam's probes: {2 * g['k']} forwards without gradients every {g['probe_every']} steps, one costing "
+              f"{share:.2f} of a QAT AdamW step: a floor of {1 + 2 * g['k'] / g['probe_every'] * share:.3f}x AdamW")
     if a.profile:
         print("\nShare of an 8-step block (fake-quant: the ops' own time, forward and backward):\n")
         print("| cell | block s | weight fake-quant | activation fake-quant | oscillation tracking | S-Adam probes | rest |")

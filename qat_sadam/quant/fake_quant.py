@@ -2,9 +2,9 @@
 
 torch.fake_quantize_per_{tensor,channel}_affine round half to even (as ONNX QuantizeLinear)
 and pass a straight-through gradient (1 inside the clip range, 0 outside);
-_fake_quantize_learnable_per_channel_affine adds the LSQ gradient for a per-channel (weight) scale,
-``LSQPerTensor`` (eager ops) and ``FusedLSQPerTensor`` (the same numbers in torch.compile'd loops)
-for a per-tensor (activation) scale.
+_fake_quantize_learnable_per_channel_affine adds the LSQ gradient for a per-channel (weight) scale
+(``FusedLSQPerChannel``: its numbers in torch.compile'd loops), ``LSQPerTensor`` (eager ops) and
+``FusedLSQPerTensor`` (the same numbers in torch.compile'd loops) for a per-tensor (activation) scale.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .kernels import FusedKernel, fused_kernels_enabled
+from .kernels import FusedKernel, channel_view, fused_kernels_enabled
 from .spec import QuantSpec
 
 _MSE_GRID = torch.linspace(0.3, 1.0, 36)
@@ -111,6 +111,65 @@ class FusedLSQPerTensor(LSQPerTensor):
         x, scale, lo, hi = ctx.saved_tensors
         dx, dy_r = _fused_backward(dy, x.detach(), scale, lo, hi)
         return dx, (dy_r.sum() * ctx.grad_factor).reshape(1), None, None, None, None
+
+
+def _lsq_channel_values(x, scale, qmin: int, qmax: int):
+    """torch._fake_quantize_learnable_per_channel_affine's values for a zero zero point (x, scale as channel views)."""
+    return _lsq_values(x, scale, qmin, qmax)
+
+
+def _lsq_channel_backward(dy, x, scale, grad_factor, qmin: int, qmax: int):
+    """torch._fake_quantize_learnable_per_channel_affine's backward for a zero zero point, element
+    by element in its operation order: dx (dy inside the range, 0 outside) and the per-element
+    scale gradient, which the caller sums per channel with torch's sum as torch does. Its zero-point
+    gradient (a third full-size output) is not computed: a weight's zero point is not learned."""
+    inv = scale.reciprocal()
+    q = torch.round(x * inv)
+    below, above = q < qmin, q > qmax
+    # torch's x86 kernels contract level * scale - x into a fused multiply-add (one rounding). In
+    # float64 that difference is exact inside the range (at most 33 significant bits), so one
+    # rounding to float32 gives the same bits without an fma op.
+    error = (q.clamp(qmin, qmax).double() * scale.double() - x.double()).float()
+    inside = dy * error * inv * grad_factor
+    ds = torch.where(below, dy * qmin * grad_factor, torch.where(above, dy * qmax * grad_factor, inside))
+    return torch.where(below | above, 0.0, dy), ds
+
+
+_fused_channel_values = FusedKernel(_lsq_channel_values)
+_fused_channel_backward = FusedKernel(_lsq_channel_backward)
+
+
+class FusedLSQPerChannel(torch.autograd.Function):
+    """torch._fake_quantize_learnable_per_channel_affine for symmetric (zero zero point) weights with
+    its elementwise work in generated loops: the same values, x gradient and scale gradient bit for
+    bit (the per-element scale gradient summed per channel by the same torch sum). torch's CPU
+    kernels run element by element and write a mask, a zero-point gradient and an expanded copy
+    of the scale that a weight does not need (tools/bench_training_cost.py --components). Weights
+    and scales pass as channel views (kernels.channel_view), so layers share a few builds."""
+
+    @staticmethod
+    @torch.profiler.record_function("LSQPerChannel")  # a label for profilers (tools/bench_training_cost.py)
+    def forward(ctx, x, scale, axis: int, qmin: int, qmax: int, grad_factor: float):
+        ctx.save_for_backward(x, scale)
+        ctx.args = axis, qmin, qmax, grad_factor
+        return FusedLSQPerChannel.values(x, scale, axis, qmin, qmax)
+
+    @staticmethod
+    def values(x, scale, axis: int, qmin: int, qmax: int):
+        """The forward's values without autograd (evaluation, S-Adam's probes), in the same loop."""
+        y = _fused_channel_values(channel_view(x.detach(), axis), channel_view(scale.detach(), 0), qmin, qmax)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, scale = ctx.saved_tensors
+        axis, qmin, qmax, grad_factor = ctx.args
+        g = torch.tensor(grad_factor, dtype=torch.float32, device=x.device)  # a tensor: one build for every layer's factor
+        views = (channel_view(t, axis) for t in (dy.contiguous(), x.detach()))
+        dx, ds = _fused_channel_backward(*views, channel_view(scale.detach(), 0), g, qmin, qmax)
+        others = [d for d in range(x.dim()) if d != axis]  # none for a 1-d tensor: one channel per element
+        ds = ds.view(x.shape).sum(others) if others else ds.view(x.shape)
+        return dx.view(x.shape), ds, None, None, None, None
 
 
 def integer_codes(x, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
@@ -262,6 +321,10 @@ class FakeQuantize(nn.Module):
         scale = self.scale.clamp_min(s.scale_floor)
         g = self.lsq_grad_factor(x)
         if s.per_channel:
+            if s.symmetric and fused_kernels_enabled():
+                if not torch.is_grad_enabled():
+                    return FusedLSQPerChannel.values(x, scale, s.axis % x.dim(), s.qmin, s.qmax)
+                return FusedLSQPerChannel.apply(x, scale, s.axis % x.dim(), s.qmin, s.qmax, g)
             return torch._fake_quantize_learnable_per_channel_affine(x, scale, self.zero_point.float(), s.axis % x.dim(),
                                                                      s.qmin, s.qmax, g)
         args = (x, scale.reshape(1), self.zero_point.reshape(1), s.qmin, s.qmax)

@@ -6,14 +6,12 @@ frequency of a weight is an EMA (momentum 0.01) of its oscillation indicator.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ..optim.groups import quantized_weights
 from ..quant.fake_quant import integer_codes
-from ..quant.kernels import FusedKernel, fused_kernels_enabled
+from ..quant.kernels import FusedKernel, channel_view, fused_kernels_enabled
 
 
 def _advance(w, scale, zero_point, qmin: int, qmax: int, prev, last_dir, freq, momentum: float):
@@ -32,14 +30,6 @@ def _advance(w, scale, zero_point, qmin: int, qmax: int, prev, last_dir, freq, m
 
 # It runs every step over every tracked weight: one generated loop instead of a dozen passes.
 _fused_advance = FusedKernel(_advance)
-
-
-def _as_3d(t: torch.Tensor, axis: int) -> torch.Tensor:
-    """A view (before the channel axis, channels, after): weight layouts, their per-channel scales
-    and the tracker's state share a few builds (4-5 for ResNet-18 and MobileNetV2), where a
-    parameter's own shape, static to dynamo, would be a build per layer shape and reach its
-    recompile limit (8), past which the update runs as eager ops."""
-    return t.reshape(math.prod(t.shape[:axis]), t.shape[axis] if t.dim() else 1, -1)
 
 
 class OscillationTracker:
@@ -63,8 +53,8 @@ class OscillationTracker:
         counts, freq_sum = torch.zeros(4, dtype=torch.int64, device=device), torch.zeros((), device=device)
         for i, (w, q) in enumerate(self.tracked):
             axis = q.spec.axis % w.dim() if q.spec.per_channel else 0
-            args = (_as_3d(t, axis) for t in (w, q.step_size(w), q.zero_point_like(w)))
-            state = (_as_3d(t, axis) for t in (self.prev[i], self.last_dir[i], self.freq[i]))
+            args = (channel_view(t, axis) for t in (w, q.step_size(w), q.zero_point_like(w)))
+            state = (channel_view(t, axis) for t in (self.prev[i], self.last_dir[i], self.freq[i]))
             *state, c = advance(*args, q.spec.qmin, q.spec.qmax, *state, self.momentum)
             self.prev[i], self.last_dir[i], self.freq[i] = (t.view(w.shape) for t in state)
             counts, freq_sum = counts + c, freq_sum + self.freq[i].sum()  # torch's pairwise sum, as before
