@@ -12,7 +12,7 @@ from qat_sadam.quant.kernels import use_fused_kernels
 from qat_sadam.train.oscillation import OscillationTracker
 from qat_sadam.train.recipe import load_recipe
 from qat_sadam.train.trainer import Trainer
-from qat_sadam.workflows.compare import parse_cell
+from qat_sadam.workflows.compare import _recipe, parse_cell
 
 TINY = ["data.name=synthetic", "data.image_size=8", "data.batch_size=64", "model.name=small_cnn", "model.width=8",
         "epochs=2", "calibration_batches=1", "data.eval_batch_size=256"]
@@ -133,6 +133,8 @@ def test_a_cell_setting_reads_numbers_as_set_does():
     # YAML reads 5e-3 (no dot) as text; a cell's lr must not become the string '5e-3'
     assert parse_cell("sadam@lr=5e-3@k=8")[2] == {"name": "sadam", "lgi": "residual", "lr": 0.005, "k": 8}
     assert parse_cell("adamw@lr=5e-4@epochs=3")[4] == ["epochs=3"]
+    # and the cell's recipe keeps it a number (JSON would write 5e-05, which YAML reads as text)
+    assert _recipe("recipes/quickstart.yaml", [], None, parse_cell("adamw@lr=5e-5")[2], 0)["optimizer"]["lr"] == 5e-5
 
 
 def test_a_recipe_file_with_lr_as_text_gets_a_clear_error(tmp_path):

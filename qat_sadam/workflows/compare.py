@@ -16,6 +16,8 @@ import json
 import os
 import statistics
 
+import yaml
+
 from ..errors import ExportError, RecipeError
 from ..train.curves import plot_curves
 from ..train.optimizers import KEYS
@@ -140,7 +142,9 @@ def _recipe(path, overrides, bits, opt, seed):
     same = base["name"] == opt["name"] and base.get("lgi", "residual") == opt.get("lgi", "residual")
     shared = {k: v for k, v in base.items() if k in ("lr", "weight_decay") and k in KEYS[opt["name"]]}
     merged = {**base, **opt} if same else {**shared, **opt}
-    return load_recipe(path, list(overrides) + [f"optimizer={json.dumps(merged)}"], bits=bits, seed=seed)
+    # YAML, not JSON: json writes 5e-05, which YAML reads back as text (its floats need a dot)
+    flow = yaml.safe_dump(merged, default_flow_style=True, width=float("inf")).strip()
+    return load_recipe(path, list(overrides) + [f"optimizer={flow}"], bits=bits, seed=seed)
 
 
 def _run(path, overrides, bits, opt, seed, run_dir, progress, export_target=None) -> dict:
