@@ -114,7 +114,9 @@ class FusedLSQPerTensor(LSQPerTensor):
 
 
 def _lsq_channel_values(x, scale, qmin: int, qmax: int):
-    """torch._fake_quantize_learnable_per_channel_affine's values for a zero zero point (x, scale as channel views)."""
+    """torch._fake_quantize_learnable_per_channel_affine's values for a zero zero point (x, scale as channel views).
+    A function of its own: dynamo keys its builds and recompile limit by code object, and the
+    per-tensor kernel's _lsq_values has its own shapes (unbacked activation sizes)."""
     return _lsq_values(x, scale, qmin, qmax)
 
 
