@@ -5,8 +5,8 @@
 
 Cells, each a model in train mode with its own optimizer, timed in blocks of 8 steps (one S-Adam
 probe period) interleaved round by round in one process: float AdamW; QAT AdamW at W8A8 and W4A4
-with LSQ scales (W4A4 also with the eager kernels instead of the fused ones: the activation
-fake-quant and the oscillation tracker), W4A4 with observer scales; QAT S-Adam (defaults) at W4A4. Four untimed steps per cell first (the fused
+with LSQ scales (W4A4 also with the eager kernels instead of the fused ones: the weight and
+activation fake-quant and the oscillation tracker), W4A4 with observer scales; QAT S-Adam (defaults) at W4A4. Four untimed steps per cell first (the fused
 kernels compile on first use). The table gives the median s/step, its spread (min-max over
 rounds) and the ratio to the float step measured in the same run, and, timed in the same rotation,
 one forward of the W4A4 model without autograd (what S-Adam's probes run) with the floor it sets
@@ -82,7 +82,7 @@ def _probe_forward(model, x, y):
 
 def _label(name: str) -> str | None:
     """A profiler event's component by its name (our record_function labels and torch's op names)."""
-    if "fake_quantize" in name and "per_channel" in name:
+    if ("fake_quantize" in name and "per_channel" in name) or name in ("LSQPerChannel", "FusedLSQPerChannelBackward"):
         return "weight fake-quant (per-channel)"
     if "fake_quantize" in name or name in ("LSQPerTensor", "LSQPerTensorBackward", "FusedLSQPerTensorBackward"):
         return "activation fake-quant (per-tensor)"
