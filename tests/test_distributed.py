@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from qat_sadam.cli import main
 from qat_sadam.train.checkpoint import load_checkpoint
 
 TINY = ["model.name=paper_cnn", "model.dropout=0.0", "model.widths=[8, 8]", "data.name=synthetic", "data.image_size=16",
@@ -15,12 +16,21 @@ TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 
 def _train(out, nproc, optimizer, extra=()):
+    """Two ranks under torchrun, each on one thread; one process is this one, on one thread too
+    (a process start and its kernel builds cost about 10 s here)."""
     sets = [a for s in TINY + list(extra) for a in ("--set", s)]
-    cmd = ["-m", "qat_sadam", "train", "recipes/quickstart.yaml", "--optimizer", optimizer, "--out", str(out), "--quiet"] + sets
-    launcher = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(launcher + cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    args = ["train", "recipes/quickstart.yaml", "--optimizer", optimizer, "--out", str(out), "--quiet"] + sets
+    if nproc == 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert main(args) == 0
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        r = subprocess.run([TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "qat_sadam"] + args,
+                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
     return load_checkpoint(str(out / "checkpoints" / "last.pt"))["model"], json.load(open(out / "summary.json"))
 
 

@@ -40,27 +40,36 @@ def _steps_logged(run):
     return sum(1 for line in open(f) if '"type": "step"' in line) if f.exists() else 0
 
 
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
-    ref = tmp_path / "ref"
-    subprocess.run(_cli(ref), check=True, capture_output=True)
-    final = _weights(ref / "checkpoints" / "last.pt")
-    for i, kill_at in enumerate((3, 11, 29)):  # before the first checkpoint, mid-epoch, late in the last epoch
-        run = tmp_path / f"kill{i}"
-        p = subprocess.Popen(_cli(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while _steps_logged(run) < kill_at and p.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        p.send_signal(signal.SIGKILL)
-        p.wait()
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The weights of the TINY run left alone, trained in this process (the interrupted runs are
+    subprocesses: a process start and its kernel builds cost about 10 s here)."""
+    ref = tmp_path_factory.mktemp("uninterrupted")
+    assert main(_cli(ref)[3:]) == 0
+    return _weights(ref / "checkpoints" / "last.pt")
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted):
+    # before the first checkpoint, mid-epoch, late in the last epoch; the three runs side by side
+    runs = {kill_at: tmp_path / f"kill{kill_at}" for kill_at in (3, 11, 29)}
+    pending = {k: subprocess.Popen(_cli(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for k, run in runs.items()}
+    deadline = time.time() + 180
+    while pending and time.time() < deadline:
+        for kill_at, p in list(pending.items()):
+            if _steps_logged(runs[kill_at]) >= kill_at:
+                assert p.poll() is None, f"the run ended before step {kill_at}"
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+                del pending[kill_at]
+        time.sleep(0.01)
+    assert not pending, "a run did not reach its step in time"
+    for kill_at, run in runs.items():
         last = run / "checkpoints" / "last.pt"
         if last.exists():  # any checkpoint present is whole and loadable
             load_checkpoint(str(last))
-            resumed = subprocess.run(_cli(run, "--resume"), capture_output=True, text=True)
-        else:
-            resumed = subprocess.run(_cli(run, "--force"), capture_output=True, text=True)
-        assert resumed.returncode == 0, resumed.stderr
+        assert main(_cli(run, "--resume" if last.exists() else "--force")[3:]) == 0
         got = _weights(last)
-        assert all(torch.equal(got[k], final[k]) for k in final), f"kill at step {kill_at}"
+        assert all(torch.equal(got[k], uninterrupted[k]) for k in uninterrupted), f"kill at step {kill_at}"
         steps = [json.loads(line)["step"] for line in open(run / "metrics.jsonl") if '"type": "step"' in line]
         assert steps == list(range(1, len(steps) + 1))  # no step logged twice after the resume
 
@@ -179,9 +188,7 @@ def test_fuzz_table_has_at_least_50_cases():
     assert len(_bad_cases()) >= 50
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path):
-    ref = tmp_path / "ref"
-    subprocess.run(_cli(ref), check=True, capture_output=True)
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path, uninterrupted):
     run = tmp_path / "run"
     p = subprocess.Popen(_cli(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -192,9 +199,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path):
     assert p.returncode == 130 and "continue with --resume" in out
     step = load_checkpoint(str(run / "checkpoints" / "last.pt"))["global_step"]
     assert step >= 6
-    subprocess.run(_cli(run, "--resume"), check=True, capture_output=True)
-    final, got = _weights(ref / "checkpoints" / "last.pt"), _weights(run / "checkpoints" / "last.pt")
-    assert all(torch.equal(got[k], final[k]) for k in final)
+    assert main(_cli(run, "--resume")[3:]) == 0
+    got = _weights(run / "checkpoints" / "last.pt")
+    assert all(torch.equal(got[k], uninterrupted[k]) for k in uninterrupted)
 
 
 def _wait_for_steps(run, n, p, timeout=120):
@@ -204,10 +211,9 @@ def _wait_for_steps(run, n, p, timeout=120):
     assert p.poll() is None, "the run ended before the signal could be sent"
 
 
-def test_sigterm_saves_mid_epoch_and_resume_equals_an_uninterrupted_run(tmp_path):
-    """What SLURM and Kubernetes send before they preempt: a clean save at the next step, exit 143."""
-    ref = tmp_path / "ref"
-    subprocess.run(_cli(ref), check=True, capture_output=True)
+def test_sigterm_saves_mid_epoch_and_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted):
+    """What SLURM and Kubernetes send before they preempt: a clean save at the next step, exit 143.
+    The resume runs in a fresh process, as after a preemption (the other resumes here run in this one)."""
     run = tmp_path / "run"
     p = subprocess.Popen(_cli(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_steps(run, 6, p)
@@ -217,8 +223,8 @@ def test_sigterm_saves_mid_epoch_and_resume_equals_an_uninterrupted_run(tmp_path
     step = load_checkpoint(str(run / "checkpoints" / "last.pt"))["global_step"]
     assert 6 <= step < 48 and step % 16 != 0  # the signal landed mid-epoch, mid-run (3 epochs of 16 steps)
     subprocess.run(_cli(run, "--resume"), check=True, capture_output=True)
-    final, got = _weights(ref / "checkpoints" / "last.pt"), _weights(run / "checkpoints" / "last.pt")
-    assert all(torch.equal(got[k], final[k]) for k in final)
+    got = _weights(run / "checkpoints" / "last.pt")
+    assert all(torch.equal(got[k], uninterrupted[k]) for k in uninterrupted)
 
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path, capsys):
@@ -255,7 +261,7 @@ def test_an_unreadable_last_checkpoint_falls_back_to_the_previous_one(tmp_path, 
     extra = ["--set", "schedule.name=constant", "--set", "model.name=paper_cnn", "--set", "model.widths=[8,8]",
              "--set", "data.image_size=16"]
     ref = tmp_path / "ref"
-    subprocess.run(_cli(ref, *extra), check=True, capture_output=True)
+    assert main(_cli(ref, *extra)[3:]) == 0
     run = tmp_path / "run"
     assert main(_cli(run, "--set", "max_steps=22", *extra)[3:]) == 0  # saves at 4, 8, ... 20, 22
     last = run / "checkpoints" / "last.pt"
