@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/bench_training_cost.py --model resnet18 --batch 32 --rounds 4
     .venv/bin/python tools/bench_training_cost.py --model mobilenet_v2 --batch 128 --rounds 3 --profile
+    .venv/bin/python tools/bench_training_cost.py --model mobilenet_v2 --imagenet-stem --batch 128 --rounds 3
 
 Cells, each a model in train mode with its own optimizer, timed in blocks of 8 steps (one S-Adam
 probe period) interleaved round by round in one process: float AdamW; QAT AdamW at W8A8 and W4A4
@@ -47,9 +48,9 @@ CELLS = ["float adamw", "QAT W8A8 adamw (LSQ)", "QAT W4A4 adamw (LSQ)", "QAT W4A
          "QAT W4A4 adamw (observer)", "QAT W4A4 sadam (defaults)"]
 
 
-def _cell(name: str, model_name: str, x):
+def _cell(name: str, model_name: str, x, cifar_stem: bool):
     torch.manual_seed(0)
-    model = build_model(model_name, 100, **({"cifar_stem": True} if model_name == "resnet18" else {}))
+    model = build_model(model_name, 100, cifar_stem=cifar_stem)
     if name != "float adamw":
         bits = 8 if "W8" in name else 4
         spec = {"bits": bits}
@@ -99,15 +100,15 @@ def breakdown(cell, x, y) -> dict:
     parts = {"total_s": total}
     for e in prof.key_averages():
         label = _label(e.key)
-        if label:  # the op and its backward (torch's ops: self time; LSQPerTensor's ranges: with their children)
-            t = e.cpu_time_total if e.key.startswith("LSQ") else e.self_cpu_time_total
+        if label:  # the op and its backward (torch's ops: self time; ours: with their children, the compiled loops)
+            t = e.cpu_time_total if e.key.startswith(("LSQ", "Fused")) else e.self_cpu_time_total
             parts[label] = parts.get(label, 0.0) + t / 1e6
         elif e.key in ("oscillation tracking", "sadam.probe"):
             parts[e.key] = e.cpu_time_total / 1e6
     return parts
 
 
-def components(model_name: str, batch: int, rounds: int = 7) -> None:
+def components(model_name: str, batch: int, cifar_stem: bool, rounds: int = 7) -> None:
     """Median ms of the per-step pieces the cuts of issue 20 touched, each against its reference."""
     x0 = torch.randn(batch, 64, 32, 32).relu()
     scale, zp = torch.nn.Parameter(torch.tensor([0.05])), torch.zeros(1, dtype=torch.int32)
@@ -130,7 +131,7 @@ def components(model_name: str, batch: int, rounds: int = 7) -> None:
     ref = statistics.median(times["torch _fake_quantize_learnable_per_tensor_affine"])
     for k, v in times.items():
         print(f"| {k} | {statistics.median(v):.1f} | {statistics.median(v) / ref:.2f}x |")
-    model, _, tracker, _ = _cell("QAT W4A4 adamw (LSQ)", model_name, torch.randn(8, 3, 32, 32))
+    model, _, tracker, _ = _cell("QAT W4A4 adamw (LSQ)", model_name, torch.randn(8, 3, 32, 32), cifar_stem)
     weights = [w for w, _ in tracker.tracked]
     ms = {True: [], False: []}
     for r in range(rounds + 2):  # the first two: the fused update compiles its shape variants
@@ -166,16 +167,22 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--imagenet-stem", action="store_true",
+                    help="MobileNetV2 with torchvision's stem (total stride 32: 1x1 maps at 32x32 input) instead of the "
+                         "CIFAR stem (stride 8) that recipes/mobilenet_v2_*.yaml train; ResNet-18 always has its CIFAR stem")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--components", action="store_true", help="time the pieces the cuts touched, then stop")
     ap.add_argument("--skip", nargs="*", default=[], choices=CELLS[1:], help="cells left out (the float cell always runs)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.imagenet_stem and a.model != "mobilenet_v2":
+        ap.error("--imagenet-stem is a MobileNetV2 option")
+    cifar_stem = not a.imagenet_stem
     if a.components:
-        return components(a.model, a.batch)
+        return components(a.model, a.batch, cifar_stem)
     x, y = torch.randn(a.batch, 3, 32, 32), torch.randint(0, 100, (a.batch,))
     names = [n for n in CELLS if n not in a.skip]
-    cells = {n: _cell(n, a.model, x) for n in names}
+    cells = {n: _cell(n, a.model, x, cifar_stem) for n in names}
     for cell in cells.values():
         for _ in range(WARMUP):
             _step(*cell, x, y)
@@ -193,7 +200,7 @@ def main():
                 times[n].append((time.perf_counter() - t0) / BLOCK)
                 bar.update()
     f = statistics.median(times["float adamw"])
-    print(f"\n{a.model}, batch {a.batch}, {a.threads} thread(s), {a.rounds} rounds of {BLOCK} steps\n")
+    print(f"\n{a.model} ({'CIFAR' if cifar_stem else 'ImageNet'} stem), batch {a.batch}, {a.threads} thread(s), {a.rounds} rounds of {BLOCK} steps\n")
     print("| cell | s/step (median) | min-max | / float step |\n|---|---|---|---|")
     for n in order:
         m = statistics.median(times[n])

@@ -2,6 +2,9 @@
 # The accuracy ladder of docs/finetune.md: float -> PTQ -> QAT fine-tune at W8A8 and W4A4 (and W3A3
 # for MobileNetV2), CIFAR-100 first 10 classes, one thread per process. Float runs first:
 #   QAT_SADAM_DATA=../shared/data bash tools/finetune_study.sh float resnet18
+#   QAT_SADAM_DATA=../shared/data bash tools/finetune_study.sh float-heldout mobilenet_v2
+#     the float model trained without the 10% of training images that data.val_split: 0.1 holds
+#     out (a fixed split), so that a fine-tune's lr can be tuned on images neither run has seen
 #   QAT_SADAM_DATA=../shared/data bash tools/finetune_study.sh ladder mobilenet_v2 "8 4 3" "0 1 2"
 # The fine-tune lr, chosen on a validation split (10% of the training images, data.eval_on: val,
 # no export), then the chosen lr's cell on the test set with export and the ladder:
@@ -13,6 +16,8 @@ Q=".venv/bin/qat-sadam"
 case "$1" in
   float)
     $Q train "recipes/$2_float.yaml" --out "runs/$2_float" --quiet ;;
+  float-heldout)
+    $Q train "recipes/$2_float.yaml" --out "runs/$2_float-heldout" --set data.val_split=0.1 --quiet ;;
   ladder)
     for bits in $3; do
       for seed in $4; do

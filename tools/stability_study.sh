@@ -9,6 +9,10 @@
 #   SPLIT=val CELLS="adamw@lr=1.5e-4,adamw,adamw@lr=1.5e-3" bash tools/stability_study.sh mobilenet_v2 4 1
 #     lr tuning: 10% of the training images held out and scored (torch), nothing exported,
 #     into runs/stability/MODEL-wBITS-val
+#   FLOAT=heldout SPLIT=val CELLS=... bash tools/stability_study.sh mobilenet_v2 4 1
+#     the same from runs/MODEL_float-heldout (finetune_study.sh float-heldout), which never saw the
+#     held-out images; with or without SPLIT=val every run trains on the other 90% only, into
+#     runs/stability/MODEL-wBITS-heldout[-val]
 # Each cell is one `qat-sadam compare` cell (finished ones are reused, so the study resumes); the
 # fine-tune recipe's schedule (cosine) applies to every optimizer. One thread per process.
 set -euo pipefail
@@ -19,9 +23,14 @@ freeze="freezing.enabled=true"
 all="adamw@bn_reestimate_batches=0,adamw,adamw@dampening.enabled=true,adamw@$freeze"
 all+=",sadam,adamw-effective@of=sadam,sadam-reference,adamw-effective@of=sadam-reference"
 all+=",sadam@$freeze,adamw-effective@$freeze@of=sadam@$freeze"
-out="runs/stability/$model-w$bits" split=(--export export/cpu-x86.yaml)
+out="runs/stability/$model-w$bits" split=()
+if [ "${FLOAT:-all}" = heldout ]; then
+  out+="-heldout" split+=(--set "model.checkpoint=runs/${model}_float-heldout" --set data.val_split=0.1)
+fi
 if [ "${SPLIT:-test}" = val ]; then
-  out+="-val" split=(--set data.val_split=0.1 --set data.eval_on=val --set export.enabled=false)
+  out+="-val" split+=(--set data.val_split=0.1 --set data.eval_on=val --set export.enabled=false)
+else
+  split+=(--export export/cpu-x86.yaml)
 fi
 .venv/bin/qat-sadam compare "recipes/${model}_finetune.yaml" --bits "$bits" --seeds "$seeds" --quiet \
     --out "$out" "${split[@]}" --optimizers "${CELLS:-$all}"
