@@ -19,10 +19,14 @@ FusedLSQPerTensor, torch.compile) against torch's _fake_quantize_learnable_per_t
 a relu on one (batch, 64, 32, 32) activation, one oscillation-tracker update over the model's
 4-bit weights, fused and eager, and forward + backward of every weight's fake-quant
 (FusedLSQPerChannel against torch's _fake_quantize_learnable_per_channel_affine).
+``--host-memory`` sets the allocator mode the trainer applies (train/host_memory.py; auto: heap on
+glibc), once for the whole process, so compare modes by running the tool once per mode; the table
+gives each cell's system time and page faults per step (getrusage over its blocks).
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
@@ -38,6 +42,7 @@ from qat_sadam.optim.groups import quantized_weights
 from qat_sadam.quant import FakeQuantize
 from qat_sadam.quant.fake_quant import FusedLSQPerTensor, LSQPerTensor
 from qat_sadam.quant.kernels import use_fused_kernels
+from qat_sadam.train.host_memory import MODES as HOST_MEMORY_MODES, set_host_memory
 from qat_sadam.train.oscillation import OscillationTracker
 
 QAT, SADAM = "QAT W4A4 adamw (LSQ)", "QAT W4A4 sadam (defaults)"
@@ -170,6 +175,7 @@ def main():
     ap.add_argument("--imagenet-stem", action="store_true",
                     help="MobileNetV2 with torchvision's stem (total stride 32: 1x1 maps at 32x32 input) instead of the "
                          "CIFAR stem (stride 8) that recipes/mobilenet_v2_*.yaml train; ResNet-18 always has its CIFAR stem")
+    ap.add_argument("--host-memory", default="auto", choices=HOST_MEMORY_MODES)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--components", action="store_true", help="time the pieces the cuts touched, then stop")
     ap.add_argument("--skip", nargs="*", default=[], choices=CELLS[1:], help="cells left out (the float cell always runs)")
@@ -178,6 +184,7 @@ def main():
     if a.imagenet_stem and a.model != "mobilenet_v2":
         ap.error("--imagenet-stem is a MobileNetV2 option")
     cifar_stem = not a.imagenet_stem
+    host_memory = set_host_memory(a.host_memory)
     if a.components:
         return components(a.model, a.batch, cifar_stem)
     x, y = torch.randn(a.batch, 3, 32, 32), torch.randint(0, 100, (a.batch,))
@@ -190,21 +197,27 @@ def main():
     if {QAT, SADAM} <= set(cells):  # what S-Adam's probes run: forwards of the QAT model without autograd
         blocks[PROBE] = lambda m=cells[QAT][0]: _probe_forward(m, x, y)
     times = {n: [] for n in blocks}
+    sys_s, faults = {n: 0.0 for n in blocks}, {n: 0 for n in blocks}
     order = list(blocks)
     with tqdm(total=a.rounds * len(order), desc="blocks") as bar:
         for r in range(a.rounds):
             for n in order[r % len(order):] + order[:r % len(order)]:  # rotate the order
-                t0 = time.perf_counter()
+                r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
                 for _ in range(BLOCK):
                     blocks[n]()
                 times[n].append((time.perf_counter() - t0) / BLOCK)
+                r1 = resource.getrusage(resource.RUSAGE_SELF)
+                sys_s[n] += r1.ru_stime - r0.ru_stime
+                faults[n] += r1.ru_minflt - r0.ru_minflt
                 bar.update()
     f = statistics.median(times["float adamw"])
-    print(f"\n{a.model} ({'CIFAR' if cifar_stem else 'ImageNet'} stem), batch {a.batch}, {a.threads} thread(s), {a.rounds} rounds of {BLOCK} steps\n")
-    print("| cell | s/step (median) | min-max | / float step |\n|---|---|---|---|")
+    print(f"\n{a.model} ({'CIFAR' if cifar_stem else 'ImageNet'} stem), batch {a.batch}, {a.threads} thread(s), "
+          f"{a.rounds} rounds of {BLOCK} steps, host memory: {host_memory}\n")
+    print("| cell | s/step (median) | min-max | / float step | system s/step | page faults/step |\n|---|---|---|---|---|---|")
     for n in order:
-        m = statistics.median(times[n])
-        print(f"| {n} | {m:.3f} | {min(times[n]):.3f}-{max(times[n]):.3f} | {m / f:.2f}x |")
+        m, steps = statistics.median(times[n]), a.rounds * BLOCK
+        print(f"| {n} | {m:.3f} | {min(times[n]):.3f}-{max(times[n]):.3f} | {m / f:.2f}x | "
+              f"{sys_s[n] / steps:.3f} | {faults[n] / steps:.0f} |")
     if PROBE in times:
         g = cells[SADAM][1].param_groups[0]
         share = statistics.median(times[PROBE]) / statistics.median(times[QAT])

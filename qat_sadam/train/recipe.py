@@ -11,6 +11,7 @@ from ..errors import RecipeError
 from ..models import CIFAR_STEM_MODELS, check_model, weight_names
 from ..quant import QATConfig
 from .data import DATASETS
+from .host_memory import MODES as HOST_MEMORY_MODES
 from .optimizers import check_optimizer
 from .oscillation_fixes import AGGREGATIONS
 
@@ -33,6 +34,7 @@ SCHEMA: dict[str, Any] = {
     "device": str,
     "compile": bool,
     "fake_quant_kernels": str,
+    "host_memory": str,
     "calibration_batches": int,
     "bn_reestimate_batches": (int, type(None)),
     "grad_clip": (_NUM, type(None)),
@@ -65,6 +67,10 @@ DEFAULTS: dict[str, Any] = {
     # Per-tensor LSQ fake quantization: fused (two torch.compile'd loops, quant/fake_quant.py) or eager
     # torch ops, the same numbers either way; auto: fused on CUDA and where a C++ compiler is found.
     "fake_quant_kernels": "auto",
+    # CPU memory of a step's large buffers (train/host_memory.py): heap keeps what a step frees for the
+    # next one (glibc's mmap path off), system leaves glibc as it is; auto: heap on glibc unless
+    # MALLOC_* variables or LD_PRELOAD chose already. The numbers are the same either way.
+    "host_memory": "auto",
     "calibration_batches": 2,
     "bn_reestimate_batches": None,
     "grad_clip": None,
@@ -86,7 +92,7 @@ DEFAULTS: dict[str, Any] = {
 
 CHOICES = {"schedule.name": ("constant", "cosine"), "nan_policy": ("stop", "skip"),
            "data.eval_on": ("test", "val"), "device": ("auto", "cpu", "cuda"), "export.checkpoint": ("best", "last"),
-           "fake_quant_kernels": ("auto", "fused", "eager"),
+           "fake_quant_kernels": ("auto", "fused", "eager"), "host_memory": HOST_MEMORY_MODES,
            "dampening.aggregation": AGGREGATIONS}
 
 

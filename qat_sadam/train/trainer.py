@@ -25,6 +25,7 @@ from ..quant import calibrate, fused_kernels_buildable, reestimate_batchnorm, us
 from . import distributed
 from .checkpoint import save_atomic
 from .data import Loader, load_data
+from .host_memory import set_host_memory
 from .model import build_float_model, load_run_state, quantize_model
 from .optimizers import build_optimizer
 from .oscillation import OscillationTracker
@@ -79,6 +80,10 @@ class Trainer:
             kernels = "fused" if fused_kernels_buildable(self.device) else "eager"
         self.fake_quant_kernels = kernels
         use_fused_kernels(kernels == "fused")
+        try:
+            self.host_memory = set_host_memory(recipe["host_memory"])
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
         data = load_data(recipe["data"])
         self.info = {"num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": data.image_size,
                      "mean": list(data.mean), "std": list(data.std)}
@@ -331,7 +336,7 @@ class Trainer:
         """Run to the end; on SIGINT (Ctrl-C) or SIGTERM (what schedulers send before they preempt)
         save at the next step boundary and return {"interrupted": True, "signal": ...}."""
         self.write_run_files()
-        self._log({"type": "kernels", "fake_quant": self.fake_quant_kernels})
+        self._log({"type": "kernels", "fake_quant": self.fake_quant_kernels, "host_memory": self.host_memory})
         self.tb = TensorBoardLog(self.run_dir, self.recipe, self.global_step, enabled=self.rank == 0)
         self.tb.ladder(self.start)
         previous = {s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS} if _main_thread() else {}
