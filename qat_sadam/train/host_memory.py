@@ -16,7 +16,7 @@ process starts; mallopt acts at run time, on what is allocated after it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 
 MODES = ("auto", "heap", "system")
@@ -27,11 +27,13 @@ _USER_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOL
 _state = {"mode": "system"}
 
 
+@functools.cache
 def _glibc():
-    if os.name != "posix" or not ctypes.util.find_library("c"):
+    """The process's C library where it is glibc (the symbols of this process: nothing is loaded)."""
+    if os.name != "posix":
         return None
     libc = ctypes.CDLL(None)
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") and hasattr(libc, "gnu_get_libc_version") else None
+    return libc if all(hasattr(libc, f) for f in ("gnu_get_libc_version", "mallopt", "malloc_trim")) else None
 
 
 def set_host_memory(mode: str) -> str:
