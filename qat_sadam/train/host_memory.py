@@ -19,6 +19,8 @@ import ctypes
 import functools
 import os
 
+from ..errors import RecipeError
+
 MODES = ("auto", "heap", "system")
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's malloc.h
 _GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
@@ -40,12 +42,12 @@ def set_host_memory(mode: str) -> str:
     """Apply ``mode`` to this process and return what runs: ``heap`` or ``system``. ``auto`` is heap
     on glibc unless the environment already chose (MALLOC_* variables, a preloaded allocator)."""
     if mode not in MODES:
-        raise ValueError(f"host_memory must be one of {', '.join(MODES)}, got {mode!r}")
+        raise RecipeError(f"host_memory must be one of {', '.join(MODES)}, got {mode!r}")
     libc = _glibc()
     if mode == "auto":
         mode = "heap" if libc is not None and not any(os.environ.get(k) for k in _USER_ENV) else "system"
     if mode == "heap" and libc is None:
-        raise ValueError("host_memory: heap needs glibc's mallopt, which this platform lacks; use auto or system")
+        raise RecipeError("host_memory: heap needs glibc's mallopt, which this platform lacks; use auto or system")
     if libc is not None and mode != _state["mode"]:  # system after heap (same process): glibc's defaults, free pages returned
         for param, value in (_HEAP if mode == "heap" else _GLIBC_DEFAULTS).items():
             if not libc.mallopt(param, value):

@@ -80,10 +80,7 @@ class Trainer:
             kernels = "fused" if fused_kernels_buildable(self.device) else "eager"
         self.fake_quant_kernels = kernels
         use_fused_kernels(kernels == "fused")
-        try:
-            self.host_memory = set_host_memory(recipe["host_memory"])
-        except ValueError as e:
-            raise RecipeError(str(e)) from None
+        self.host_memory = set_host_memory(recipe["host_memory"])
         data = load_data(recipe["data"])
         self.info = {"num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": data.image_size,
                      "mean": list(data.mean), "std": list(data.std)}
