@@ -225,5 +225,18 @@ def test_a_torn_metrics_line_is_skipped_on_resume(finished_run, tmp_path):
     assert steps == list(range(1, len(steps) + 1))
 
 
+def test_a_run_begun_before_a_recipe_key_existed_resumes_with_its_default(finished_run, tmp_path, capsys):
+    """A checkpoint whose recipe predates host_memory (added in stop 35) resumes; the note names the key."""
+    run = _copy(finished_run, tmp_path)
+    last = run / "checkpoints" / "last.pt"
+    ck = torch.load(last, weights_only=True)
+    del ck["recipe"]["host_memory"]
+    torch.save(ck, last)
+    assert main(["train", "x", "--resume", "--out", str(run), "--set", "epochs=2", "--quiet"]) == 0
+    assert "predates host_memory; resuming with the default(s) 'auto'" in capsys.readouterr().err
+    steps = [json.loads(line)["step"] for line in open(run / "metrics.jsonl") if '"type": "step"' in line]
+    assert steps == list(range(1, len(steps) + 1)) and steps[-1] > ck["global_step"]
+
+
 def test_fuzz_table_has_at_least_30_file_cases():
     assert len(CIFAR_CASES) + len(TINY_CASES) + len(FOLDER_CASES) + len(RUN_CASES) + 1 >= 30

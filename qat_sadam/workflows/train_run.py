@@ -45,9 +45,15 @@ def resumed_recipe(out: str, overrides: list[str], bits: int | None, optimizer: 
                    fragments: list[str] = ()) -> dict:
     """The run's own recipe with the overrides a resumed run can take; any other change (model,
     quantizers, optimizer, data, seed) is refused, naming the key and both values. The changes go to
-    RUN/recipe_history.jsonl."""
+    RUN/recipe_history.jsonl. Keys the saved recipe lacks (added to the schema after the run began)
+    take their defaults, with a note."""
     ck, _ = resume_checkpoint(out)
-    old = ck["recipe"]
+    saved = ck["recipe"]
+    old = load_recipe(None, base=saved)  # a run begun by an older version: the keys added since get their defaults
+    added = sorted(set(_flat(old)) - set(_flat(saved)))
+    if added:
+        print(f"note: the run's recipe predates {', '.join(added)}; resuming with the default(s) "
+              f"{', '.join(repr(_flat(old)[k]) for k in added)}", file=sys.stderr)
     if not (overrides or fragments or bits is not None or optimizer is not None or seed is not None):
         return old
     new = load_recipe(None, overrides, bits=bits, optimizer=optimizer, seed=seed, base=old, fragments=fragments)
