@@ -4,10 +4,12 @@
     .venv/bin/python tools/bench_training_cost.py --model mobilenet_v2 --batch 128 --rounds 3 --profile
     .venv/bin/python tools/bench_training_cost.py --model mobilenet_v2 --imagenet-stem --batch 128 --rounds 3
 
-Cells, each a model in train mode with its own optimizer, timed in blocks of 8 steps (one S-Adam
-probe period) interleaved round by round in one process: float AdamW; QAT AdamW at W8A8 and W4A4
+Cells, each a model in train mode with its own optimizer, timed in blocks of 8 steps (an S-Adam
+cell: one probe period, so every block holds one probe step) interleaved round by round in one
+process: float AdamW; QAT AdamW at W8A8 and W4A4
 with LSQ scales (W4A4 also with the eager kernels instead of the fused ones: the weight and
-activation fake-quant and the oscillation tracker), W4A4 with observer scales; QAT S-Adam (defaults) at W4A4. Four untimed steps per cell first (the fused
+activation fake-quant and the oscillation tracker), W4A4 with observer scales; QAT S-Adam at W4A4,
+with its defaults (probes every 8 steps) and probing every 16. Four untimed steps per cell first (the fused
 kernels compile on first use). The table gives the median s/step, its spread (min-max over
 rounds) and the ratio to the float step measured in the same run, and, timed in the same rotation,
 one forward of the W4A4 model without autograd (what S-Adam's probes run) with the floor it sets
@@ -45,12 +47,12 @@ from qat_sadam.quant.kernels import use_fused_kernels
 from qat_sadam.train.host_memory import MODES as HOST_MEMORY_MODES, set_host_memory
 from qat_sadam.train.oscillation import OscillationTracker
 
-QAT, SADAM = "QAT W4A4 adamw (LSQ)", "QAT W4A4 sadam (defaults)"
+QAT, SADAM, SADAM16 = "QAT W4A4 adamw (LSQ)", "QAT W4A4 sadam (defaults)", "QAT W4A4 sadam (probe_every 16)"
 PROBE = "one forward without gradients (an S-Adam probe, train mode)"
 BLOCK = 8
 WARMUP = 4  # untimed steps per cell: the fused kernels compile their shape variants in the first few
 CELLS = ["float adamw", "QAT W8A8 adamw (LSQ)", "QAT W4A4 adamw (LSQ)", "QAT W4A4 adamw (LSQ, eager kernels)",
-         "QAT W4A4 adamw (observer)", "QAT W4A4 sadam (defaults)"]
+         "QAT W4A4 adamw (observer)", SADAM, SADAM16]
 
 
 def _cell(name: str, model_name: str, x, cifar_stem: bool):
@@ -65,7 +67,7 @@ def _cell(name: str, model_name: str, x, cifar_stem: bool):
         calibrate(model, [x])
     model.train()
     if "sadam" in name:
-        opt = SAdam(sadam_param_groups(model), probe_buffers=list(model.buffers()))
+        opt = SAdam(sadam_param_groups(model), probe_buffers=list(model.buffers()), probe_every=16 if name == SADAM16 else None)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tracker = OscillationTracker(model) if name != "float adamw" else None
@@ -79,6 +81,11 @@ def _step(model, opt, tracker, fused, x, y):
         with record_function("oscillation tracking"):
             tracker.update()
     use_fused_kernels(True)
+
+
+def _block_steps(opt) -> int:
+    """Steps per timed block: 8, or an S-Adam cell's probe period where longer (one probe per block)."""
+    return max(BLOCK, opt.param_groups[0]["probe_every"]) if isinstance(opt, SAdam) else BLOCK
 
 
 def _probe_forward(model, x, y):
@@ -99,7 +106,7 @@ def breakdown(cell, x, y) -> dict:
     model, opt, tracker, fused = cell
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
-        for _ in range(BLOCK):
+        for _ in range(_block_steps(opt)):
             _step(model, opt, tracker, fused, x, y)
         total = time.perf_counter() - t0
     parts = {"total_s": total}
@@ -194,6 +201,7 @@ def main():
         for _ in range(WARMUP):
             _step(*cell, x, y)
     blocks = {n: (lambda c=cells[n]: _step(*c, x, y)) for n in names}
+    length = {n: _block_steps(cells[n][1]) for n in names} | {PROBE: BLOCK}
     if {QAT, SADAM} <= set(cells):  # what S-Adam's probes run: forwards of the QAT model without autograd
         blocks[PROBE] = lambda m=cells[QAT][0]: _probe_forward(m, x, y)
     times = {n: [] for n in blocks}
@@ -203,28 +211,32 @@ def main():
         for r in range(a.rounds):
             for n in order[r % len(order):] + order[:r % len(order)]:  # rotate the order
                 r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-                for _ in range(BLOCK):
+                for _ in range(length[n]):
                     blocks[n]()
-                times[n].append((time.perf_counter() - t0) / BLOCK)
+                times[n].append((time.perf_counter() - t0) / length[n])
                 r1 = resource.getrusage(resource.RUSAGE_SELF)
                 sys_s[n] += r1.ru_stime - r0.ru_stime
                 faults[n] += r1.ru_minflt - r0.ru_minflt
                 bar.update()
     f = statistics.median(times["float adamw"])
     print(f"\n{a.model} ({'CIFAR' if cifar_stem else 'ImageNet'} stem), batch {a.batch}, {a.threads} thread(s), "
-          f"{a.rounds} rounds of {BLOCK} steps, host memory: {host_memory}\n")
+          f"{a.rounds} rounds of one block per cell ({BLOCK} steps, an S-Adam cell's probe period where longer), "
+          f"host memory: {host_memory}\n")
     print("| cell | s/step (median) | min-max | / float step | system s/step | page faults/step |\n|---|---|---|---|---|---|")
     for n in order:
-        m, steps = statistics.median(times[n]), a.rounds * BLOCK
+        m, steps = statistics.median(times[n]), a.rounds * length[n]
         print(f"| {n} | {m:.3f} | {min(times[n]):.3f}-{max(times[n]):.3f} | {m / f:.2f}x | "
               f"{sys_s[n] / steps:.3f} | {faults[n] / steps:.0f} |")
     if PROBE in times:
-        g = cells[SADAM][1].param_groups[0]
         share = statistics.median(times[PROBE]) / statistics.median(times[QAT])
-        print(f"\nS-Adam's probes: {2 * g['k']} forwards without gradients every {g['probe_every']} steps, one costing "
-              f"{share:.2f} of a QAT AdamW step: a floor of {1 + 2 * g['k'] / g['probe_every'] * share:.3f}x AdamW")
+        for n in (SADAM, SADAM16):
+            if n in cells:
+                g = cells[n][1].param_groups[0]
+                print(f"\n{n}: {2 * g['k']} probe forwards without gradients every {g['probe_every']} steps, one costing "
+                      f"{share:.2f} of a QAT AdamW step: a floor of {1 + 2 * g['k'] / g['probe_every'] * share:.3f}x AdamW; "
+                      f"measured {statistics.median(times[n]) / statistics.median(times[QAT]):.3f}x")
     if a.profile:
-        print("\nShare of an 8-step block (fake-quant: the ops' own time, forward and backward):\n")
+        print("\nShare of a block (fake-quant: the ops' own time, forward and backward):\n")
         print("| cell | block s | weight fake-quant | activation fake-quant | oscillation tracking | S-Adam probes | rest |")
         print("|---|---|---|---|---|---|---|")
         for n in names[1:]:
