@@ -224,6 +224,13 @@ def load_recipe(path: str | None = None, overrides: list[str] = (), bits: int | 
     return recipe
 
 
+def with_defaults(saved: dict) -> dict:
+    """A saved (already validated) recipe with the defaults of keys added to the schema since it was
+    written; not validated again, so a resumed run does not need what only its start needed
+    (e.g. model.checkpoint)."""
+    return _merge(DEFAULTS, saved)
+
+
 def quantized(recipe: dict) -> bool:
     """False for a float recipe (``quant: {enabled: false}``)."""
     return recipe["quant"].get("enabled", True)

@@ -11,7 +11,7 @@ from ..train import distributed
 from ..train.checkpoint import find_checkpoint, load_checkpoint
 from ..train.curves import plot_curves
 from ..train.model import load_run_state
-from ..train.recipe import load_recipe
+from ..train.recipe import load_recipe, with_defaults
 from ..train.run_dir import RUN_FILES, RunLock, clear_run_dir, resume_checkpoint, run_files
 from ..train.trainer import Trainer
 from .export_run import export_finished_run
@@ -49,7 +49,7 @@ def resumed_recipe(out: str, overrides: list[str], bits: int | None, optimizer: 
     take their defaults, with a note."""
     ck, _ = resume_checkpoint(out)
     saved = ck["recipe"]
-    old = load_recipe(None, base=saved)  # a run begun by an older version: the keys added since get their defaults
+    old = with_defaults(saved)  # a run begun by an older version: the keys added since get their defaults
     added = sorted(set(_flat(old)) - set(_flat(saved)))
     if added:
         print(f"note: the run's recipe predates {', '.join(added)}; resuming with the default(s) "
