@@ -50,14 +50,15 @@ def resumed_recipe(out: str, overrides: list[str], bits: int | None, optimizer: 
     ck, _ = resume_checkpoint(out)
     saved = ck["recipe"]
     old = with_defaults(saved)  # a run begun by an older version: the keys added since get their defaults
-    added = sorted(set(_flat(old)) - set(_flat(saved)))
+    before = _flat(old)
+    added = sorted(set(before) - set(_flat(saved)))
     if added:
         print(f"note: the run's recipe predates {', '.join(added)}; resuming with the default(s) "
-              f"{', '.join(repr(_flat(old)[k]) for k in added)}", file=sys.stderr)
+              f"{', '.join(repr(before[k]) for k in added)}", file=sys.stderr)
     if not (overrides or fragments or bits is not None or optimizer is not None or seed is not None):
         return old
     new = load_recipe(None, overrides, bits=bits, optimizer=optimizer, seed=seed, base=old, fragments=fragments)
-    before, after = _flat(old), _flat(new)
+    after = _flat(new)
     changes = {k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}
     for key, (was, now) in changes.items():
         if not key.startswith(RESUMABLE):
