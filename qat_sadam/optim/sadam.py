@@ -29,7 +29,7 @@ Radius = float | Callable[[Tensor], "Tensor | float"] | None
 _NOT_SAVED = ("probe_radius",)  # callables: supplied again by whoever builds the optimizer
 # Options that only one estimator reads, with their defaults; setting one for the other is an error.
 MODE_OPTIONS = {
-    "residual": {"probe_radius": None, "probe_scale": 0.01, "probe_every": 8, "rho_ema": 0.9},
+    "residual": {"probe_radius": None, "probe_scale": 0.01, "probe_every": 16, "rho_ema": 0.9},
     "reference": {"sigma": 0.01, "stabilize_eps": 1e-6},
 }
 _HINTS = {"sigma": "the residual estimator's probe size is probe_radius (absolute) or probe_scale (relative to RMS)",
