@@ -88,6 +88,13 @@ def _block_steps(opt) -> int:
     return max(BLOCK, opt.param_groups[0]["probe_every"]) if isinstance(opt, SAdam) else BLOCK
 
 
+def _paired(cell: list, base: list) -> str:
+    """Median (min-max) over rounds of the ratio of two cells' blocks timed in the same round: a
+    noisy host slows both blocks of a round alike, so this spread is narrower than the medians'."""
+    r = [c / b for c, b in zip(cell, base)]
+    return f"{statistics.median(r):.3f}x ({min(r):.3f}-{max(r):.3f})"
+
+
 def _probe_forward(model, x, y):
     with torch.no_grad():
         F.cross_entropy(model(x), y)
@@ -234,7 +241,8 @@ def main():
                 g = cells[n][1].param_groups[0]
                 print(f"\n{n}: {2 * g['k']} probe forwards without gradients every {g['probe_every']} steps, one costing "
                       f"{share:.2f} of a QAT AdamW step: a floor of {1 + 2 * g['k'] / g['probe_every'] * share:.3f}x AdamW; "
-                      f"measured {statistics.median(times[n]) / statistics.median(times[QAT]):.3f}x")
+                      f"measured {statistics.median(times[n]) / statistics.median(times[QAT]):.3f}x; "
+                      f"paired by round {_paired(times[n], times[QAT])}")
     if a.profile:
         print("\nShare of a block (fake-quant: the ops' own time, forward and backward):\n")
         print("| cell | block s | weight fake-quant | activation fake-quant | oscillation tracking | S-Adam probes | rest |")
