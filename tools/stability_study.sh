@@ -13,6 +13,9 @@
 #     the same from runs/MODEL_float-heldout (finetune_study.sh float-heldout), which never saw the
 #     held-out images; with or without SPLIT=val every run trains on the other 90% only, into
 #     runs/stability/MODEL-wBITS-heldout[-val]
+#   JOBS=2 ... bash tools/stability_study.sh mobilenet_v2 3 3
+#     one process per (seed, cell), JOBS at a time (logs in OUT/logs/): the cells first, then each
+#     adamw-effective@...@of=X control with its X (reused), then the tables over all of them
 # Each cell is one `qat-sadam compare` cell (finished ones are reused, so the study resumes); the
 # fine-tune recipe's schedule (cosine) applies to every optimizer. One thread per process.
 set -euo pipefail
@@ -32,5 +35,35 @@ if [ "${SPLIT:-test}" = val ]; then
 else
   split+=(--export export/cpu-x86.yaml)
 fi
-.venv/bin/qat-sadam compare "recipes/${model}_finetune.yaml" --bits "$bits" --seeds "$seeds" --quiet \
-    --out "$out" "${split[@]}" --optimizers "${CELLS:-$all}"
+cells=${CELLS:-$all} jobs=${JOBS:-1}
+compare() {
+  .venv/bin/qat-sadam compare "recipes/${model}_finetune.yaml" --bits "$bits" --quiet --out "$out" "${split[@]}" "$@"
+}
+in_parallel() {  # reads "SEED CELLS" lines; runs each as one compare, $jobs at a time; fails if any did
+  local s c pid failed=0 pids=()
+  mkdir -p "$out/logs"
+  while read -r s c; do
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || failed=1; done
+    compare --seeds 1 --first-seed "$s" --optimizers "$c" > "$out/logs/seed$s-${c//[^A-Za-z0-9.-]/_}.log" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  [ "$failed" = 0 ] || { echo "a cell failed: see $out/logs/" >&2; exit 1; }
+}
+if [ "$jobs" -gt 1 ]; then
+  IFS=, read -ra list <<< "$cells"
+  for c in "${list[@]}"; do
+    [[ $c != adamw-effective* || $c == *@of=* ]] || { echo "JOBS: name the S-Adam cell of $c with @of=" >&2; exit 2; }
+  done
+  for s in $(seq 0 $((seeds - 1))); do
+    for c in "${list[@]}"; do [[ $c == adamw-effective* ]] || echo "$s $c"; done
+  done | in_parallel
+  for s in $(seq 0 $((seeds - 1))); do
+    for c in "${list[@]}"; do
+      if [[ $c == adamw-effective* ]]; then echo "$s ${c#*@of=},$c"; fi
+    done
+  done | in_parallel
+  compare --seeds "$seeds" --optimizers "$cells" --report-only
+else
+  compare --seeds "$seeds" --optimizers "$cells"
+fi
