@@ -55,14 +55,16 @@ if [ "$jobs" -gt 1 ]; then
   for c in "${list[@]}"; do
     [[ $c != adamw-effective* || $c == *@of=* ]] || { echo "JOBS: name the S-Adam cell of $c with @of=" >&2; exit 2; }
   done
-  for s in $(seq 0 $((seeds - 1))); do
-    for c in "${list[@]}"; do [[ $c == adamw-effective* ]] || echo "$s $c"; done
-  done | in_parallel
-  for s in $(seq 0 $((seeds - 1))); do
-    for c in "${list[@]}"; do
-      if [[ $c == adamw-effective* ]]; then echo "$s ${c#*@of=},$c"; fi
-    done
-  done | in_parallel
+  pairs() {  # "SEED CELLS" lines: the cells (1) or each effective-lr control after its S-Adam cell (2)
+    for s in $(seq 0 $((seeds - 1))); do
+      for c in "${list[@]}"; do
+        if [[ $c != adamw-effective* ]]; then [ "$1" = 1 ] && echo "$s $c"
+        else [ "$1" = 2 ] && echo "$s ${c#*@of=},$c"; fi
+      done
+    done; true
+  }
+  pairs 1 | in_parallel
+  pairs 2 | in_parallel
   compare --seeds "$seeds" --optimizers "$cells" --report-only
 else
   compare --seeds "$seeds" --optimizers "$cells"
