@@ -4,7 +4,8 @@
 #   QAT_SADAM_DATA=../shared/data bash tools/finetune_study.sh float resnet18
 #   QAT_SADAM_DATA=../shared/data bash tools/finetune_study.sh float-heldout mobilenet_v2
 #     the float model trained without the 10% of training images that data.val_split: 0.1 holds
-#     out (a fixed split), so that a fine-tune's lr can be tuned on images neither run has seen
+#     out (a fixed split), so that a fine-tune's lr can be tuned on images neither run has seen;
+#     FLOAT_SEED=N (N > 0) trains another such model with seed N, into runs/MODEL_float-heldout-sN
 #   QAT_SADAM_DATA=../shared/data bash tools/finetune_study.sh ladder mobilenet_v2 "8 4 3" "0 1 2"
 # The fine-tune lr, chosen on a validation split (10% of the training images, data.eval_on: val,
 # no export), then the chosen lr's cell on the test set with export and the ladder:
@@ -17,7 +18,9 @@ case "$1" in
   float)
     $Q train "recipes/$2_float.yaml" --out "runs/$2_float" --quiet ;;
   float-heldout)
-    $Q train "recipes/$2_float.yaml" --out "runs/$2_float-heldout" --set data.val_split=0.1 --quiet ;;
+    fs=${FLOAT_SEED:-0}
+    $Q train "recipes/$2_float.yaml" --out "runs/$2_float-heldout$([ "$fs" = 0 ] || echo "-s$fs")" --seed "$fs" \
+      --set data.val_split=0.1 --quiet ;;
   ladder)
     for bits in $3; do
       for seed in $4; do

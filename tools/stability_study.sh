@@ -12,7 +12,8 @@
 #   FLOAT=heldout SPLIT=val CELLS=... bash tools/stability_study.sh mobilenet_v2 4 1
 #     the same from runs/MODEL_float-heldout (finetune_study.sh float-heldout), which never saw the
 #     held-out images; with or without SPLIT=val every run trains on the other 90% only, into
-#     runs/stability/MODEL-wBITS-heldout[-val]
+#     runs/stability/MODEL-wBITS-heldout[-val]; FLOAT_SEED=N (N > 0) starts from the held-out float
+#     model of seed N (runs/MODEL_float-heldout-sN), into runs/stability/MODEL-wBITS-heldout-sN[-val]
 #   JOBS=2 ... bash tools/stability_study.sh mobilenet_v2 3 3
 #     one process per (seed, cell), JOBS at a time (logs in OUT/logs/): the cells first, then each
 #     adamw-effective@...@of=X control with its X (reused), then the tables over all of them
@@ -28,7 +29,8 @@ all+=",sadam,adamw-effective@of=sadam,sadam-reference,adamw-effective@of=sadam-r
 all+=",sadam@$freeze,adamw-effective@$freeze@of=sadam@$freeze"
 out="runs/stability/$model-w$bits" split=()
 if [ "${FLOAT:-all}" = heldout ]; then
-  out+="-heldout" split+=(--set "model.checkpoint=runs/${model}_float-heldout" --set data.val_split=0.1)
+  tag=-heldout; [ "${FLOAT_SEED:-0}" = 0 ] || tag+="-s$FLOAT_SEED"
+  out+="$tag" split+=(--set "model.checkpoint=runs/${model}_float$tag" --set data.val_split=0.1)
 fi
 if [ "${SPLIT:-test}" = val ]; then
   out+="-val" split+=(--set data.val_split=0.1 --set data.eval_on=val --set export.enabled=false)
