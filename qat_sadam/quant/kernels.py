@@ -8,6 +8,7 @@ pages are faulted in on first touch), so chains of elementwise ops cost several 
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -19,6 +20,12 @@ from torch._dynamo.decorators import mark_unbacked
 from ..errors import KernelBuildError
 
 _state = {"fused": True}
+
+# Inductor's first CPU build imports torch.utils.cpp_extension, which logs "No CUDA runtime is found,
+# using CUDA_HOME=..." wherever nvcc is installed but no GPU is: a line about CUDA extensions, which
+# nothing here builds (it only fires without a GPU), printed above the CLI's one-line errors.
+logging.getLogger("torch.utils.cpp_extension").addFilter(
+    lambda record: not record.getMessage().startswith("No CUDA runtime is found"))
 
 
 def use_fused_kernels(enabled: bool) -> None:
