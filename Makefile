@@ -9,13 +9,14 @@ venv: $(STAMP)
 
 WEB := qat_sadam/export/runtimes/web
 
-# The runtimes extra and the npm lock give every runtime of qat_sadam/export/runtimes; without node
-# the ort-web runtime is reported "not run" (with this command), never passed.
-$(STAMP): pyproject.toml constraints.txt $(WEB)/package-lock.json
+# The runtimes extra and the npm lock give every runtime of qat_sadam/export/runtimes; npm installs
+# onnxruntime-web into a cache folder outside the source tree (`qat-sadam runtimes --install-web`:
+# $QAT_SADAM_CACHE or ~/.cache/qat-sadam). Without node the ort-web runtime is reported "not run".
+$(STAMP): pyproject.toml constraints.txt $(WEB)/package-lock.json Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,timm,logging,runtimes,peers]'
-	if command -v npm >/dev/null; then npm ci --prefix $(WEB) --no-audit --no-fund --loglevel=error; \
+	if command -v npm >/dev/null; then $(BIN)/qat-sadam runtimes --install-web; \
 	else echo "npm not found: the ort-web runtime will be reported not run"; fi
 	touch $(STAMP)
 

@@ -116,12 +116,50 @@ def cmd_validate(a) -> int:
     return 0 if rep["passed"] else 1
 
 
+def cmd_list(a) -> int:
+    from . import configs
+
+    shipped = configs.names(a.kind)
+    width = max(map(len, shipped))
+    for name in shipped:
+        print(f"{name:<{width}}  {configs.describe(a.kind, name)}")
+    return 0
+
+
+def cmd_recipe_show(a) -> int:
+    import yaml
+
+    from .train.recipe import load_recipe
+
+    recipe = load_recipe(a.recipe, a.set, bits=a.bits, fragments=a.merge)
+    print(yaml.safe_dump(recipe, sort_keys=False), end="")
+    return 0
+
+
+def cmd_runtimes(a) -> int:
+    from .export.runtimes import RUNTIMES
+    from .export.runtimes.ort_web import install
+
+    if a.install_web:
+        print(f"onnxruntime-web installed in {install()}")
+    width = max(map(len, RUNTIMES))
+    for name, rt in RUNTIMES.items():
+        reason = rt.missing()
+        state = f"not installed: {reason}; install: {rt.install}" if reason else "available"
+        print(f"{name:<{width}}  {state}\n{'':<{width}}  {rt.what}")
+    return 0
+
+
+RECIPE_HELP = "a shipped recipe by name (`qat-sadam recipes` lists them) or a recipe YAML file"
+TARGET_HELP = "a shipped target profile by name (`qat-sadam targets` lists them) or a profile YAML file"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qat-sadam", description="Quantization-aware training with S-Adam, and INT8 ONNX export.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a recipe", description="Train a QAT recipe.")
-    t.add_argument("recipe", help="recipe YAML (ignored with --resume: the run's own recipe is used)")
+    t.add_argument("recipe", help=RECIPE_HELP + " (ignored with --resume: the run's own recipe is used)")
     t.add_argument("--bits", type=_bits, help="W{bits}A{bits} with 8-bit first/last layers")
     t.add_argument("--optimizer", help="adamw, sadam, prox_sgd or sgd")
     t.add_argument("--merge", action="append", default=[], metavar="FRAGMENT.yaml", help=MERGE_HELP)
@@ -136,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("ptq", help="post-training quantization of a trained float model",
                        description="Calibrate a recipe's trained float model (model.checkpoint or model.weights), "
                                    "export it to INT8 and validate it: the baseline a QAT fine-tune must beat.")
-    q.add_argument("recipe", help="recipe YAML with model.checkpoint or model.weights")
+    q.add_argument("recipe", help=RECIPE_HELP + ", with model.checkpoint or model.weights")
     q.add_argument("--bits", type=_bits, help="W{bits}A{bits} with 8-bit first/last layers")
     q.add_argument("--merge", action="append", default=[], metavar="FRAGMENT.yaml", help=MERGE_HELP)
     q.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
@@ -151,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("compare", help="compare optimizers over seeds", description="Run a recipe under several optimizers and seeds.")
-    c.add_argument("recipe")
+    c.add_argument("recipe", help=RECIPE_HELP)
     c.add_argument("--optimizers", required=True, help="comma-separated cells, e.g. adamw,sadam,sadam-reference@k=8,adamw-effective")
     c.add_argument("--seeds", type=int, default=3)
     c.add_argument("--first-seed", type=int, default=0)
@@ -167,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="For each quantized layer of a recipe's trained float model: the PTQ accuracy drop "
                                    "when only that layer's weights go to the low bit width, and the gain when only it "
                                    "stays at 8 bits (integer reference = ORT, held-out training images).")
-    s.add_argument("source", metavar="RUN|RECIPE", help="a recipe YAML with model.checkpoint or model.weights, or a run "
+    s.add_argument("source", metavar="RUN|RECIPE", help="a recipe (name or YAML) with model.checkpoint or model.weights, or a run "
                    "directory (a float run is quantized at --bits)")
     s.add_argument("--bits", type=_bits, help="the low bit width (default: the recipe's quant.bits)")
     s.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
@@ -183,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export a run to INT8 ONNX and validate it",
                        description="Export a run's best checkpoint to an INT8 QDQ ONNX model and validate it on ORT.")
     x.add_argument("run", help="run directory or checkpoint")
-    x.add_argument("--target", help="target profile YAML (default: the recipe's, else export/cpu-x86.yaml)")
+    x.add_argument("--target", help=TARGET_HELP + " (default: the recipe's, else cpu-x86)")
     x.add_argument("-o", "--output", help="output directory (default RUN/export)")
     x.add_argument("--samples", type=int, help="test samples for parity and accuracy (default: the whole test set)")
     x.add_argument("--data-root", help="where the dataset lives, if not where the run found it")
@@ -194,10 +232,27 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fusion, parity, latency, size and mobile checks of an INT8 ONNX model.")
     v.add_argument("model", help="model.onnx")
     v.add_argument("--run", help="the run it came from: adds torch parity and test accuracy")
-    v.add_argument("--target", help="target profile YAML (default export/cpu-x86.yaml)")
+    v.add_argument("--target", help=TARGET_HELP + " (default cpu-x86)")
     v.add_argument("--samples", type=int)
     v.add_argument("--runtimes", type=_runtimes, help=RUNTIMES_HELP)
     v.set_defaults(func=cmd_validate)
+
+    for kind in ("recipe", "target"):
+        ls = sub.add_parser(f"{kind}s", help=f"list the shipped {kind}s", description=f"The {kind}s that ship with qat-sadam, by name.")
+        ls.set_defaults(func=cmd_list, kind=kind)
+    rt = sub.add_parser("runtimes", help="list the runtimes a model is validated on, and which are installed",
+                        description="The runtimes `export --runtimes` can run a model on, each with its state here.")
+    rt.add_argument("--install-web", action="store_true", help="install onnxruntime-web with npm into the cache folder "
+                    "($QAT_SADAM_CACHE or ~/.cache/qat-sadam), as make venv does")
+    rt.set_defaults(func=cmd_runtimes)
+    r = sub.add_parser("recipe", help="show a recipe resolved", description="Print a recipe with every default filled in.")
+    rsub = r.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    show = rsub.add_parser("show", help="print the recipe with its defaults and overrides applied")
+    show.add_argument("recipe", help=RECIPE_HELP)
+    show.add_argument("--bits", type=_bits)
+    show.add_argument("--merge", action="append", default=[], metavar="FRAGMENT.yaml", help=MERGE_HELP)
+    show.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
+    show.set_defaults(func=cmd_recipe_show)
     return p
 
 

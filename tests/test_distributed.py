@@ -19,7 +19,7 @@ def _train(out, nproc, optimizer, extra=()):
     """Two ranks under torchrun, each on one thread; one process is this one, on one thread too
     (a process start and its kernel builds cost about 10 s here)."""
     sets = [a for s in TINY + list(extra) for a in ("--set", s)]
-    args = ["train", "recipes/quickstart.yaml", "--optimizer", optimizer, "--out", str(out), "--quiet"] + sets
+    args = ["train", "quickstart", "--optimizer", optimizer, "--out", str(out), "--quiet"] + sets
     if nproc == 1:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -68,7 +68,7 @@ def test_sigterm_stops_every_rank_at_one_step_and_resume_matches(tmp_path):
     extra = ["epochs=3", "checkpoint.every_steps=4"]
     ref, _ = _train(tmp_path / "ref", 2, "sgd", extra)
     sets = [a for s in TINY + extra for a in ("--set", s)]
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "qat_sadam", "train", "recipes/quickstart.yaml",
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "qat_sadam", "train", "quickstart",
            "--optimizer", "sgd", "--out", str(tmp_path / "run"), "--quiet"] + sets
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     metrics = tmp_path / "run" / "metrics.jsonl"

@@ -87,7 +87,7 @@ def test_torchvision_weights_load_through_the_hub_cache(tmp_path, monkeypatch):
 
 def test_uncached_torchvision_weights_name_the_file_and_the_cache_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
-    code = main(["train", "recipes/quickstart.yaml", "--out", str(tmp_path / "run"), "--set", "model.name=resnet18",
+    code = main(["train", "quickstart", "--out", str(tmp_path / "run"), "--set", "model.name=resnet18",
                  "--set", "model.weights=IMAGENET1K_V1", "--set", "data.name=synthetic", "--set", "export.enabled=false"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
@@ -97,7 +97,7 @@ def test_uncached_torchvision_weights_name_the_file_and_the_cache_folder(tmp_pat
 def test_mismatched_keys_exit_2_naming_them(tmp_path, capsys):
     other = build_model("paper_cnn", 10)
     torch.save(other.state_dict(), tmp_path / "other.pt")
-    code = main(["train", "recipes/quickstart.yaml", "--out", str(tmp_path / "run"), "--set", f"model.checkpoint={tmp_path / 'other.pt'}"])
+    code = main(["train", "quickstart", "--out", str(tmp_path / "run"), "--set", f"model.checkpoint={tmp_path / 'other.pt'}"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert "does not match the model's keys: 14 missing (stem.0.weight, stem.1.weight" in err and "6 unexpected (features.0.weight" in err
@@ -121,7 +121,7 @@ def test_a_qat_run_is_refused_as_a_float_starting_point(tmp_path):
     (["distill.enabled=true"], "'distill.enabled' needs a float teacher: a quantized fine-tune that starts from"),
 ])
 def test_bad_starting_points_are_refused_up_front(tmp_path, capsys, sets, msg):
-    argv = ["train", "recipes/quickstart.yaml", "--out", str(tmp_path / "run")]
+    argv = ["train", "quickstart", "--out", str(tmp_path / "run")]
     for s in sets:
         argv += ["--set", s]
     assert main(argv) == 2
@@ -178,11 +178,11 @@ def test_batchnorm_reestimation_changes_running_statistics_only():
 def test_ptq_then_finetune_ladder_on_digits(tmp_path, capsys):
     """The user's path on built-in data: float -> PTQ -> QAT, at 2 bits where PTQ costs digits 7 points."""
     float_run = tmp_path / "float"
-    assert main(["train", "recipes/quickstart_float.yaml", "--out", str(float_run), "--quiet"]) == 0
+    assert main(["train", "quickstart_float", "--out", str(float_run), "--quiet"]) == 0
     sets = ["--set", f"model.checkpoint={float_run}", "--bits", "2", "--quiet"]
-    assert main(["ptq", "recipes/quickstart_finetune.yaml", "--out", str(tmp_path / "ptq")] + sets) == 0
+    assert main(["ptq", "quickstart_finetune", "--out", str(tmp_path / "ptq")] + sets) == 0
     ptq = json.loads((tmp_path / "ptq" / "summary.json").read_text())
-    assert main(["train", "recipes/quickstart_finetune.yaml", "--out", str(tmp_path / "ft"), "--set", "epochs=3"] + sets) == 0
+    assert main(["train", "quickstart_finetune", "--out", str(tmp_path / "ft"), "--set", "epochs=3"] + sets) == 0
     ft = json.loads((tmp_path / "ft" / "summary.json").read_text())
     assert {"float_acc", "ptq_acc", "qat_acc", "recovery"} <= set(ft)
     assert ft["ptq_acc"] == ptq["ptq_acc"] and ft["float_acc"] == ptq["float_acc"]  # one PTQ, two ways to get it
@@ -199,7 +199,7 @@ def test_ptq_then_finetune_ladder_on_digits(tmp_path, capsys):
 def quickstart_float(tmp_path_factory):
     """A briefly trained float quickstart model: the starting point the sensitivity sweeps quantize."""
     run = tmp_path_factory.mktemp("quickstart") / "float"
-    assert main(["train", "recipes/quickstart_float.yaml", "--out", str(run), "--quiet", "--set", "epochs=2"]) == 0
+    assert main(["train", "quickstart_float", "--out", str(run), "--quiet", "--set", "epochs=2"]) == 0
     return run
 
 
@@ -213,10 +213,10 @@ def test_activation_sensitivity_ranks_sites_and_proposes_8bit_activations_within
     float_run = quickstart_float
     sets = _sweep_settings(float_run, 2, 4)
     out = tmp_path / "sens"
-    assert main(["sensitivity", "recipes/quickstart_finetune.yaml", "--samples", "300", "--activations",
+    assert main(["sensitivity", "quickstart_finetune", "--samples", "300", "--activations",
                  "--act-budget", "1.5", "--out", str(out), "--quiet"] + sets) == 0
     res = json.loads((out / "sensitivity.json").read_text())
-    r = load_recipe("recipes/quickstart_finetune.yaml", [f"model.checkpoint={float_run}", "quant.first_last_bits=null",
+    r = load_recipe("quickstart_finetune", [f"model.checkpoint={float_run}", "quant.first_last_bits=null",
                     "quant.act_bits=2"], bits=4)
     model = quantize_model(r, build_model("small_cnn", 10))
     sites = {s["site"]: s for s in res["activation_sites"]}
@@ -230,14 +230,14 @@ def test_activation_sensitivity_ranks_sites_and_proposes_8bit_activations_within
     base = sum(s["elements"] * 2 for s in sites.values())
     assert sum(sites[c]["elements"] * 6 for c in chosen) + base <= 1.5 * base
     # merged, the fragment puts exactly those sites at 8-bit activations
-    r = load_recipe("recipes/quickstart_finetune.yaml", [f"model.checkpoint={float_run}", "quant.first_last_bits=null",
+    r = load_recipe("quickstart_finetune", [f"model.checkpoint={float_run}", "quant.first_last_bits=null",
                     "quant.act_bits=2"], bits=4, fragments=[str(out / "mixed_precision.yaml")])
     mixed = quantize_model(r, build_model("small_cnn", 10))
     at8 = {mixed.activation_site_names[k] for k, q in mixed.activation_quantizers.items() if q.spec.bits == 8}
     assert at8 == set(chosen)
     assert "activation site" in (out / "sensitivity.md").read_text()
     capsys.readouterr()
-    assert main(["sensitivity", "recipes/quickstart_finetune.yaml", "--act-budget", "1.2"] + sets) == 2
+    assert main(["sensitivity", "quickstart_finetune", "--act-budget", "1.2"] + sets) == 2
     assert "--act-budget proposes activation sites: add --activations" in capsys.readouterr().err
 
 
@@ -253,7 +253,7 @@ def test_sensitivity_ranks_layers_and_proposes_a_mixed_precision_within_budget(q
     float_run = quickstart_float
     sets = _sweep_settings(float_run, 8, 2)  # W2A8: three layers to rank
     out = tmp_path / "sens"
-    assert main(["sensitivity", "recipes/quickstart_finetune.yaml", "--samples", "300", "--budget", "1.5",
+    assert main(["sensitivity", "quickstart_finetune", "--samples", "300", "--budget", "1.5",
                  "--out", str(out), "--quiet"] + sets) == 0
     res = json.loads((out / "sensitivity.json").read_text())
     rows = {r["layer"]: r for r in res["layers"]}
@@ -267,7 +267,7 @@ def test_sensitivity_ranks_layers_and_proposes_a_mixed_precision_within_budget(q
     assert sum(rows[c]["weights"] * 6 for c in chosen) + base <= 1.5 * base
     # the fragment is a valid recipe section: the mixed model prepares with those layers at 8 bits
     frag = yaml.safe_load((out / "mixed_precision.yaml").read_text())
-    r = load_recipe("recipes/quickstart_finetune.yaml", [f"model.checkpoint={float_run}", "quant.first_last_bits=null",
+    r = load_recipe("quickstart_finetune", [f"model.checkpoint={float_run}", "quant.first_last_bits=null",
                     "quant.act_bits=8"], bits=2, fragments=[str(out / "mixed_precision.yaml")])
     assert r["quant"]["overrides"] == frag["quant"]["overrides"] and r["quant"]["bits"] == 2
     assert r["quant"]["act_bits"] == 8  # a fragment merges into quant: the recipe's other keys stay
@@ -276,9 +276,9 @@ def test_sensitivity_ranks_layers_and_proposes_a_mixed_precision_within_budget(q
     assert r["model"]["checkpoint"] == str(float_run) and r["quant"]["bits"] == 3 and quantized(r)
     assert (out / "sensitivity.png").stat().st_size > 5_000
     capsys.readouterr()
-    assert main(["sensitivity", "recipes/quickstart_finetune.yaml", "--budget", "0.9"] + sets) == 2
+    assert main(["sensitivity", "quickstart_finetune", "--budget", "0.9"] + sets) == 2
     assert "--budget is a ratio to uniform low-bit weight storage and must be >= 1" in capsys.readouterr().err
-    assert main(["sensitivity", "recipes/quickstart_float.yaml", "--out", str(tmp_path / "x")]) == 2
+    assert main(["sensitivity", "quickstart_float", "--out", str(tmp_path / "x")]) == 2
     assert "sensitivity needs a quantized recipe that starts from trained weights" in capsys.readouterr().err
-    assert main(["train", "recipes/quickstart_finetune.yaml", "--merge", str(tmp_path / "none.yaml")]) == 2
+    assert main(["train", "quickstart_finetune", "--merge", str(tmp_path / "none.yaml")]) == 2
     assert "recipe fragment file not found" in capsys.readouterr().err

@@ -122,7 +122,7 @@ FOLDER_CASES = {
 
 
 def _data_cmd(tmp, name):
-    return ["train", "recipes/quickstart.yaml", "--out", str(tmp / "run"), "--set", f"data.name={name}",
+    return ["train", "quickstart", "--out", str(tmp / "run"), "--set", f"data.name={name}",
             "--set", f"data.root={tmp / 'data'}", "--set", "export.enabled=false"]
 
 
@@ -151,7 +151,7 @@ TINY_RUN = ["data.name=synthetic", "data.image_size=8", "data.batch_size=64", "m
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "run"
-    argv = ["train", "recipes/quickstart.yaml", "--out", str(run), "--quiet", "--optimizer", "adamw"]
+    argv = ["train", "quickstart", "--out", str(run), "--quiet", "--optimizer", "adamw"]
     for s in TINY_RUN:
         argv += ["--set", s]
     assert main(argv) == 0
@@ -207,7 +207,7 @@ def test_damaged_run_directories_exit_2_with_one_line(case, finished_run, tmp_pa
         os.rename(run, cell)
         run = cell
         before = {cell / p.relative_to(tmp_path / "copy"): v for p, v in before.items()}
-        argv = ["compare", "recipes/quickstart.yaml", "--optimizers", "adamw", "--seeds", "1", "--out", str(tmp_path / "cmp"),
+        argv = ["compare", "quickstart", "--optimizers", "adamw", "--seeds", "1", "--out", str(tmp_path / "cmp"),
                 "--report-only"]
     code = main([a.replace("{run}", str(run)) for a in argv])
     err = capsys.readouterr().err

@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "qat_sadam"
 # Lowest first. A unit is a subpackage or a top-level module of qat_sadam.
 LAYERS = [
     {"errors"},                         # the user-error hierarchy
-    {"buffers", "models"},              # buffer snapshots; model builders and weight loading
+    {"buffers", "models", "configs"},   # buffer snapshots; model builders and weight loading; shipped recipes and targets
     {"quant"},                          # quantizers
     {"optim", "export"},                # the optimizer, the deployment core: on the quantizers
     {"train"},                          # the trainer: on all of the above

@@ -25,7 +25,7 @@ TINY = ["data.name=synthetic", "data.image_size=8", "data.batch_size=64", "model
 
 
 def _cli(out, *extra):
-    args = [sys.executable, "-m", "qat_sadam", "train", "recipes/quickstart.yaml", "--out", str(out), "--quiet"]
+    args = [sys.executable, "-m", "qat_sadam", "train", "quickstart", "--out", str(out), "--quiet"]
     for s in TINY + ["export.enabled=false"]:
         args += ["--set", s]
     return args + list(extra)
@@ -177,7 +177,7 @@ def _bad_cases():
 @pytest.mark.parametrize("extra", _bad_cases(), ids=lambda c: " ".join(c)[:40])
 def test_fuzzed_cli_and_recipe_errors_exit_2_without_traceback(extra, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", "recipes/quickstart.yaml", "--out", str(out)] + extra)
+    code = main(["train", "quickstart", "--out", str(out)] + extra)
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from qat_sadam import configs
 from qat_sadam.cli import main
 from qat_sadam.errors import RecipeError
 from qat_sadam.quant import fake_quant
@@ -117,17 +118,17 @@ def test_fused_oscillation_tracker_equals_the_eager_one_bit_for_bit():
 
 BAD = [
     (["train", "nope.yaml"], "recipe file not found: nope.yaml"),
-    (["train", "recipes/quickstart.yaml", "--set", "data.batchsize=3"], "unknown recipe key 'data.batchsize'"),
-    (["train", "recipes/quickstart.yaml", "--set", "epochs=ten"], "recipe key 'epochs' must be an integer"),
-    (["train", "recipes/quickstart.yaml", "--optimizer", "lion"], "unknown optimizer 'lion'"),
-    (["train", "recipes/quickstart.yaml", "--bits", "9"], "--bits must be an integer from 2 to 8"),
-    (["train", "recipes/quickstart.yaml", "--bits", "1"], "--bits must be an integer from 2 to 8"),
-    (["train", "recipes/quickstart.yaml", "--set", "optimizer.lr=-1"], "Invalid learning rate"),
-    (["train", "recipes/quickstart.yaml", "--set", "data.name=imagenet"], "unknown dataset 'imagenet'"),
-    (["train", "recipes/quickstart.yaml", "--set", "data.name=cifar100", "--set", "data.root=/nonexistent"], "cifar100: not found under /nonexistent"),
-    (["compare", "recipes/quickstart.yaml", "--optimizers", "adamw,rmsprop"], "unknown optimizer 'rmsprop'"),
-    (["compare", "recipes/quickstart.yaml", "--optimizers", "sadam,adamw-effective@of=adamw"], "'of' must name an S-Adam cell"),
-    (["compare", "recipes/quickstart.yaml", "--optimizers", "sadam@lr=fast"], "'optimizer.lr' must be a number, got 'fast'"),
+    (["train", "quickstart", "--set", "data.batchsize=3"], "unknown recipe key 'data.batchsize'"),
+    (["train", "quickstart", "--set", "epochs=ten"], "recipe key 'epochs' must be an integer"),
+    (["train", "quickstart", "--optimizer", "lion"], "unknown optimizer 'lion'"),
+    (["train", "quickstart", "--bits", "9"], "--bits must be an integer from 2 to 8"),
+    (["train", "quickstart", "--bits", "1"], "--bits must be an integer from 2 to 8"),
+    (["train", "quickstart", "--set", "optimizer.lr=-1"], "Invalid learning rate"),
+    (["train", "quickstart", "--set", "data.name=imagenet"], "unknown dataset 'imagenet'"),
+    (["train", "quickstart", "--set", "data.name=cifar100", "--set", "data.root=/nonexistent"], "cifar100: not found under /nonexistent"),
+    (["compare", "quickstart", "--optimizers", "adamw,rmsprop"], "unknown optimizer 'rmsprop'"),
+    (["compare", "quickstart", "--optimizers", "sadam,adamw-effective@of=adamw"], "'of' must name an S-Adam cell"),
+    (["compare", "quickstart", "--optimizers", "sadam@lr=fast"], "'optimizer.lr' must be a number, got 'fast'"),
     (["eval", "/nonexistent/run"], "no such run directory or checkpoint"),
     (["validate", "/nonexistent.onnx"], "model not found"),
 ]
@@ -138,12 +139,12 @@ def test_a_cell_setting_reads_numbers_as_set_does():
     assert parse_cell("sadam@lr=5e-3@k=8")[2] == {"name": "sadam", "lgi": "residual", "lr": 0.005, "k": 8}
     assert parse_cell("adamw@lr=5e-4@epochs=3")[4] == ["epochs=3"]
     # and the cell's recipe keeps it a number (JSON would write 5e-05, which YAML reads as text)
-    assert _recipe("recipes/quickstart.yaml", [], None, parse_cell("adamw@lr=5e-5")[2], 0)["optimizer"]["lr"] == 5e-5
+    assert _recipe("quickstart", [], None, parse_cell("adamw@lr=5e-5")[2], 0)["optimizer"]["lr"] == 5e-5
 
 
 def test_a_recipe_file_with_lr_as_text_gets_a_clear_error(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(open("recipes/quickstart.yaml").read() + "\noptimizer: {name: adamw, lr: 5e-4}\n")
+    recipe.write_text(open(configs.resolve("recipe", "quickstart")).read() + "\noptimizer: {name: adamw, lr: 5e-4}\n")
     with pytest.raises(RecipeError, match=r"'optimizer.lr' must be a number, got '5e-4' \(YAML reads 5e-4 as text"):
         load_recipe(str(recipe))
 
@@ -162,7 +163,7 @@ def test_a_platform_that_cannot_build_the_fused_kernels_gets_one_line_and_the_ea
         raise torch._dynamo.exc.BackendCompilerFailed(None, RuntimeError("Compiler: cc is not found.\nmore"), None)
 
     monkeypatch.setattr(fake_quant._fused_values, "kernel", no_compiler)
-    argv = ["train", "recipes/quickstart.yaml", "--bits", "4", *(a for kv in TINY + ["epochs=1"] for a in ("--set", kv)), "--out", str(tmp_path / "run")]
+    argv = ["train", "quickstart", "--bits", "4", *(a for kv in TINY + ["epochs=1"] for a in ("--set", kv)), "--out", str(tmp_path / "run")]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "set fake_quant_kernels: eager" in err and "cc is not found" in err and err.count("\n") == 1
@@ -206,7 +207,7 @@ def test_heap_host_memory_without_glibc_is_a_one_line_error(tmp_path, capsys, mo
 
     def train(mode):
         sets = (a for kv in TINY + ["epochs=1", f"host_memory={mode}"] for a in ("--set", kv))
-        return main(["train", "recipes/quickstart.yaml", *sets, "--out", str(tmp_path / mode), "--quiet"])
+        return main(["train", "quickstart", *sets, "--out", str(tmp_path / mode), "--quiet"])
 
     assert train("heap") == 2
     err = capsys.readouterr().err
@@ -220,9 +221,9 @@ def test_cli_train_refuses_existing_dir_without_force(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    assert main(["train", "recipes/quickstart.yaml", "--out", str(out)]) == 2
+    assert main(["train", "quickstart", "--out", str(out)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
-    assert main(["train", "recipes/quickstart.yaml", "--out", str(out), "--force"]) == 2
+    assert main(["train", "quickstart", "--out", str(out), "--force"]) == 2
     assert "does not look like a qat-sadam run directory" in capsys.readouterr().err
     assert (out / "keep.txt").exists()
 
@@ -256,7 +257,7 @@ def test_compare_writes_tables_and_plots(tmp_path):
     assert not (out / "adamw" / "seed2").exists()
     # ... and with --export exports the finished runs that have no ORT accuracy yet
     assert main(["compare", str(recipe), "--optimizers", "adamw", "--seeds", "1", "--out", str(out), "--report-only",
-                 "--export", "export/cpu-x86.yaml"]) == 0
+                 "--export", "cpu-x86"]) == 0
     s = json.load(open(out / "adamw" / "seed0" / "summary.json"))
     assert s["ort_agreement"] >= 0.995 and s["ort_acc"] == pytest.approx(s["integer_acc"], abs=0.005)
     assert "test acc (ORT INT8)" in (out / "results.md").read_text()
@@ -284,7 +285,7 @@ def test_a_train_run_writes_curves_and_tensorboard(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     sets = [x for t in TINY for x in ("--set", t)]
-    assert main(["train", "recipes/quickstart.yaml", "--bits", "4", "--out", str(tmp_path / "run"), "--quiet", *sets,
+    assert main(["train", "quickstart", "--bits", "4", "--out", str(tmp_path / "run"), "--quiet", *sets,
                  "--set", "epochs=2"]) == 0
     out = capsys.readouterr().out
     assert f"curves: {tmp_path / 'run' / 'curves.png'}" in out and (tmp_path / "run" / "curves.png").stat().st_size > 10_000

@@ -1,11 +1,14 @@
-"""Deployment target profiles (export/*.yaml): opset, ranges, input shape, formats, checks, runtimes."""
+"""Deployment target profiles (shipped ones in qat_sadam/configs/targets/, by name): opset, ranges,
+input shape, formats, checks, runtimes."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
 
+import onnxruntime as ort
 import yaml
 
+from .. import configs
 from ..errors import ValidationError
 from .runtimes import check_names
 
@@ -41,24 +44,52 @@ class Target:
             if c not in CHECKS:
                 raise ValidationError(f"target {self.name}: unknown check {c!r}; choose from {', '.join(CHECKS)}")
         check_names(self.runtimes)
+        unknown = [p for p in self.providers if p not in ort.get_all_providers()]
+        if unknown:  # a misspelt provider would otherwise never run and never be reported
+            raise ValidationError(f"target {self.name}: unknown ONNX Runtime provider {unknown[0]!r}")
         for f in self.formats:
             if f not in FORMATS:
                 raise ValidationError(f"target {self.name}: unknown format {f!r}; choose from {', '.join(FORMATS)}")
 
 
-DEFAULT_TARGET = "export/cpu-x86.yaml"  # what a run exports to when its recipe names no target
+DEFAULT_TARGET = "cpu-x86"  # the shipped profile a run exports to when its recipe names no target
 
 
 def load_target(target: "str | Target | None") -> Target:
+    """A target profile by shipped name (``mobile-arm``) or by path to a YAML file; None gives the
+    built-in defaults. Raises ValidationError naming the file and the key."""
     if target is None or isinstance(target, Target):
         return target or Target()
+    target = configs.resolve("target", target)
     if not os.path.isfile(target):
         raise ValidationError(f"target profile not found: {target}")
-    with open(target) as f:
-        d = yaml.safe_load(f) or {}
-    known = {f.name for f in fields(Target)}
-    if not isinstance(d, dict) or set(d) - known:
-        bad = sorted(set(d) - known) if isinstance(d, dict) else ["<not a mapping>"]
+    try:
+        with open(target, encoding="utf-8") as f:
+            d = yaml.safe_load(f) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValidationError(f"{target}: not a readable YAML target profile ({str(e).splitlines()[0][:120]})") from None
+    known = {f.name: f.type for f in fields(Target)}
+    if not isinstance(d, dict) or set(d) - set(known):
+        bad = sorted(set(d) - set(known)) if isinstance(d, dict) else ["<not a mapping>"]
         raise ValidationError(f"{target}: unknown key {bad[0]!r} (known: {', '.join(sorted(known))})")
+    for key, value in d.items():
+        _check_type(target, key, known[key], value)
     d.setdefault("name", os.path.splitext(os.path.basename(target))[0])
     return Target(**d)
+
+
+def _check_type(path: str, key: str, annotation: str, value) -> None:
+    """A profile value against its field's annotation (``int | None``, ``list`` of strings, ``str``)."""
+    optional = "None" in annotation
+    if value is None and optional:
+        return
+    if "int" in annotation:
+        ok = isinstance(value, int) and not isinstance(value, bool) and (key != "fixed_batch" or value >= 1)
+        want = "a positive integer" if key == "fixed_batch" else "an integer"
+    elif "list" in annotation:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        want = "a list of names"
+    else:
+        ok, want = isinstance(value, str), "a string"
+    if not ok:
+        raise ValidationError(f"{path}: key {key!r} must be {want}{' or null' if optional else ''}, got {value!r}")

@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from .. import configs
 from ..errors import RecipeError
 from ..models import CIFAR_STEM_MODELS, check_model, weight_names
 from ..quant import QATConfig
@@ -185,12 +186,13 @@ def read_mapping(path: str, what: str) -> dict:
 def load_recipe(path: str | None = None, overrides: list[str] = (), bits: int | None = None,
                 optimizer: str | None = None, seed: int | None = None, base: dict | None = None,
                 fragments: list[str] = ()) -> dict:
-    """Read a recipe file (or start from the recipe ``base``), merge the recipe ``fragments`` over it
+    """Read a recipe (a shipped one by name, ``quickstart``, or a YAML file by path; or start from the recipe ``base``), merge the recipe ``fragments`` over it
     in order (e.g. the quant.overrides that ``qat-sadam sensitivity`` proposes), apply
     --bits/--optimizer/--seed, then the --set overrides (which win), fill defaults and validate.
     Raises RecipeError."""
     raw: dict = copy.deepcopy(base) if base is not None else {}
     if path is not None:
+        path = configs.resolve("recipe", path)
         raw = read_mapping(path, "recipe")
         raw.setdefault("name", os.path.splitext(os.path.basename(path))[0])
     for frag in fragments:
