@@ -26,8 +26,8 @@ test: $(STAMP)
 # The user's path on built-in data: a float model, then its W4A4 fine-tune with the accuracy ladder,
 # then the same model on every runtime installed (a runtime not installed is reported not run).
 demo: $(STAMP)
-	$(BIN)/qat-sadam train recipes/quickstart_float.yaml --out runs/quickstart_float --force --quiet
-	$(BIN)/qat-sadam train recipes/quickstart_finetune.yaml --out runs/quickstart_finetune --force --quiet
+	$(BIN)/qat-sadam train quickstart_float --out runs/quickstart_float --force --quiet
+	$(BIN)/qat-sadam train quickstart_finetune --out runs/quickstart_finetune --force --quiet
 	$(BIN)/qat-sadam export runs/quickstart_finetune --runtimes all -o runs/quickstart_finetune/export-runtimes
 
 clean:

@@ -46,7 +46,7 @@ def test_train_end_to_end_writes_metrics_and_checkpoints(tmp_path):
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert (tmp_path / "checkpoints" / "last.pt").exists() and (tmp_path / "checkpoints" / "best.pt").exists()
     assert (tmp_path / "recipe.yaml").exists()
-    assert recs[0] == {"type": "kernels", "fake_quant": "fused", "host_memory": t.host_memory}
+    assert recs[0] == {"type": "kernels", "fake_quant": "fused", "host_memory": t.setup.host_memory}
 
 
 @pytest.mark.parametrize("every", [0, 5])

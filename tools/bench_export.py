@@ -25,9 +25,8 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from qat_sadam.export import export_float_onnx, export_onnx
 from qat_sadam.export import ort_session
-from qat_sadam.train.checkpoint import find_checkpoint, load_checkpoint
 from qat_sadam.train.data import Loader, load_data
-from qat_sadam.train.model import build_qat_model
+from qat_sadam.train.model import load_run
 
 
 class _Reader(CalibrationDataReader):
@@ -38,26 +37,17 @@ class _Reader(CalibrationDataReader):
         return next(self.it, None)
 
 
-def _load(ck):
-    model = build_qat_model(ck["recipe"], ck["info"])
-    model.load_state_dict(ck["model"])
-    return model.eval()
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True)
-    ap.add_argument("--target", default="export/cpu-x86-vnni.yaml")
+    ap.add_argument("--target", default="cpu-x86-vnni")
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--float-run", help="a run of the same recipe trained without quantizers")
     ap.add_argument("--data-root")
     a = ap.parse_args()
-    ck = load_checkpoint(find_checkpoint(a.run))
-    recipe, info = ck["recipe"], ck["info"]
-    if a.data_root:
-        recipe["data"]["root"] = a.data_root
-    model = _load(ck)
+    run = load_run(a.run, data_root=a.data_root)
+    recipe, info, model = run.recipe, run.info, run.model
     data = load_data(recipe["data"])
     test = [(x.numpy(), y.numpy()) for x, y in Loader(data.test, 256, info["mean"], info["std"], shuffle=False).batches()]
     calib = [x.numpy() for x, _ in Loader(data.train, 32, info["mean"], info["std"], shuffle=True).batches()][:a.calib_batches]
@@ -72,9 +62,9 @@ def main():
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     models = {"float (QAT weights, no quantizers)": flt, "ours: QAT INT8": ours, "ORT quantize_static INT8 of it": ptq}
     if a.float_run:
-        fck = load_checkpoint(find_checkpoint(a.float_run))
+
         f2, pre2, ptq2 = (os.path.join(tmp, n) for n in ("float2.onnx", "pre2.onnx", "ptq2.onnx"))
-        export_float_onnx(_load(fck), example, f2, a.target)
+        export_float_onnx(load_run(a.float_run).model, example, f2, a.target)
         quant_pre_process(f2, pre2)
         quantize_static(pre2, ptq2, _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)

@@ -38,9 +38,8 @@ from qat_sadam.export import export_onnx  # noqa: E402
 from qat_sadam.export.qdq import QuantDequant  # noqa: E402
 from qat_sadam.export import ort_session  # noqa: E402
 from qat_sadam.export.runtimes.qnn_htp import fixed_batch_copy, qnn_session  # noqa: E402
-from qat_sadam.train.checkpoint import load_checkpoint  # noqa: E402
-from qat_sadam.train.model import build_qat_model, load_run_state  # noqa: E402
-from qat_sadam.workflows.export_run import run_checkpoint, test_batches  # noqa: E402
+from qat_sadam.train.model import load_run  # noqa: E402
+from qat_sadam.workflows.export_run import test_batches  # noqa: E402
 
 
 def _with_site_outputs(path: str, out: str) -> list[str]:
@@ -108,12 +107,9 @@ def _sessions(runtime: str, plain_path: str, sites_path: str, tmp: str):
 
 def _trained(run: str, images: int):
     """(the run's exported checkpoint as a model in eval mode, its first ``images`` test images, a description)."""
-    path = run_checkpoint(run)
-    ck = load_checkpoint(path)
-    model = build_qat_model(ck["recipe"], ck["info"])
-    load_run_state(model, ck["model"], path, ck["info"])
-    x = torch.cat([x for x, _ in test_batches(ck["recipe"], ck["info"], images, 100)])
-    return model.eval(), x, f"{run} ({os.path.basename(path)})"
+    loaded = load_run(run)
+    x = torch.cat([x for x, _ in test_batches(loaded.recipe, loaded.info, images, 100)])
+    return loaded.model, x, f"{run} ({os.path.basename(loaded.checkpoint)})"
 
 
 def main():

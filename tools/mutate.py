@@ -64,10 +64,7 @@ def _copy_repo(dst: str) -> None:
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for f in files:
         os.makedirs(os.path.join(dst, os.path.dirname(f)), exist_ok=True)
-        shutil.copy2(os.path.join(ROOT, f), os.path.join(dst, f))
-    web = os.path.join(ROOT, "qat_sadam/export/runtimes/web/node_modules")
-    if os.path.isdir(web):
-        os.symlink(web, os.path.join(dst, "qat_sadam/export/runtimes/web/node_modules"))
+        shutil.copy2(os.path.join(ROOT, f), os.path.join(dst, f), follow_symlinks=False)
 
 
 def run_mutant(name: str, timeout: int, baseline: bool = False) -> dict:

@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from qat_sadam.optim import SAdam, loss_closure, sadam_param_groups
-from qat_sadam.train.checkpoint import find_checkpoint, load_checkpoint
 from qat_sadam.train.data import Loader, load_data
-from qat_sadam.train.model import build_qat_model
+from qat_sadam.train.model import load_run
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -31,12 +30,10 @@ def main():
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--out", default="docs/probe_radius")
     a = ap.parse_args()
-    ck = load_checkpoint(find_checkpoint(a.run))
-    model = build_qat_model(ck["recipe"], ck["info"])
-    model.load_state_dict(ck["model"])
-    model.train()
-    data = load_data(ck["recipe"]["data"])
-    batches = list(Loader(data.train, ck["recipe"]["data"]["batch_size"], ck["info"]["mean"], ck["info"]["std"],
+    run = load_run(a.run)
+    model = run.model.train()
+    data = load_data(run.recipe["data"])
+    batches = list(Loader(data.train, run.recipe["data"]["batch_size"], run.info["mean"], run.info["std"],
                           shuffle=True, seed=1).batches())[:a.batches]
     rows = {}
     for c in MULTIPLES:

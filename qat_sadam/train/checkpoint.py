@@ -54,16 +54,3 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "recipe" not in ckpt:
         raise CheckpointError(f"{path} is not a qat-sadam checkpoint (no model and recipe in it)")
     return ckpt
-
-
-def find_checkpoint(run: str, name: str = "best.pt") -> str:
-    """A run directory's best (else last) checkpoint, or the file itself."""
-    if os.path.isdir(run):
-        for n in (name, "last.pt"):
-            p = os.path.join(run, "checkpoints", n)
-            if os.path.isfile(p):
-                return p
-        raise CheckpointError(f"no checkpoint in {run}/checkpoints")
-    if not os.path.isfile(run):
-        raise CheckpointError(f"no such run directory or checkpoint: {run}")
-    return run

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -10,6 +11,7 @@ from ..models import build_model, load_weights, read_state_dict, timm_state_dict
 from ..quant import prepare_qat
 from .checkpoint import load_checkpoint
 from .recipe import qat_config, quantized, starts_trained
+from .run import LAST, Run
 
 
 def build_float_model(recipe: dict, info: dict, load_start: bool = True) -> tuple[nn.Module, dict]:
@@ -34,8 +36,8 @@ def _start_state_dict(m: dict) -> tuple[dict, str]:
     path = m["checkpoint"]
     if not os.path.isdir(path):
         return read_state_dict(path), f"model.checkpoint {path}"
-    # A qat-sadam float run: its final weights (checkpoints/last.pt), not a test-selected best.
-    ck = load_checkpoint(os.path.join(path, "checkpoints", "last.pt"))
+    # A qat-sadam float run: its final weights, not a test-selected best.
+    ck = load_checkpoint(Run(path).checkpoint(LAST))
     if quantized(ck["recipe"]):
         raise CheckpointError(f"model.checkpoint: {path} is a QAT run; start from a float run (quant.enabled: false) "
                               "or a float state_dict")
@@ -62,3 +64,31 @@ def load_run_state(model: nn.Module, state: dict, path: str, info: dict) -> None
     """A run checkpoint's model state into the model its recipe builds, every key and shape checked
     first (a checkpoint copied from another run names the keys that differ)."""
     load_weights(model, state, f"checkpoint {path}", info["num_classes"])
+
+
+@dataclass
+class LoadedRun:
+    """A run's model as one of its checkpoints stored it, with what built it."""
+
+    run: Run
+    checkpoint: str  # the file loaded
+    recipe: dict
+    info: dict  # num_classes, in_channels, image_size, mean, std
+    model: nn.Module  # in eval mode
+    state: dict  # the whole checkpoint (start, bn_report, global_step, ...)
+
+
+def load_run(ref: str, checkpoint: str | None = None, data_root: str | None = None) -> LoadedRun:
+    """The one way to load a run: ``ref`` a run directory (its ``checkpoint``, default the one it
+    deploys: ``Run.deployed_checkpoint``) or a checkpoint file. The model is built from the
+    checkpoint's own recipe, every key and shape checked; ``data_root`` replaces where the recipe
+    found its data."""
+    run, given = Run.locate(ref)
+    path = given or checkpoint or run.deployed_checkpoint()
+    ck = load_checkpoint(path)
+    recipe, info = ck["recipe"], ck["info"]
+    if data_root:
+        recipe["data"]["root"] = data_root
+    model = build_qat_model(recipe, info)
+    load_run_state(model, ck["model"], path, info)
+    return LoadedRun(run, path, recipe, info, model.eval(), ck)

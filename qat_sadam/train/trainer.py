@@ -2,8 +2,8 @@
 
 A run starts from random weights or, for a fine-tune, from trained float weights: then the float
 model's accuracy is measured first, the prepared model is calibrated and its BatchNorm statistics
-re-estimated with the quantized weights, and that post-training-quantized state is saved as
-``checkpoints/ptq.pt`` before the first step (the PTQ rung of the accuracy ladder)."""
+re-estimated with the quantized weights, and that post-training-quantized state is saved as the
+run's PTQ checkpoint before the first step (the PTQ rung of the accuracy ladder)."""
 from __future__ import annotations
 
 import json
@@ -18,24 +18,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..errors import ExportError, RecipeError, TrainingStopped
-from ..export import DEFAULT_TARGET, freeze, integer_reference, load_target
+from ..errors import RecipeError, TrainingStopped
 from ..optim import SAdam
-from ..quant import calibrate, fused_kernels_buildable, reestimate_batchnorm, use_fused_kernels
 from . import distributed
 from .checkpoint import save_atomic
-from .data import Loader, load_data
-from .host_memory import set_host_memory
-from .model import build_float_model, load_run_state, quantize_model
+from .model import build_float_model, load_run_state
 from .optimizers import build_optimizer
 from .oscillation import OscillationTracker
 from .oscillation_fixes import WeightFreezer, annealed, dampening_loss
+from .pipeline import deployed_weight_bits, evaluate_deployed, post_training_quantize, reestimate_bn, setup, start_model
 from .recipe import dump_recipe, quantized
-from .run_dir import LAST, PREVIOUS, resume_checkpoint, write_summary
+from .run import BEST, LAST, PREVIOUS, PTQ, Run
 from .tensorboard_log import TensorBoardLog
 
 LOSS_WINDOW = 50
-PTQ_CHECKPOINT = "ptq.pt"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -43,14 +39,6 @@ class NonFiniteError(RuntimeError):
     def __init__(self, what: str):
         super().__init__(what)
         self.what = what
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingStopped("device: cuda was asked for but no CUDA device is available")
-    return torch.device(name)
 
 
 def _lr_lambda(epochs_steps: int, warmup: int, kind: str, min_ratio: float):
@@ -63,41 +51,16 @@ def _lr_lambda(epochs_steps: int, warmup: int, kind: str, min_ratio: float):
 
 
 class Trainer:
-    """``resume``: continue from the run's last checkpoint. ``initialize=False``: build the model
-    without its starting weights or calibration, for a caller that loads a checkpoint into it."""
+    """The training loop over the pipeline's stages (train/pipeline.py): set up, start the model,
+    quantize it post-training, then fit. ``resume``: continue from the run's last checkpoint."""
 
-    def __init__(self, recipe: dict, run_dir: str, resume: bool = False, progress: bool = True, initialize: bool = True):
-        self.recipe, self.run_dir = recipe, run_dir
+    def __init__(self, recipe: dict, run_dir: str, resume: bool = False, progress: bool = True):
+        self.recipe, self.run = recipe, Run(run_dir)
         self.rank, self.world, local_rank = distributed.init_from_env()
         self.progress = progress and self.rank == 0
-        self.device = resolve_device(recipe["device"])
-        if self.device.type == "cuda" and self.world > 1:
-            self.device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(self.device)
-        torch.manual_seed(recipe["seed"])
-        kernels = recipe["fake_quant_kernels"]
-        if kernels == "auto":  # the run log says which ran (train())
-            kernels = "fused" if fused_kernels_buildable(self.device) else "eager"
-        self.fake_quant_kernels = kernels
-        use_fused_kernels(kernels == "fused")
-        self.host_memory = set_host_memory(recipe["host_memory"])
-        data = load_data(recipe["data"])
-        self.info = {"num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": data.image_size,
-                     "mean": list(data.mean), "std": list(data.std)}
-        aug = recipe["data"]["augment"]
-        loader = dict(shuffle=True, seed=recipe["seed"], crop_padding=aug["crop_padding"], flip=aug["flip"], device=self.device)
-        # Every rank walks the same global batches and takes its share of each (DistributedSampler's
-        # role, seeded by (seed, epoch) like its set_epoch): N ranks with B/N match one process with B.
-        self.train_loader = Loader(data.train, recipe["data"]["batch_size"], data.mean, data.std,
-                                   rank=self.rank, world=self.world, **loader)
-        # Unsharded: calibration and BatchNorm re-estimation see the same batches on every rank.
-        self.calibration_loader = Loader(data.train, recipe["data"]["batch_size"], data.mean, data.std, **loader)
-        self.test_loader = Loader(data.test, recipe["data"]["eval_batch_size"], data.mean, data.std, shuffle=False, device=self.device)
-        float_model, self.start = build_float_model(recipe, self.info, load_start=initialize and not resume)
-        float_model.to(self.device)
-        if self.start:  # the top rung of the ladder, before any quantizer
-            self.start["float_acc"], self.start["float_loss"] = self._score(float_model.eval())
-        self.model = quantize_model(recipe, float_model)
+        self.setup = setup(recipe, self.rank, self.world, local_rank)
+        self.device, self.info, self.train_loader = self.setup.device, self.setup.info, self.setup.train_loader
+        self.model, self.start = start_model(recipe, self.setup, load_start=not resume)
         self.teacher = self._teacher() if recipe["distill"]["enabled"] else None
         self.optimizer = build_optimizer(recipe["optimizer"], self.model, seed=recipe["seed"], probe_buffers=list(self.model.buffers()))
         self.steps_per_epoch = len(self.train_loader)
@@ -109,9 +72,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(
             self.total_steps, int(s["warmup_epochs"] * self.steps_per_epoch), s["name"], s["min_lr"] / base_lr if base_lr else 0.0))
         self._track_oscillations()
-        # Evaluated as exported: the target's weight container (7 bits on cpu-x86) changes the numbers.
-        ex = recipe["export"]
-        self.weight_bits_max = load_target(ex["target"] or DEFAULT_TARGET).weight_bits_max if ex["enabled"] else None
+        self.weight_bits_max = deployed_weight_bits(recipe)  # evaluated as exported
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.best_acc, self.skipped = -1.0, 0
         self.tb: TensorBoardLog | None = None  # open while train() runs
@@ -120,10 +81,11 @@ class Trainer:
         self.resume_note: str | None = None
         self.bn_report: dict = {}
         if resume:
-            ck, self.resume_note = resume_checkpoint(self.run_dir)
+            ck, self.resume_note = self.run.resume_checkpoint()
             self._restore(ck)
-        elif initialize and quantized(recipe):
-            self._initialize()
+        elif quantized(recipe):
+            post_training_quantize(self.model, recipe, self.setup, self.start)
+            self._track_oscillations()  # integer weights after calibration are the reference for the first flip
         self.net = self._data_parallel() if self.world > 1 else self.model
         if recipe["compile"]:  # training forward only: evaluation and export read self.model
             self.net = torch.compile(self.net)
@@ -137,15 +99,6 @@ class Trainer:
                               "was re-initialised (model.reset_classifier): it has nothing to teach")
         return teacher.to(self.device).eval().requires_grad_(False)
 
-    def _initialize(self) -> None:
-        """Calibrate the activation scales; from trained weights also re-estimate BatchNorm with the
-        quantized weights: the post-training-quantized model that QAT starts from."""
-        if self.recipe["calibration_batches"]:
-            calibrate(self.model, self.calibration_loader.batches(epoch=-1), self.recipe["calibration_batches"])
-        if self.start and self.recipe["bn_reestimate_batches"]:
-            self.start["bn_reestimate"] = self._reestimate_bn()
-        self._track_oscillations()  # integer weights after calibration are the reference for the first flip
-
     def _track_oscillations(self) -> None:
         """The oscillation tracker and, with ``freezing``, the weight freezer that reads it."""
         self.tracker = OscillationTracker(self.model) if self.recipe["logging"]["oscillations"] else None
@@ -156,9 +109,6 @@ class Trainer:
             except ValueError as e:
                 raise RecipeError(f"freezing.enabled: {e}") from None
 
-    def _reestimate_bn(self) -> dict:
-        return reestimate_batchnorm(self.model, self.calibration_loader.batches(epoch=-2), self.recipe["bn_reestimate_batches"])
-
     def _data_parallel(self) -> torch.nn.Module:
         if self.recipe["model"].get("sync_bn"):
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -166,13 +116,10 @@ class Trainer:
         return torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
     # -- files ----------------------------------------------------------------------------
-    def path(self, *parts) -> str:
-        return os.path.join(self.run_dir, *parts)
-
     def _log(self, record: dict) -> None:
         if self.rank != 0:
             return
-        with open(self.path("metrics.jsonl"), "a") as f:
+        with open(self.run.metrics_file, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             self.tb.record(record)
@@ -188,15 +135,15 @@ class Trainer:
                 "start": self.start, "bn_report": self.bn_report, "recipe": self.recipe, "info": self.info}
 
     def save(self, name: str = LAST) -> str:
-        """Write a checkpoint; the one last.pt held until now stays as last.prev.pt (a fallback for
+        """Write a checkpoint; the last one held until now stays as the previous one (a fallback for
         --resume when the newest is damaged)."""
         if self.rank == 0:  # every rank holds the same state
-            save_atomic(self.checkpoint(), self.path("checkpoints", name),
-                        previous=self.path("checkpoints", PREVIOUS) if name == LAST else None)
-        return self.path("checkpoints", name)
+            save_atomic(self.checkpoint(), self.run.checkpoint(name),
+                        previous=self.run.checkpoint(PREVIOUS) if name == LAST else None)
+        return self.run.checkpoint(name)
 
     def _restore(self, ck: dict) -> None:
-        load_run_state(self.model, ck["model"], self.path_last(), self.info)
+        load_run_state(self.model, ck["model"], self.run.checkpoint(LAST), self.info)
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         if self.tracker and ck["tracker"]:
@@ -214,7 +161,7 @@ class Trainer:
 
     def _truncate_metrics(self) -> None:
         """Drop records written after the checkpoint: the resumed run writes those steps again."""
-        path = self.path("metrics.jsonl")
+        path = self.run.metrics_file
         if self.rank != 0 or not os.path.isfile(path):
             return
         with open(path) as f:
@@ -222,9 +169,6 @@ class Trainer:
         with open(path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(path + ".tmp", path)
-
-    def path_last(self) -> str:
-        return self.path("checkpoints", "last.pt")
 
     # -- steps ----------------------------------------------------------------------------
     def _loss(self, logits, y, teacher_log_probs):
@@ -281,7 +225,7 @@ class Trainer:
         except NonFiniteError as e:
             self.optimizer.zero_grad(set_to_none=True)
             if self.recipe["nan_policy"] == "stop":
-                last = self.path_last() if os.path.exists(self.path_last()) else "none written yet"
+                last = self.run.checkpoint(LAST) if self.run.has_checkpoint(LAST) else "none written yet"
                 raise TrainingStopped(f"non-finite {e.what} at step {self.global_step} (epoch {self.epoch}); "
                                       f"last good checkpoint: {last}") from None
             self.skipped += 1
@@ -289,39 +233,9 @@ class Trainer:
         self.scheduler.step()
         return float(distributed.mean(loss))
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Test accuracy of the deployed numerics (the frozen graph's integer reference: BatchNorm
-        folded, int32 bias, integer requantization, weights in the export target's container, what
-        ONNX Runtime computes) and of the QAT graph as trained. A model that has no integer graph (the paper's conv-inputs-only placement) is
-        evaluated as trained."""
-        was = self.model.training
-        self.model.eval()
-        if not quantized(self.recipe):
-            acc, loss = self._score(self.model)
-            self.model.train(was)
-            return {"test_acc": acc, "test_loss": loss, "eval_graph": "float"}
-        try:
-            frozen, _ = freeze(self.model, self.weight_bits_max)
-        except ExportError:
-            frozen = None
-        qat = self._score(self.model)
-        self.model.train(was)
-        if frozen is None:
-            return {"test_acc": qat[0], "test_loss": qat[1], "eval_graph": "qat"}
-        acc, loss = self._score(integer_reference(frozen))
-        return {"test_acc": acc, "test_loss": loss, "eval_graph": "integer", "test_acc_qat_graph": qat[0]}
-
-    @torch.no_grad()
-    def _score(self, net) -> tuple[float, float]:
-        correct = total = 0
-        loss_sum = 0.0
-        for x, y in self.test_loader.batches():
-            out = net(x)
-            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
-            total += len(y)
-        return correct / total, loss_sum / total
+        """The deployed numerics' test accuracy (pipeline.evaluate_deployed)."""
+        return evaluate_deployed(self.model, self.recipe, self.setup.test_loader, self.weight_bits_max)
 
     def _rho(self) -> tuple[float | None, float | None]:
         if isinstance(self.optimizer, SAdam):
@@ -333,8 +247,8 @@ class Trainer:
         """Run to the end; on SIGINT (Ctrl-C) or SIGTERM (what schedulers send before they preempt)
         save at the next step boundary and return {"interrupted": True, "signal": ...}."""
         self.write_run_files()
-        self._log({"type": "kernels", "fake_quant": self.fake_quant_kernels, "host_memory": self.host_memory})
-        self.tb = TensorBoardLog(self.run_dir, self.recipe, self.global_step, enabled=self.rank == 0)
+        self._log({"type": "kernels", "fake_quant": self.setup.fake_quant_kernels, "host_memory": self.setup.host_memory})
+        self.tb = TensorBoardLog(self.run.dir, self.recipe, self.global_step, enabled=self.rank == 0)
         self.tb.ladder(self.start)
         previous = {s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS} if _main_thread() else {}
         try:
@@ -346,12 +260,12 @@ class Trainer:
             self.tb = None
 
     def write_run_files(self) -> None:
-        """The run directory, its recipe.yaml and, before the first step of a fine-tune, the PTQ state."""
+        """The run directory, its recipe and, before the first step of a fine-tune, the PTQ state."""
         if self.rank == 0:
-            os.makedirs(self.path("checkpoints"), exist_ok=True)
-            dump_recipe(self.recipe, self.path("recipe.yaml"))
+            self.run.create()
+            dump_recipe(self.recipe, self.run.recipe_file)
         if self.global_step == 0 and self.start and quantized(self.recipe):
-            self.save(PTQ_CHECKPOINT)
+            self.save(PTQ)
 
     def _request_stop(self, signum, _frame):
         self._stop_signal = signum
@@ -411,7 +325,7 @@ class Trainer:
                 self.save()
                 self._log({"type": "interrupted", "step": self.global_step})
                 name = signal.Signals(self._stop_signal).name if self._stop_signal else "SIGTERM (on another rank)"
-                return {"interrupted": True, "signal": name, "checkpoint": self.path_last(), "step": self.global_step,
+                return {"interrupted": True, "signal": name, "checkpoint": self.run.checkpoint(LAST), "step": self.global_step,
                         "rank": self.rank}
             if self.step_in_epoch >= self.steps_per_epoch or self.global_step >= self.total_steps:
                 self._end_epoch(time.perf_counter() - t_epoch, epoch_losses, dampings,
@@ -425,7 +339,7 @@ class Trainer:
         before = {}
         if self.global_step >= self.total_steps and self.recipe["bn_reestimate_batches"] and quantized(self.recipe):
             before = {"test_acc_before_bn_reestimate": self.evaluate()["test_acc"]}
-            self.bn_report = self._reestimate_bn()
+            self.bn_report = reestimate_bn(self.model, self.recipe, self.setup)
         ev = self.evaluate()
         rec = {"type": "epoch", "epoch": self.epoch + 1, "complete": complete, "step": self.global_step, "sec_epoch": seconds,
                "train_loss": sum(losses) / len(losses) if losses else None,
@@ -438,7 +352,7 @@ class Trainer:
             self.step_in_epoch = 0
         if ev["test_acc"] > self.best_acc:
             self.best_acc = ev["test_acc"]
-            self.save("best.pt")
+            self.save(BEST)
         self.save()
         if self.progress:
             tqdm.write(f"epoch {rec['epoch']}: train loss {rec['train_loss'] or float('nan'):.4f}  "
@@ -449,11 +363,11 @@ class Trainer:
         rank_diff = distributed.max_diff_from_rank0(state)
         if self.rank != 0:
             return {"rank": self.rank, "rank_max_state_diff": rank_diff}
-        steps = [json.loads(line) for line in open(self.path("metrics.jsonl"))]
+        steps = [json.loads(line) for line in open(self.run.metrics_file)]
         epochs = [s for s in steps if s["type"] == "epoch"]
         damp = [s["damping"] for s in steps if s["type"] == "step" and s.get("damping") is not None]
         last = [s for s in steps if s["type"] == "step"][-1]
-        summary = {"run_dir": self.run_dir, "epochs": len(epochs), "steps": self.global_step,
+        summary = {"run_dir": self.run.dir, "epochs": len(epochs), "steps": self.global_step,
                    "final_acc": epochs[-1]["test_acc"] if epochs else None, "best_acc": self.best_acc,
                    "sec_per_epoch": sum(e["sec_epoch"] for e in epochs) / len(epochs) if epochs else None,
                    "mean_damping": sum(damp) / len(damp) if damp else None, "skipped_steps": self.skipped,
@@ -462,7 +376,7 @@ class Trainer:
                    **{k: epochs[-1][k] for k in ("test_acc_before_bn_reestimate",) if epochs and k in epochs[-1]},
                    **({"float_acc": self.start["float_acc"]} if "float_acc" in self.start else {}),
                    **{k: last[k] for k in ("osc_freq_mean", "osc_frac_0.005", "osc_frac_0.01", "frozen_frac") if k in last}}
-        write_summary(self.run_dir, summary)
+        self.run.write_summary(summary)
         return summary
 
 

@@ -22,7 +22,7 @@ from ..errors import ExportError, RecipeError
 from ..train.curves import plot_curves
 from ..train.optimizers import KEYS
 from ..train.recipe import SCHEMA, load_recipe, parse_override
-from ..train.run_dir import LAST, PREVIOUS, RunLock, clear_run_dir, read_summary, summary_path, write_summary
+from ..train.run import LAST, PREVIOUS, Run
 from ..train.trainer import Trainer
 from .export_run import export_finished_run
 
@@ -108,19 +108,19 @@ def compare(recipe_path: str, specs: list[str], seeds: int, out: str, overrides:
     for i, (label, preset, opt, _, sets) in enumerate(cells):
         runs = []
         for seed in range(first_seed, first_seed + seeds):
-            run_dir = os.path.join(out, _dirname(label), f"seed{seed}")
+            run = _cell_run(out, label, seed)
             if report_only:
-                if os.path.isfile(os.path.join(run_dir, "summary.json")):
-                    with RunLock(run_dir):
-                        runs.append(_exported(run_dir, read_summary(run_dir), export_target))
+                if os.path.isfile(run.summary_file):
+                    with run.lock():
+                        runs.append(_exported(run, run.read_summary(), export_target))
                 continue
             opt_s = dict(opt)
             if preset == "adamw-effective":
                 src = _source_cell(cells, i)
-                s = read_summary(os.path.join(out, _dirname(src[0]), f"seed{seed}"))
+                s = _cell_run(out, src[0], seed).read_summary()
                 nominal = _recipe(recipe_path, [*overrides, *src[4]], bits, src[2], seed)["optimizer"].get("lr", 1e-3)
                 opt_s["lr"] = nominal * s["mean_damping"]
-            runs.append(_run(recipe_path, [*overrides, *sets], bits, opt_s, seed, run_dir, progress, export_target))
+            runs.append(_run(recipe_path, [*overrides, *sets], bits, opt_s, seed, run, progress, export_target))
         if runs:
             rows.append(_row(label, opt, runs, sets))
     if not rows:
@@ -135,6 +135,10 @@ def _dirname(label: str) -> str:
     return label.replace("@", "_").replace("=", "").replace("/", "_")
 
 
+def _cell_run(out: str, label: str, seed: int) -> Run:
+    return Run(os.path.join(out, _dirname(label), f"seed{seed}"))
+
+
 def _recipe(path, overrides, bits, opt, seed):
     base = load_recipe(path, overrides, bits=bits, seed=seed)["optimizer"]
     # The recipe's optimizer settings carry over to a cell of the same optimizer and mode; other
@@ -147,28 +151,28 @@ def _recipe(path, overrides, bits, opt, seed):
     return load_recipe(path, list(overrides) + [f"optimizer={flow}"], bits=bits, seed=seed)
 
 
-def _run(path, overrides, bits, opt, seed, run_dir, progress, export_target=None) -> dict:
+def _run(path, overrides, bits, opt, seed, run: Run, progress, export_target=None) -> dict:
     """One cell: trained (or resumed) and exported while holding its run directory's lock."""
     recipe = _recipe(path, overrides, bits, opt, seed)
-    with RunLock(run_dir):
-        if os.path.isfile(summary_path(run_dir)):
-            return _exported(run_dir, read_summary(run_dir), export_target)
-        resume = any(os.path.isfile(os.path.join(run_dir, "checkpoints", n)) for n in (LAST, PREVIOUS))
+    with run.lock():
+        if os.path.isfile(run.summary_file):
+            return _exported(run, run.read_summary(), export_target)
+        resume = run.has_checkpoint(LAST, PREVIOUS)
         if not resume:
-            clear_run_dir(run_dir)  # a cell that died before its first checkpoint
-        result = Trainer(recipe, run_dir, resume=resume, progress=progress).train()
+            run.clear()  # a cell that died before its first checkpoint
+        result = Trainer(recipe, run.dir, resume=resume, progress=progress).train()
         if result.get("interrupted"):
             raise KeyboardInterrupt
         result["lr"] = recipe["optimizer"].get("lr")
-        write_summary(run_dir, result)
-        return _exported(run_dir, result, export_target)
+        run.write_summary(result)
+        return _exported(run, result, export_target)
 
 
-def _exported(run_dir: str, summary: dict, target: str | None) -> dict:
+def _exported(run: Run, summary: dict, target: str | None) -> dict:
     """The summary with the run's ORT INT8 accuracy, exporting the run first if none is recorded."""
     if target and "ort_acc" not in summary:
-        summary = {**summary, **_export(run_dir, target)}
-        write_summary(run_dir, summary)
+        summary = {**summary, **_export(run.dir, target)}
+        run.write_summary(summary)
     return summary
 
 
@@ -242,6 +246,6 @@ def write_tables(rows: list[dict], out: str, split: str = "test") -> None:
 
 def plot_cells(out: str, labels: list[str], seeds: int, first_seed: int = 0) -> list[str]:
     """loss, test accuracy, damping/rho and oscillation frequency over steps, seed-averaged per cell."""
-    runs = {label: [os.path.join(out, _dirname(label), f"seed{seed}", "metrics.jsonl")
-                    for seed in range(first_seed, first_seed + seeds)] for label in labels}
+    runs = {label: [_cell_run(out, label, seed).metrics_file for seed in range(first_seed, first_seed + seeds)]
+            for label in labels}
     return [plot_curves(runs, os.path.join(out, "curves.png"))]

@@ -8,16 +8,14 @@ import torch
 
 from ..export import (DEFAULT_TARGET, check_model_file, export_float_onnx, export_onnx, float_model, fold_check, format_report, load_target,
                       validate)
-from ..train.checkpoint import find_checkpoint, load_checkpoint
 from ..train.data import Loader, load_data
-from ..train.model import build_qat_model, load_run_state
-from ..train.run_dir import RunLock, read_summary, run_recipe, write_summary
-from ..train.trainer import PTQ_CHECKPOINT
+from ..train.model import load_run
+from ..train.run import PTQ, Run
 
 
-def run_export_dir(run: str) -> str:
-    """Where a run's export goes by default: RUN/export (beside the checkpoint file given)."""
-    return os.path.join(run if os.path.isdir(run) else os.path.dirname(run), "export")
+def run_export_dir(ref: str) -> str:
+    """Where a run's export goes by default: RUN/export (for a checkpoint file, its run's)."""
+    return Run.locate(ref)[0].export_dir()
 
 
 def test_batches(recipe: dict, info: dict, samples: int | None, batch: int):
@@ -28,27 +26,13 @@ def test_batches(recipe: dict, info: dict, samples: int | None, batch: int):
     return Loader(test, batch, info["mean"], info["std"], shuffle=False).batches()
 
 
-def run_checkpoint(run: str) -> str:
-    """The checkpoint a run exports: the file given, else the one its recipe's ``export.checkpoint``
-    names (best: the best test accuracy; last: the final weights), else what exists."""
-    if not os.path.isdir(run) or not os.path.isfile(os.path.join(run, "recipe.yaml")):
-        return find_checkpoint(run)
-    return find_checkpoint(run, f"{run_recipe(run).get('export', {}).get('checkpoint', 'best')}.pt")
-
-
 def export_run(run: str, target: str | None, out_dir: str, samples: int | None = None, data_root: str | None = None,
                ladder: dict | None = None, rung: str = "qat_acc", runtimes: list[str] | None = None) -> dict:
-    """Export a run's checkpoint (``run_checkpoint``) for ``target`` and validate it on ORT and on
-    ``runtimes`` (default: the target's); returns the validation report (with the accuracy ladder
-    when ``ladder`` gives the rungs below)."""
-    path = run_checkpoint(run)
-    ck = load_checkpoint(path)
-    recipe, info = ck["recipe"], ck["info"]
-    if data_root:
-        recipe["data"]["root"] = data_root
-    model = build_qat_model(recipe, info)
-    load_run_state(model, ck["model"], path, info)
-    model.eval()
+    """Export a run's deployed checkpoint (or the checkpoint file given) for ``target`` and validate
+    it on ORT and on ``runtimes`` (default: the target's); returns the validation report (with the
+    accuracy ladder when ``ladder`` gives the rungs below)."""
+    loaded = load_run(run, data_root=data_root)
+    recipe, info, model = loaded.recipe, loaded.info, loaded.model
     tgt = load_target(target or recipe["export"].get("target") or DEFAULT_TARGET)
     batch = tgt.fixed_batch or 64
     batches = [(x, y) for x, y in test_batches(recipe, info, samples, batch) if not tgt.fixed_batch or len(x) == batch]
@@ -72,7 +56,7 @@ def export_command(run: str, target: str | None, out_dir: str, samples: int | No
                    data_root: str | None = None, runtimes: list[str] | None = None) -> dict:
     """`qat-sadam export`: export_run while holding the run directory's lock (a run still training
     there, or a second export, makes it exit 2 naming the holder)."""
-    with RunLock(run if os.path.isdir(run) else os.path.dirname(os.path.dirname(os.path.abspath(run)))):
+    with Run.locate(run)[0].lock():
         return export_run(run, target, out_dir, samples, data_root, runtimes=runtimes)
 
 
@@ -80,16 +64,17 @@ def export_finished_run(run_dir: str, target: str | None) -> dict:
     """Export a finished run into RUN/export and validate it. A fine-tune (a run that started from
     trained weights) also exports its PTQ state into RUN/export-ptq, and both validation reports
     and summary.json carry the accuracy ladder: float, PTQ INT8 and QAT INT8 on ORT, recovery."""
-    summary = read_summary(run_dir)
+    run = Run(run_dir)
+    summary = run.read_summary()
     float_acc = summary.get("start", {}).get("float_acc")
-    ptq_path = os.path.join(run_dir, "checkpoints", PTQ_CHECKPOINT)
     ladder = None
-    if float_acc is not None and os.path.isfile(ptq_path):
-        ptq = export_run(ptq_path, target, os.path.join(run_dir, "export-ptq"), ladder={"float_acc": float_acc}, rung="ptq_acc")
+    if float_acc is not None and run.has_checkpoint(PTQ):
+        ptq = export_run(run.checkpoint(PTQ), target, run.export_dir("export-ptq"), ladder={"float_acc": float_acc},
+                         rung="ptq_acc")
         ladder = {"float_acc": float_acc, "ptq_acc": ptq["accuracy"]["ort_int8"]}
-    rep = export_run(run_dir, target, os.path.join(run_dir, "export"), ladder=ladder)
+    rep = export_run(run_dir, target, run.export_dir(), ladder=ladder)
     if "ladder" in rep:
-        write_summary(run_dir, {**summary, **rep["ladder"], "qat_checkpoint": os.path.basename(run_checkpoint(run_dir))})
+        run.write_summary({**summary, **rep["ladder"], "qat_checkpoint": os.path.basename(run.deployed_checkpoint())})
     return rep
 
 

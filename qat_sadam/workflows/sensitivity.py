@@ -39,6 +39,7 @@ from ..quant import calibrate
 from ..train.data import Loader, Split, load_data
 from ..train.model import build_float_model, quantize_model
 from ..train.recipe import load_recipe, quantized, read_mapping, starts_trained
+from ..train.run import Run
 
 HIGH = 8
 
@@ -125,7 +126,7 @@ def sensitivity_recipe(source: str, overrides: list[str] = (), bits: int | None 
     and data with quantizers at ``bits`` and its trained weights as the starting point."""
     if not os.path.isdir(source):
         return load_recipe(source, overrides, bits=bits)
-    path = os.path.join(source, "recipe.yaml")
+    path = Run(source).recipe_file
     if not os.path.isfile(path):
         raise RecipeError(f"{source}: not a run directory (no recipe.yaml) and not a recipe file")
     base = read_mapping(path, "run recipe")

@@ -8,26 +8,26 @@ import sys
 
 from ..errors import UserError
 from ..train import distributed
-from ..train.checkpoint import find_checkpoint, load_checkpoint
 from ..train.curves import plot_curves
-from ..train.model import load_run_state
 from ..train.recipe import load_recipe, with_defaults
-from ..train.run_dir import RUN_FILES, RunLock, clear_run_dir, resume_checkpoint, run_files
+from ..train.model import load_run
+from ..train.pipeline import deployed_weight_bits, evaluate_deployed, setup
+from ..train.run import BEST, RUN_FILES, Run
 from ..train.trainer import Trainer
 from .export_run import export_finished_run
 
 
-def prepare_out(out: str, force: bool) -> None:
+def prepare_out(run: Run, force: bool) -> None:
     """Check (and with ``force`` clear) a new run's directory; the caller holds its lock."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"output directory {out} exists and is a file")
-    files = run_files(out)
+    if os.path.exists(run.dir) and not os.path.isdir(run.dir):
+        raise UserError(f"output directory {run.dir} exists and is a file")
+    files = run.files()
     if files:
         if not force:
-            raise UserError(f"output directory {out} exists and is not empty; use --force to overwrite or --resume to continue")
+            raise UserError(f"output directory {run.dir} exists and is not empty; use --force to overwrite or --resume to continue")
         if not RUN_FILES & set(files):
-            raise UserError(f"--force: refusing to delete {out}: it does not look like a qat-sadam run directory")
-        clear_run_dir(out)
+            raise UserError(f"--force: refusing to delete {run.dir}: it does not look like a qat-sadam run directory")
+        run.clear()
 
 
 # What --resume may change: how long the run goes on, what it logs, how often it saves, what it exports.
@@ -41,13 +41,13 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def resumed_recipe(out: str, overrides: list[str], bits: int | None, optimizer: str | None, seed: int | None,
+def resumed_recipe(run: Run, overrides: list[str], bits: int | None, optimizer: str | None, seed: int | None,
                    fragments: list[str] = ()) -> dict:
     """The run's own recipe with the overrides a resumed run can take; any other change (model,
     quantizers, optimizer, data, seed) is refused, naming the key and both values. The changes go to
     RUN/recipe_history.jsonl. Keys the saved recipe lacks (added to the schema after the run began)
     take their defaults, with a note."""
-    ck, _ = resume_checkpoint(out)
+    ck, _ = run.resume_checkpoint()
     saved = ck["recipe"]
     old = with_defaults(saved)  # a run begun by an older version: the keys added since get their defaults
     before = _flat(old)
@@ -65,7 +65,7 @@ def resumed_recipe(out: str, overrides: list[str], bits: int | None, optimizer: 
             raise UserError(f"--resume cannot change {key} ({was!r} -> {now!r}): it changes the model, quantizers, "
                             "optimizer or data of the run; start a new run instead")
     if changes:
-        with open(os.path.join(out, "recipe_history.jsonl"), "a") as f:
+        with open(run.history_file, "a") as f:
             f.write(json.dumps({"step": ck["global_step"], "changes": changes}) + "\n")
     return new
 
@@ -79,12 +79,13 @@ def train_recipe(recipe_path: str, out: str | None = None, overrides: list[str] 
     out = out or os.path.join("runs", os.path.splitext(os.path.basename(recipe_path))[0])
     if not resume:
         recipe = load_recipe(recipe_path, overrides, bits=bits, optimizer=optimizer, seed=seed, fragments=fragments)
+    run = Run(out)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 owns the run directory
-    with RunLock(out) if main_rank else contextlib.nullcontext():
+    with run.lock() if main_rank else contextlib.nullcontext():
         if resume:
-            recipe = resumed_recipe(out, overrides, bits, optimizer, seed, fragments)
+            recipe = resumed_recipe(run, overrides, bits, optimizer, seed, fragments)
         elif main_rank:
-            prepare_out(out, force)
+            prepare_out(run, force)
         trainer = Trainer(recipe, out, resume=resume, progress=progress)
         if trainer.resume_note and main_rank:
             print(f"note: {trainer.resume_note}", file=sys.stderr)
@@ -94,7 +95,7 @@ def train_recipe(recipe_path: str, out: str | None = None, overrides: list[str] 
             distributed.shutdown()
         if trainer.rank != 0:
             return summary
-        print(f"curves: {plot_curves({recipe['name']: [os.path.join(out, 'metrics.jsonl')]}, os.path.join(out, 'curves.png'))}")
+        print(f"curves: {plot_curves({recipe['name']: [run.metrics_file]}, run.curves_file)}")
         if summary.get("interrupted"):
             return summary
         print_summary(summary)
@@ -114,18 +115,15 @@ def print_summary(s: dict) -> None:
         print(f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
 
 
-def evaluate_run(run: str, data_root: str | None = None) -> dict:
-    """Test accuracy of a run's best checkpoint (or of a checkpoint file)."""
-    path = find_checkpoint(run)
-    ck = load_checkpoint(path)
-    recipe = ck["recipe"]
-    if data_root:
-        recipe["data"]["root"] = data_root
-    trainer = Trainer(recipe, os.path.dirname(os.path.dirname(path)), progress=False, initialize=False)
-    load_run_state(trainer.model, ck["model"], path, trainer.info)
-    result = {"checkpoint": path, **trainer.evaluate()}
-    curves = os.path.join(os.path.dirname(os.path.dirname(path)), "curves.png")
-    if os.path.isfile(curves):
-        result["curves"] = curves
+def evaluate_run(ref: str, data_root: str | None = None) -> dict:
+    """Test accuracy of a run's best checkpoint (or of a checkpoint file), as deployed."""
+    run, given = Run.locate(ref)
+    loaded = load_run(ref, checkpoint=None if given else run.find_checkpoint(BEST), data_root=data_root)
+    s = setup(loaded.recipe)
+    model = loaded.model.to(s.device)
+    result = {"checkpoint": loaded.checkpoint,
+              **evaluate_deployed(model, loaded.recipe, s.test_loader, deployed_weight_bits(loaded.recipe))}
+    if os.path.isfile(run.curves_file):
+        result["curves"] = run.curves_file
     print(json.dumps(result, indent=2))
     return result

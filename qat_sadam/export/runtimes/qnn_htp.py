@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 
 from ...errors import ValidationError
-from .base import ModelFiles, Runtime, Session, Tolerance, first_line, missing_modules
+from .base import ModelFiles, Runtime, Session, Tolerance, missing_modules
 from .ort_cpu import ort_session, session_runner
 
 
