@@ -23,8 +23,8 @@ from ..train.curves import plot_curves
 from ..train.optimizers import KEYS
 from ..train.recipe import SCHEMA, load_recipe, parse_override
 from ..train.run import LAST, PREVIOUS, Run
-from ..train.trainer import Trainer
 from .export_run import export_finished_run
+from .train_run import check_resume, fit
 
 PRESETS = {
     "adamw": {"name": "adamw"},
@@ -152,15 +152,18 @@ def _recipe(path, overrides, bits, opt, seed):
 
 
 def _run(path, overrides, bits, opt, seed, run: Run, progress, export_target=None) -> dict:
-    """One cell: trained (or resumed) and exported while holding its run directory's lock."""
+    """One cell: trained (or resumed, under the same recipe only) and exported while holding its
+    run directory's lock."""
     recipe = _recipe(path, overrides, bits, opt, seed)
     with run.lock():
         if os.path.isfile(run.summary_file):
             return _exported(run, run.read_summary(), export_target)
         resume = run.has_checkpoint(LAST, PREVIOUS)
-        if not resume:
+        if resume:
+            check_resume(run, run.resume_checkpoint()[0], recipe)
+        else:
             run.clear()  # a cell that died before its first checkpoint
-        result = Trainer(recipe, run.dir, resume=resume, progress=progress).train()
+        result = fit(recipe, run, resume=resume, progress=progress)
         if result.get("interrupted"):
             raise KeyboardInterrupt
         result["lr"] = recipe["optimizer"].get("lr")

@@ -58,7 +58,15 @@ def resumed_recipe(run: Run, overrides: list[str], bits: int | None, optimizer: 
     if not (overrides or fragments or bits is not None or optimizer is not None or seed is not None):
         return old
     new = load_recipe(None, overrides, bits=bits, optimizer=optimizer, seed=seed, base=old, fragments=fragments)
-    after = _flat(new)
+    check_resume(run, ck, new)
+    return new
+
+
+def check_resume(run: Run, ck: dict, new: dict) -> None:
+    """Refuse to continue the run under ``new`` when it differs from the run's own recipe (that of
+    its checkpoint ``ck``) in anything but RESUMABLE keys, naming the key and both values; the
+    changes allowed go to RUN/recipe_history.jsonl."""
+    before, after = _flat(with_defaults(ck["recipe"])), _flat(new)
     changes = {k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}
     for key, (was, now) in changes.items():
         if not key.startswith(RESUMABLE):
@@ -67,7 +75,22 @@ def resumed_recipe(run: Run, overrides: list[str], bits: int | None, optimizer: 
     if changes:
         with open(run.history_file, "a") as f:
             f.write(json.dumps({"step": ck["global_step"], "changes": changes}) + "\n")
-    return new
+
+
+def fit(recipe: dict, run: Run, resume: bool = False, progress: bool = True) -> dict:
+    """Train ``recipe`` in ``run`` (the caller holds its lock), or with ``resume`` continue it from
+    its last checkpoint; writes curves.png. Returns the summary, or ``{"interrupted": True, ...}``
+    when SIGINT or SIGTERM stopped it after a save."""
+    trainer = Trainer(recipe, run.dir, resume=resume, progress=progress)
+    if trainer.resume_note and trainer.rank == 0:
+        print(f"note: {trainer.resume_note}", file=sys.stderr)
+    try:
+        summary = trainer.train()
+    finally:
+        distributed.shutdown()
+    if trainer.rank == 0:
+        print(f"curves: {plot_curves({recipe['name']: [run.metrics_file]}, run.curves_file)}")
+    return summary
 
 
 def train_recipe(recipe_path: str, out: str | None = None, overrides: list[str] = (), bits: int | None = None,
@@ -86,17 +109,8 @@ def train_recipe(recipe_path: str, out: str | None = None, overrides: list[str] 
             recipe = resumed_recipe(run, overrides, bits, optimizer, seed, fragments)
         elif main_rank:
             prepare_out(run, force)
-        trainer = Trainer(recipe, out, resume=resume, progress=progress)
-        if trainer.resume_note and main_rank:
-            print(f"note: {trainer.resume_note}", file=sys.stderr)
-        try:
-            summary = trainer.train()
-        finally:
-            distributed.shutdown()
-        if trainer.rank != 0:
-            return summary
-        print(f"curves: {plot_curves({recipe['name']: [run.metrics_file]}, run.curves_file)}")
-        if summary.get("interrupted"):
+        summary = fit(recipe, run, resume, progress)
+        if not main_rank or summary.get("interrupted"):
             return summary
         print_summary(summary)
         if recipe["export"]["enabled"]:
