@@ -20,7 +20,10 @@ $(STAMP): pyproject.toml constraints.txt $(WEB)/package-lock.json Makefile
 	else echo "npm not found: the ort-web runtime will be reported not run"; fi
 	touch $(STAMP)
 
+# Lint and format check first (ruff, 120 columns: pyproject.toml), then the tests.
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 # The user's path on built-in data: a float model, then its W4A4 fine-tune with the accuracy ladder,

@@ -2,11 +2,20 @@
 
 The public API is loaded on first use (PEP 562), so that the command line answers ``--help``
 without importing torch."""
+
 import importlib
 
 __version__ = "0.1.0"
-_API = {"QATConfig": "quant", "QuantSpec": "quant", "prepare_qat": "quant", "calibrate": "quant",
-        "SAdam": "optim", "ProxSGD": "optim", "sadam_param_groups": "optim", "export_onnx": "export"}
+_API = {
+    "QATConfig": "quant",
+    "QuantSpec": "quant",
+    "prepare_qat": "quant",
+    "calibrate": "quant",
+    "SAdam": "optim",
+    "ProxSGD": "optim",
+    "sadam_param_groups": "optim",
+    "export_onnx": "export",
+}
 __all__ = list(_API)
 
 

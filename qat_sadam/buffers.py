@@ -1,4 +1,5 @@
 """Snapshot and restore of module buffers, for forward passes that must leave no trace."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable

@@ -4,6 +4,7 @@ User errors print one line on stderr and exit with code 2; no traceback. The wor
 imported inside the command functions, on purpose: they import torch (seconds), and
 ``qat-sadam --help`` or a mistyped flag should answer at once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,11 +33,15 @@ def _runtimes(v: str) -> list[str]:
     return names
 
 
-RUNTIMES_HELP = ("comma-separated runtimes to run the model on, overriding the target's: ort-cpu, qnn-htp, "
-                 "executorch-xnnpack, ort-web, openvino, or 'all'")
+RUNTIMES_HELP = (
+    "comma-separated runtimes to run the model on, overriding the target's: ort-cpu, qnn-htp, "
+    "executorch-xnnpack, ort-web, openvino, or 'all'"
+)
 
 
-MERGE_HELP = "a recipe fragment merged over the recipe, e.g. the mixed_precision.yaml of `sensitivity` (repeatable; --set wins)"
+MERGE_HELP = (
+    "a recipe fragment merged over the recipe, e.g. the mixed_precision.yaml of `sensitivity` (repeatable; --set wins)"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,11 +52,24 @@ class _Parser(argparse.ArgumentParser):
 def cmd_train(a) -> int:
     from .workflows.train_run import train_recipe
 
-    s = train_recipe(a.recipe, a.out, a.set, bits=a.bits, optimizer=a.optimizer, seed=a.seed, resume=a.resume,
-                     force=a.force, progress=not a.quiet, fragments=a.merge)
+    s = train_recipe(
+        a.recipe,
+        a.out,
+        a.set,
+        bits=a.bits,
+        optimizer=a.optimizer,
+        seed=a.seed,
+        resume=a.resume,
+        force=a.force,
+        progress=not a.quiet,
+        fragments=a.merge,
+    )
     if s.get("interrupted"):
         if s["rank"] == 0:
-            print(f"interrupted by {s['signal']} at step {s['step']}; checkpoint: {s['checkpoint']} (continue with --resume)")
+            print(
+                f"interrupted by {s['signal']} at step {s['step']}; checkpoint: {s['checkpoint']} (continue with "
+                "--resume)"
+            )
         return 143 if s["signal"].startswith("SIGTERM") else 130  # 128 + the signal, as a shell reports it
     return 0
 
@@ -73,11 +91,22 @@ def cmd_eval(a) -> int:
 def cmd_sensitivity(a) -> int:
     from .workflows.sensitivity import sensitivity
 
-    out = a.out or os.path.join("runs", os.path.splitext(os.path.basename(os.path.normpath(a.source)))[0] + "-sensitivity")
+    out = a.out or os.path.join(
+        "runs", os.path.splitext(os.path.basename(os.path.normpath(a.source)))[0] + "-sensitivity"
+    )
     if a.act_budget is not None and not a.activations:
         raise RecipeError("--act-budget proposes activation sites: add --activations (the sweep it is built from)")
-    sensitivity(a.source, out, a.set, a.bits, a.samples, a.budget, progress=not a.quiet, activations=a.activations,
-                act_budget=a.act_budget)
+    sensitivity(
+        a.source,
+        out,
+        a.set,
+        a.bits,
+        a.samples,
+        a.budget,
+        progress=not a.quiet,
+        activations=a.activations,
+        act_budget=a.act_budget,
+    )
     return 0
 
 
@@ -88,7 +117,9 @@ def _budget(flag: str, what: str):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{flag} must be a size ratio such as 1.1, got {v!r}") from None
         if b < 1:
-            raise argparse.ArgumentTypeError(f"{flag} is a ratio to uniform low-bit {what} storage and must be >= 1, got {b}")
+            raise argparse.ArgumentTypeError(
+                f"{flag} is a ratio to uniform low-bit {what} storage and must be >= 1, got {b}"
+            )
         return b
 
     return parse
@@ -97,8 +128,18 @@ def _budget(flag: str, what: str):
 def cmd_compare(a) -> int:
     from .workflows.compare import compare_cli
 
-    compare_cli(a.recipe, a.optimizers, a.seeds, a.out, a.set, bits=a.bits, progress=not a.quiet,
-                first_seed=a.first_seed, export_target=a.export, report_only=a.report_only)
+    compare_cli(
+        a.recipe,
+        a.optimizers,
+        a.seeds,
+        a.out,
+        a.set,
+        bits=a.bits,
+        progress=not a.quiet,
+        first_seed=a.first_seed,
+        export_target=a.export,
+        report_only=a.report_only,
+    )
     return 0
 
 
@@ -132,7 +173,14 @@ def cmd_recipe_show(a) -> int:
     from .train.recipe import load_recipe
 
     recipe = load_recipe(a.recipe, a.set, bits=a.bits, fragments=a.merge)
-    print(yaml.safe_dump(recipe, sort_keys=False), end="")
+    print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_recipe_reference(a) -> int:
+    from .train.recipe import reference
+
+    print(reference(), end="")
     return 0
 
 
@@ -158,7 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qat-sadam", description="Quantization-aware training with S-Adam, and INT8 ONNX export.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train a recipe", description="Train a QAT recipe.")
+    t = sub.add_parser(
+        "train",
+        help="train a recipe",
+        description="Train a QAT recipe. Every recipe key, with its default and range: `qat-sadam recipe reference` "
+        "(docs/guide/recipes.md); a recipe with every default filled in: `qat-sadam recipe show NAME`.",
+    )
     t.add_argument("recipe", help=RECIPE_HELP + " (ignored with --resume: the run's own recipe is used)")
     t.add_argument("--bits", type=_bits, help="W{bits}A{bits} with 8-bit first/last layers")
     t.add_argument("--optimizer", help="adamw, sadam, prox_sgd or sgd")
@@ -171,9 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
 
-    q = sub.add_parser("ptq", help="post-training quantization of a trained float model",
-                       description="Calibrate a recipe's trained float model (model.checkpoint or model.weights), "
-                                   "export it to INT8 and validate it: the baseline a QAT fine-tune must beat.")
+    q = sub.add_parser(
+        "ptq",
+        help="post-training quantization of a trained float model",
+        description="Calibrate a recipe's trained float model (model.checkpoint or model.weights), "
+        "export it to INT8 and validate it: the baseline a QAT fine-tune must beat.",
+    )
     q.add_argument("recipe", help=RECIPE_HELP + ", with model.checkpoint or model.weights")
     q.add_argument("--bits", type=_bits, help="W{bits}A{bits} with 8-bit first/last layers")
     q.add_argument("--merge", action="append", default=[], metavar="FRAGMENT.yaml", help=MERGE_HELP)
@@ -183,43 +239,78 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_ptq)
 
-    e = sub.add_parser("eval", help="evaluate a run or checkpoint", description="Test accuracy of a run's best checkpoint.")
+    e = sub.add_parser(
+        "eval", help="evaluate a run or checkpoint", description="Test accuracy of a run's best checkpoint."
+    )
     e.add_argument("run", help="run directory or checkpoint file")
     e.add_argument("--data-root", help="where the dataset lives, if not where the run found it")
     e.set_defaults(func=cmd_eval)
 
-    c = sub.add_parser("compare", help="compare optimizers over seeds", description="Run a recipe under several optimizers and seeds.")
+    c = sub.add_parser(
+        "compare", help="compare optimizers over seeds", description="Run a recipe under several optimizers and seeds."
+    )
     c.add_argument("recipe", help=RECIPE_HELP)
-    c.add_argument("--optimizers", required=True, help="comma-separated cells, e.g. adamw,sadam,sadam-reference@k=8,adamw-effective")
+    c.add_argument(
+        "--optimizers",
+        required=True,
+        help="comma-separated cells, e.g. adamw,sadam,sadam-reference@k=8,adamw-effective",
+    )
     c.add_argument("--seeds", type=int, default=3)
     c.add_argument("--first-seed", type=int, default=0)
     c.add_argument("--bits", type=_bits)
     c.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     c.add_argument("--out")
-    c.add_argument("--export", metavar="TARGET", help="also export every run for this target profile and report ORT INT8 accuracy")
+    c.add_argument(
+        "--export", metavar="TARGET", help="also export every run for this target profile and report ORT INT8 accuracy"
+    )
     c.add_argument("--quiet", action="store_true")
-    c.add_argument("--report-only", action="store_true", help="tabulate and plot the finished runs in --out; train nothing (with --export: export those not yet exported)")
+    c.add_argument(
+        "--report-only",
+        action="store_true",
+        help="tabulate and plot the finished runs in --out; train nothing "
+        "(with --export: export those not yet exported)",
+    )
     c.set_defaults(func=cmd_compare)
 
-    s = sub.add_parser("sensitivity", help="per-layer bit-width sensitivity and a mixed-precision proposal",
-                       description="For each quantized layer of a recipe's trained float model: the PTQ accuracy drop "
-                                   "when only that layer's weights go to the low bit width, and the gain when only it "
-                                   "stays at 8 bits (integer reference = ORT, held-out training images).")
-    s.add_argument("source", metavar="RUN|RECIPE", help="a recipe (name or YAML) with model.checkpoint or model.weights, or a run "
-                   "directory (a float run is quantized at --bits)")
+    s = sub.add_parser(
+        "sensitivity",
+        help="per-layer bit-width sensitivity and a mixed-precision proposal",
+        description="For each quantized layer of a recipe's trained float model: the PTQ accuracy drop "
+        "when only that layer's weights go to the low bit width, and the gain when only it "
+        "stays at 8 bits (integer reference = ORT, held-out training images).",
+    )
+    s.add_argument(
+        "source",
+        metavar="RUN|RECIPE",
+        help="a recipe (name or YAML) with model.checkpoint or model.weights, or a run "
+        "directory (a float run is quantized at --bits)",
+    )
     s.add_argument("--bits", type=_bits, help="the low bit width (default: the recipe's quant.bits)")
     s.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
-    s.add_argument("--samples", type=int, default=1000, help="validation images held out from the end of the training set")
-    s.add_argument("--budget", type=_budget("--budget", "weight"), help="propose quant.overrides within this ratio of uniform low-bit weight storage")
+    s.add_argument(
+        "--samples", type=int, default=1000, help="validation images held out from the end of the training set"
+    )
+    s.add_argument(
+        "--budget",
+        type=_budget("--budget", "weight"),
+        help="propose quant.overrides within this ratio of uniform low-bit weight storage",
+    )
     s.add_argument("--activations", action="store_true", help="sweep the activation quantizers too (weights low)")
-    s.add_argument("--act-budget", type=_budget("--act-budget", "activation"), help="propose sites kept at 8-bit activations within this ratio of "
-                   "uniform low-bit activation storage (with --activations)")
+    s.add_argument(
+        "--act-budget",
+        type=_budget("--act-budget", "activation"),
+        help="propose sites kept at 8-bit activations within this ratio of "
+        "uniform low-bit activation storage (with --activations)",
+    )
     s.add_argument("--out", help="output directory (default runs/<recipe>-sensitivity)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sensitivity)
 
-    x = sub.add_parser("export", help="export a run to INT8 ONNX and validate it",
-                       description="Export a run's best checkpoint to an INT8 QDQ ONNX model and validate it on ORT.")
+    x = sub.add_parser(
+        "export",
+        help="export a run to INT8 ONNX and validate it",
+        description="Export a run's best checkpoint to an INT8 QDQ ONNX model and validate it on ORT.",
+    )
     x.add_argument("run", help="run directory or checkpoint")
     x.add_argument("--target", help=TARGET_HELP + " (default: the recipe's, else cpu-x86)")
     x.add_argument("-o", "--output", help="output directory (default RUN/export)")
@@ -228,8 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--runtimes", type=_runtimes, help=RUNTIMES_HELP)
     x.set_defaults(func=cmd_export)
 
-    v = sub.add_parser("validate", help="validate an INT8 ONNX model on ONNX Runtime and the target's runtimes",
-                       description="Fusion, parity, latency, size and mobile checks of an INT8 ONNX model.")
+    v = sub.add_parser(
+        "validate",
+        help="validate an INT8 ONNX model on ONNX Runtime and the target's runtimes",
+        description="Fusion, parity, latency, size and mobile checks of an INT8 ONNX model.",
+    )
     v.add_argument("model", help="model.onnx")
     v.add_argument("--run", help="the run it came from: adds torch parity and test accuracy")
     v.add_argument("--target", help=TARGET_HELP + " (default cpu-x86)")
@@ -238,14 +332,25 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_validate)
 
     for kind in ("recipe", "target"):
-        ls = sub.add_parser(f"{kind}s", help=f"list the shipped {kind}s", description=f"The {kind}s that ship with qat-sadam, by name.")
+        ls = sub.add_parser(
+            f"{kind}s", help=f"list the shipped {kind}s", description=f"The {kind}s that ship with qat-sadam, by name."
+        )
         ls.set_defaults(func=cmd_list, kind=kind)
-    rt = sub.add_parser("runtimes", help="list the runtimes a model is validated on, and which are installed",
-                        description="The runtimes `export --runtimes` can run a model on, each with its state here.")
-    rt.add_argument("--install-web", action="store_true", help="install onnxruntime-web with npm into the cache folder "
-                    "($QAT_SADAM_CACHE or ~/.cache/qat-sadam), as make venv does")
+    rt = sub.add_parser(
+        "runtimes",
+        help="list the runtimes a model is validated on, and which are installed",
+        description="The runtimes `export --runtimes` can run a model on, each with its state here.",
+    )
+    rt.add_argument(
+        "--install-web",
+        action="store_true",
+        help="install onnxruntime-web with npm into the cache folder "
+        "($QAT_SADAM_CACHE or ~/.cache/qat-sadam), as make venv does",
+    )
     rt.set_defaults(func=cmd_runtimes)
-    r = sub.add_parser("recipe", help="show a recipe resolved", description="Print a recipe with every default filled in.")
+    r = sub.add_parser(
+        "recipe", help="show a recipe resolved", description="Print a recipe with every default filled in."
+    )
     rsub = r.add_subparsers(dest="action", required=True, parser_class=_Parser)
     show = rsub.add_parser("show", help="print the recipe with its defaults and overrides applied")
     show.add_argument("recipe", help=RECIPE_HELP)
@@ -253,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--merge", action="append", default=[], metavar="FRAGMENT.yaml", help=MERGE_HELP)
     show.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
     show.set_defaults(func=cmd_recipe_show)
+    ref = rsub.add_parser(
+        "reference", help="print every recipe key with its type, default, values and meaning (markdown)"
+    )
+    ref.set_defaults(func=cmd_recipe_reference)
     return p
 
 

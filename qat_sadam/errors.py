@@ -30,7 +30,8 @@ class ValidationError(UserError, ValueError):
 
 
 class KernelBuildError(UserError, RuntimeError):
-    """A kernel this platform cannot build (torch.compile with no C++ compiler); the message says how to run without it."""
+    """A kernel this platform cannot build (torch.compile with no C++ compiler); the message says how to
+    run without it."""
 
 
 class TrainingStopped(RuntimeError):

@@ -1,4 +1,5 @@
 """Data-parallel training under torchrun (gloo, 2 CPU processes) against one process."""
+
 import json
 import os
 import subprocess
@@ -10,8 +11,18 @@ import torch
 from qat_sadam.cli import main
 from qat_sadam.train.checkpoint import load_checkpoint
 
-TINY = ["model.name=paper_cnn", "model.dropout=0.0", "model.widths=[8, 8]", "data.name=synthetic", "data.image_size=16",
-        "data.batch_size=64", "epochs=1", "calibration_batches=1", "export.enabled=false", "quant.bits=8"]
+TINY = [
+    "model.name=paper_cnn",
+    "model.dropout=0.0",
+    "model.widths=[8, 8]",
+    "data.name=synthetic",
+    "data.image_size=16",
+    "data.batch_size=64",
+    "epochs=1",
+    "calibration_batches=1",
+    "export.enabled=false",
+    "quant.bits=8",
+]
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 
@@ -28,8 +39,13 @@ def _train(out, nproc, optimizer, extra=()):
         finally:
             torch.set_num_threads(threads)
     else:
-        r = subprocess.run([TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "qat_sadam"] + args,
-                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        r = subprocess.run(
+            [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "qat_sadam"] + args,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
     return load_checkpoint(str(out / "checkpoints" / "last.pt"))["model"], json.load(open(out / "summary.json"))
 
@@ -39,8 +55,10 @@ def _train(out, nproc, optimizer, extra=()):
 # within a few steps (SGD's small moves keep about a dozen steps together: with LSQPerTensor's sums
 # the first flip comes between steps 13 and 16, before it 12 steps agree within 1e-6). Hence: 12
 # SGD steps, and one AdamW / S-Adam step (S-Adam probing at it, so the probe losses' all-reduce is part of it).
-@pytest.mark.parametrize("optimizer,extra", [("sgd", ["max_steps=12"]), ("adamw", ["max_steps=1"]),
-                                             ("sadam", ["max_steps=1", "optimizer.probe_every=1"])])
+@pytest.mark.parametrize(
+    "optimizer,extra",
+    [("sgd", ["max_steps=12"]), ("adamw", ["max_steps=1"]), ("sadam", ["max_steps=1", "optimizer.probe_every=1"])],
+)
 def test_two_ranks_with_half_batches_match_one_process(tmp_path, optimizer, extra):
     one, _ = _train(tmp_path / "one", 1, optimizer, extra)
     two, summary = _train(tmp_path / "two", 2, optimizer, extra)
@@ -68,9 +86,23 @@ def test_sigterm_stops_every_rank_at_one_step_and_resume_matches(tmp_path):
     extra = ["epochs=3", "checkpoint.every_steps=4"]
     ref, _ = _train(tmp_path / "ref", 2, "sgd", extra)
     sets = [a for s in TINY + extra for a in ("--set", s)]
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "qat_sadam", "train", "quickstart",
-           "--optimizer", "sgd", "--out", str(tmp_path / "run"), "--quiet"] + sets
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        TORCHRUN,
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "qat_sadam",
+        "train",
+        "quickstart",
+        "--optimizer",
+        "sgd",
+        "--out",
+        str(tmp_path / "run"),
+        "--quiet",
+    ] + sets
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while (not metrics.exists() or metrics.read_text().count('"type": "step"') < 5) and time.time() < deadline:
@@ -80,9 +112,25 @@ def test_sigterm_stops_every_rank_at_one_step_and_resume_matches(tmp_path):
     assert out.count("interrupted by SIGTERM") == 1  # rank 0 reports for both
     step = load_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.pt"))["global_step"]
     assert 5 <= step < 48
-    resumed = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "qat_sadam", "train", "x", "--resume",
-                              "--out", str(tmp_path / "run"), "--quiet"], capture_output=True, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    resumed = subprocess.run(
+        [
+            TORCHRUN,
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "qat_sadam",
+            "train",
+            "x",
+            "--resume",
+            "--out",
+            str(tmp_path / "run"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     got = load_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.pt"))["model"]
     assert all(torch.equal(got[k], ref[k]) for k in ref)

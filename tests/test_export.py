@@ -9,15 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from qat_sadam import calibrate, prepare_qat
-from qat_sadam.export import ExportError, export_float_onnx, export_onnx, fold_check, freeze
-from qat_sadam.export.target import Target
 from qat_sadam.errors import ValidationError
-from qat_sadam.export import ort_session
+from qat_sadam.export import ExportError, export_float_onnx, export_onnx, fold_check, freeze, ort_session
+from qat_sadam.export.target import Target
 from qat_sadam.export.validate import check_model_file, fusion, output_scale, validate
 from qat_sadam.models import build_model
 
 # The cpu-x86 profile's 7-bit weights: exact on every x86 CPU. With full 8-bit weights, CPUs without
-# VNNI (this project's machines differ) saturate u8 x s8 pair sums in ORT's kernels (docs/export.md).
+# VNNI (this project's machines differ) saturate u8 x s8 pair sums in ORT's kernels (docs/guide/export.md).
 CPU = Target(name="test", weight_bits_max=7, checks=["fusion", "parity", "size"])
 
 
@@ -27,7 +26,8 @@ def trained_batchnorm(model):
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.weight.data = torch.empty_like(m.weight).uniform_(0.5, 1.5, generator=g) * torch.where(
-                torch.rand(m.weight.shape, generator=g) < 0.1, -1.0, 1.0)
+                torch.rand(m.weight.shape, generator=g) < 0.1, -1.0, 1.0
+            )
             m.bias.data = torch.randn(m.bias.shape, generator=g) * 0.3
 
 
@@ -44,8 +44,10 @@ def _qat(name, bits, **kw):
     return model.eval(), x
 
 
-@pytest.mark.parametrize("name,bits,kw", [("resnet18", 8, {"cifar_stem": True}), ("resnet18", 4, {"cifar_stem": True}),
-                                          ("mobilenet_v2", 8, {})])
+@pytest.mark.parametrize(
+    "name,bits,kw",
+    [("resnet18", 8, {"cifar_stem": True}), ("resnet18", 4, {"cifar_stem": True}), ("mobilenet_v2", 8, {})],
+)
 def test_every_conv_and_linear_becomes_an_integer_kernel(tmp_path, name, bits, kw):
     model, x = _qat(name, bits, **kw)
     path = str(tmp_path / "m.onnx")
@@ -55,11 +57,21 @@ def test_every_conv_and_linear_becomes_an_integer_kernel(tmp_path, name, bits, k
     n_layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
     assert ops["Conv"] + ops["Gemm"] == n_layers
     with torch.no_grad():
-        rep = validate(path, target=CPU, inputs=[x.numpy()], frozen_outputs=done["frozen"](x).numpy(),
-                       integer_outputs=done["integer"](x).numpy(), float_path=float_path, out_dir=str(tmp_path))
+        rep = validate(
+            path,
+            target=CPU,
+            inputs=[x.numpy()],
+            frozen_outputs=done["frozen"](x).numpy(),
+            integer_outputs=done["integer"](x).numpy(),
+            float_path=float_path,
+            out_dir=str(tmp_path),
+        )
     fu = rep["fusion"]
     assert fu["ok"] and fu["integer_kernels"] == n_layers and not fu["float_compute_left"]
-    assert rep["fusion"]["optimized_ops"].get("QLinearConv", 0) + rep["fusion"]["optimized_ops"].get("NhwcQLinearConv", 0) > 0
+    assert (
+        rep["fusion"]["optimized_ops"].get("QLinearConv", 0) + rep["fusion"]["optimized_ops"].get("NhwcQLinearConv", 0)
+        > 0
+    )
     # The integer reference computes what ORT's integer kernels compute: the same logits, bit for bit.
     assert rep["passed"], rep["failures"]
     assert rep["parity"]["torch_integer_vs_ort"]["max_lsb"] == 0
@@ -81,8 +93,14 @@ def test_small_network_matches_ort_within_one_lsb(tmp_path, bits):
     path = str(tmp_path / "m.onnx")
     done = export_onnx(model, x[:1], path, CPU)
     with torch.no_grad():
-        rep = validate(path, target=CPU, inputs=[x.numpy()], frozen_outputs=done["frozen"](x).numpy(),
-                       integer_outputs=done["integer"](x).numpy(), out_dir=str(tmp_path))
+        rep = validate(
+            path,
+            target=CPU,
+            inputs=[x.numpy()],
+            frozen_outputs=done["frozen"](x).numpy(),
+            integer_outputs=done["integer"](x).numpy(),
+            out_dir=str(tmp_path),
+        )
     assert rep["fusion"]["ok"]
     assert rep["fusion"]["optimized_ops"].get("QLinearAdd") == 1 and rep["fusion"]["optimized_ops"].get("QGemm") == 1
     assert rep["parity"]["torch_frozen_vs_ort"]["max_lsb"] <= 1.0 + 1e-4
@@ -128,12 +146,20 @@ def _ort_op(op: str, inputs: dict, consts: dict, **attrs) -> list:
     names = list(inputs) + list(consts)
     node = onnx.helper.make_node(op, [n for n in attrs.pop("order", names)], ["y"], domain="com.microsoft", **attrs)
     graph = onnx.helper.make_graph(
-        [node], "g", [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.UINT8, None) for n in inputs],
+        [node],
+        "g",
+        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.UINT8, None) for n in inputs],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.UINT8, None)],
-        [onnx.numpy_helper.from_array(v, n) for n, v in consts.items()])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("com.microsoft", 1)])
+        [onnx.numpy_helper.from_array(v, n) for n, v in consts.items()],
+    )
+    model = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("com.microsoft", 1)]
+    )
     import onnxruntime
-    return onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+
+    return onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, inputs
+    )[0]
 
 
 def _qdq(scale, zero_point, hi=255):
@@ -161,31 +187,51 @@ def test_kernel_emulations_match_ort_op_by_op():
     for _ in range(20):
         s, z = rng.uniform(1e-4, 0.05, 3).astype(np.float32), rng.integers(1, 255, 3).astype(np.uint8)
         a, b = (rng.integers(0, 256, 50_000).astype(np.uint8) for _ in range(2))
-        ort = _ort_op("QLinearAdd", {"a": a, "b": b}, {"sa": s[0], "za": z[0], "sb": s[1], "zb": z[1], "sc": s[2], "zc": z[2]},
-                      order=["a", "sa", "za", "b", "sb", "zb", "sc", "zc"])
+        ort = _ort_op(
+            "QLinearAdd",
+            {"a": a, "b": b},
+            {"sa": s[0], "za": z[0], "sb": s[1], "zb": z[1], "sc": s[2], "zc": z[2]},
+            order=["a", "sa", "za", "b", "sb", "zb", "sc", "zc"],
+        )
         qa, qb, qc = (_qdq(float(s[i]), int(z[i])) for i in range(3))
-        ours = _PendingAdd(_dequantized(qa, a), qa, _dequantized(qb, b), qb).requantize(qc) / qc.scale + qc.zero_point.float()
+        ours = (
+            _PendingAdd(_dequantized(qa, a), qa, _dequantized(qb, b), qb).requantize(qc) / qc.scale
+            + qc.zero_point.float()
+        )
         assert np.array_equal(torch.round(ours).numpy(), ort)
     for d in (5, 49, 197):
         x = rng.integers(0, 256, (5_000, d)).astype(np.uint8)
         xs = np.float32(rng.uniform(0.003, 0.2))
-        ort = _ort_op("QLinearSoftmax", {"x": x}, {"xs": xs, "xz": np.uint8(0), "ys": np.float32(1 / 256), "yz": np.uint8(0)},
-                      axis=-1, opset=13)
+        ort = _ort_op(
+            "QLinearSoftmax",
+            {"x": x},
+            {"xs": xs, "xz": np.uint8(0), "ys": np.float32(1 / 256), "yz": np.uint8(0)},
+            axis=-1,
+            opset=13,
+        )
         qx, qy = _qdq(float(xs), 0), _qdq(1 / 256, 0)
         ours = _PendingSoftmax(_dequantized(qx, x), qx, -1).requantize(qy) / qy.scale
         assert np.array_equal(torch.round(ours).numpy(), ort), d
     for n in (8, 96, 384, 768):  # float32 LayerNormalization: every output bit equal
-        x = (rng.standard_normal((2_000, n)) * rng.uniform(0.1, 5, (2_000, 1)) + rng.uniform(-2, 2, (2_000, 1))).astype(np.float32)
+        x = (rng.standard_normal((2_000, n)) * rng.uniform(0.1, 5, (2_000, 1)) + rng.uniform(-2, 2, (2_000, 1))).astype(
+            np.float32
+        )
         w, b = rng.uniform(0.5, 1.5, n).astype(np.float32), rng.uniform(-0.5, 0.5, n).astype(np.float32)
         node = onnx.helper.make_node("LayerNormalization", ["x", "w", "b"], ["y"], axis=-1, epsilon=1e-5)
-        graph = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
-                                       [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-                                       [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")])
+        graph = onnx.helper.make_graph(
+            [node],
+            "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+            [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")],
+        )
         model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
         ort = ort_session(model.SerializeToString()).run(None, {"x": x})[0]
         ours = _ort_layer_norm(torch.from_numpy(x), (n,), torch.from_numpy(w), torch.from_numpy(b), 1e-5)
         assert np.array_equal(ours.numpy(), ort), n
-        assert not np.array_equal(F.layer_norm(torch.from_numpy(x), (n,), torch.from_numpy(w), torch.from_numpy(b)).numpy(), ort)
+        assert not np.array_equal(
+            F.layer_norm(torch.from_numpy(x), (n,), torch.from_numpy(w), torch.from_numpy(b)).numpy(), ort
+        )
     for n in (16, 32, 64):  # F.normalize as torch.onnx exports it (ReduceL2, Clip, Div)
         x = torch.from_numpy((rng.standard_normal((4_000, n)) * rng.uniform(0.1, 5, (4_000, 1))).astype(np.float32))
         buf = io.BytesIO()
@@ -215,7 +261,11 @@ def test_negative_batchnorm_gamma_folds_exactly():
     model.get_submodule("1").weight.data = torch.tensor([-1.5, 0.7, -0.2, 2.0])
     model.eval()
     frozen, _ = freeze(model)
-    out_q = model.activation_quantizers["_2"] if "_2" in model.activation_quantizers else list(model.activation_quantizers.values())[-1]
+    out_q = (
+        model.activation_quantizers["_2"]
+        if "_2" in model.activation_quantizers
+        else list(model.activation_quantizers.values())[-1]
+    )
     with torch.no_grad():
         assert ((model(x) - frozen(x)).abs() / out_q.scale).max() <= 1.0 + 1e-4
 
@@ -223,7 +273,9 @@ def test_negative_batchnorm_gamma_folds_exactly():
 def test_export_errors_name_the_problem(tmp_path):
     with pytest.raises(ExportError, match="needs a model from qat_sadam.prepare_qat"):
         export_onnx(build_model("small_cnn", 10), torch.randn(1, 3, 8, 8), str(tmp_path / "x.onnx"))
-    model = prepare_qat(build_model("small_cnn", 10), {"bits": 8, "overrides": [{"pattern": "body.0", "enabled": False}]})
+    model = prepare_qat(
+        build_model("small_cnn", 10), {"bits": 8, "overrides": [{"pattern": "body.0", "enabled": False}]}
+    )
     calibrate(model, [torch.randn(4, 3, 8, 8)])
     with pytest.raises(ExportError, match="module 'body.0' \\(Conv2d\\) has no weight quantizer"):
         export_onnx(model.eval(), torch.randn(1, 3, 8, 8), str(tmp_path / "x.onnx"))
@@ -243,11 +295,13 @@ def test_truncated_or_foreign_files_are_rejected_clearly(tmp_path):
 
 def test_mobile_target_converts_to_ort_format_with_parity(tmp_path):
     model, x = _qat("small_cnn", 4)
-    tgt = Target(name="mobile", weight_bits_max=8, fixed_batch=1, formats=["onnx", "ort"], checks=["fusion", "parity", "mobile"])
+    tgt = Target(
+        name="mobile", weight_bits_max=8, fixed_batch=1, formats=["onnx", "ort"], checks=["fusion", "parity", "mobile"]
+    )
     path = str(tmp_path / "m.onnx")
     export_onnx(model, x[:1], path, tgt)
     assert [d.dim_value for d in onnx.load(path).graph.input[0].type.tensor_type.shape.dim] == [1, 3, 32, 32]
-    rep = validate(path, target=tgt, inputs=[x[i:i + 1].numpy() for i in range(4)], out_dir=str(tmp_path))
+    rep = validate(path, target=tgt, inputs=[x[i : i + 1].numpy() for i in range(4)], out_dir=str(tmp_path))
     m = rep["mobile"]
     assert m["ort_conversion_ok"] and "m.ort" in m["ort_files"] and m["required_operators_configs"]
     assert m["parity_ort_format_vs_onnx"]["max_lsb"] == 0.0
@@ -278,7 +332,9 @@ def test_relu6_under_a_wide_quantizer_still_fuses(tmp_path):
         torch.testing.assert_close(fblock(torch.relu(t)), block(t), rtol=0, atol=1e-6)
     rep = validate(done["path"], target=CPU, inputs=[x.numpy()], out_dir=str(tmp_path))
     assert rep["fusion"]["ok"], rep["fusion"]["float_compute_left"]
-    assert rep["fusion"]["integer_kernels"] == sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+    assert rep["fusion"]["integer_kernels"] == sum(
+        isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules()
+    )
 
 
 def test_integer_reference_float32_fast_path_is_exact(monkeypatch):
@@ -308,13 +364,20 @@ def test_fold_check_catches_a_fold_that_drops_the_batchnorm_shift(tmp_path, monk
     def without_beta(layer, bn):
         w, s, b = real(layer, bn)
         return w, s, b - bn.bias.detach() if bn is not None else b
+
     monkeypatch.setattr(fz, "_folded", without_beta)
     rep = fold_check(model, x)
     assert not rep["ok"] and rep["max_lsb"] > 2 and rep["failing"]
     done = export_onnx(model, x[:1], str(tmp_path / "m.onnx"), CPU)
     with torch.no_grad():
-        v = validate(done["path"], target=CPU, inputs=[x.numpy()], integer_outputs=done["integer"](x).numpy(),
-                     out_dir=str(tmp_path), fold=rep)
+        v = validate(
+            done["path"],
+            target=CPU,
+            inputs=[x.numpy()],
+            integer_outputs=done["integer"](x).numpy(),
+            out_dir=str(tmp_path),
+            fold=rep,
+        )
     assert v["parity"]["torch_integer_vs_ort"]["max_lsb"] == 0  # ORT agrees with the wrong file ...
     assert not v["passed"] and any("fold check" in f for f in v["failures"])  # ... the gate does not
 
@@ -327,10 +390,24 @@ def test_deployed_accuracy_far_from_the_qat_graph_fails(tmp_path):
     labels = out.argmax(1)
     wrong = out.copy()
     wrong[:4] = np.roll(out[:4], 1, axis=1)  # a QAT graph that disagrees on 4 of 16 samples
-    v = validate(done["path"], target=CPU, inputs=[x.numpy()], labels=labels, integer_outputs=out, torch_outputs=wrong,
-                 out_dir=str(tmp_path))
+    v = validate(
+        done["path"],
+        target=CPU,
+        inputs=[x.numpy()],
+        labels=labels,
+        integer_outputs=out,
+        torch_outputs=wrong,
+        out_dir=str(tmp_path),
+    )
     assert v["accuracy"]["ort_int8"] == 1.0 and v["accuracy"]["torch_qat_graph"] <= 0.75
     assert not v["passed"] and v["failures"][0].startswith("deployed accuracy 100.00% is more than 2 points")
-    v = validate(done["path"], target=CPU, inputs=[x.numpy()], labels=labels, integer_outputs=out, torch_outputs=out,
-                 out_dir=str(tmp_path))
+    v = validate(
+        done["path"],
+        target=CPU,
+        inputs=[x.numpy()],
+        labels=labels,
+        integer_outputs=out,
+        torch_outputs=out,
+        out_dir=str(tmp_path),
+    )
     assert v["passed"], v["failures"]

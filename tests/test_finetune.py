@@ -1,4 +1,5 @@
 """Start from a trained float model: starting points, float training, PTQ, the accuracy ladder."""
+
 import json
 import os
 
@@ -14,12 +15,19 @@ from qat_sadam.models import build_model
 from qat_sadam.quant import FakeQuantize, calibrate, prepare_qat, reestimate_batchnorm
 from qat_sadam.train.checkpoint import load_checkpoint
 from qat_sadam.train.model import quantize_model
-from qat_sadam.train.recipe import load_recipe, quantized
+from qat_sadam.train.recipe import Recipe, load_recipe
 from qat_sadam.train.trainer import Trainer
 from qat_sadam.workflows.sensitivity import sensitivity_recipe
 
-SYNTH = ["data.name=synthetic", "data.image_size=8", "data.batch_size=64", "model.name=small_cnn", "model.width=8",
-         "data.eval_batch_size=256", "calibration_batches=1"]
+SYNTH = [
+    "data.name=synthetic",
+    "data.image_size=8",
+    "data.batch_size=64",
+    "model.name=small_cnn",
+    "model.width=8",
+    "data.eval_batch_size=256",
+    "calibration_batches=1",
+]
 FLOAT = SYNTH + ["quant={enabled: false}", "epochs=3", "optimizer.lr=0.01"]
 
 
@@ -31,8 +39,11 @@ def _float_run(tmp_path, name="float"):
 
 def _start(tmp_path, *extra):
     """The float model a recipe starts from, and what was loaded."""
-    t = Trainer(load_recipe(None, SYNTH + ["quant.bits=4", "epochs=1"] + list(extra), optimizer="adamw"),
-                str(tmp_path / "ft"), progress=False)
+    t = Trainer(
+        load_recipe(None, SYNTH + ["quant.bits=4", "epochs=1"] + list(extra), optimizer="adamw"),
+        str(tmp_path / "ft"),
+        progress=False,
+    )
     return t
 
 
@@ -40,11 +51,13 @@ def test_float_recipe_trains_without_any_quantizer(tmp_path):
     run = _float_run(tmp_path)
     ck = load_checkpoint(str(run / "checkpoints" / "last.pt"))
     assert not any("quant" in k or "scale" in k for k in ck["model"])
-    t = Trainer(ck["recipe"], str(tmp_path / "again"), progress=False)
+    t = Trainer(Recipe.from_saved(ck["recipe"]), str(tmp_path / "again"), progress=False)
     assert not any(isinstance(m, FakeQuantize) for m in t.model.modules())
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_acc"] > 0.5  # synthetic templates: learnable in one epoch
-    ev = json.loads([line for line in open(run / "metrics.jsonl") if '"epoch"' in line and '"type": "epoch"' in line][-1])
+    ev = json.loads(
+        [line for line in open(run / "metrics.jsonl") if '"epoch"' in line and '"type": "epoch"' in line][-1]
+    )
     assert ev["eval_graph"] == "float"
 
 
@@ -52,7 +65,12 @@ def test_float_recipe_trains_without_any_quantizer(tmp_path):
 def test_each_kind_of_starting_point_loads_the_same_weights(tmp_path, kind):
     run = _float_run(tmp_path)
     sd = load_checkpoint(str(run / "checkpoints" / "last.pt"))["model"]
-    path = {"run_dir": run, "pt": tmp_path / "m.pt", "wrapped": tmp_path / "w.pth", "safetensors": tmp_path / "m.safetensors"}[kind]
+    path = {
+        "run_dir": run,
+        "pt": tmp_path / "m.pt",
+        "wrapped": tmp_path / "w.pth",
+        "safetensors": tmp_path / "m.safetensors",
+    }[kind]
     if kind == "pt":
         torch.save(sd, path)
     elif kind == "wrapped":  # how timm and Lightning save: a dict with the state_dict inside, DataParallel prefixes
@@ -76,8 +94,15 @@ def test_torchvision_weights_load_through_the_hub_cache(tmp_path, monkeypatch):
     torch.manual_seed(5)
     imagenet = torchvision.models.resnet18(num_classes=1000)
     torch.save(imagenet.state_dict(), cache / os.path.basename(weights.url))
-    recipe = ["data.name=synthetic", "data.image_size=16", "data.batch_size=32", "model.name=resnet18", "quant.bits=8",
-              "calibration_batches=1", "model.weights=IMAGENET1K_V1"]
+    recipe = [
+        "data.name=synthetic",
+        "data.image_size=16",
+        "data.batch_size=32",
+        "model.name=resnet18",
+        "quant.bits=8",
+        "calibration_batches=1",
+        "model.weights=IMAGENET1K_V1",
+    ]
     with pytest.raises(CheckpointError, match="trained for 1000 classes, the model has 10 .*model.reset_classifier"):
         Trainer(load_recipe(None, recipe), str(tmp_path / "a"), progress=False)
     t = Trainer(load_recipe(None, recipe + ["model.reset_classifier=true"]), str(tmp_path / "b"), progress=False)
@@ -87,39 +112,72 @@ def test_torchvision_weights_load_through_the_hub_cache(tmp_path, monkeypatch):
 
 def test_uncached_torchvision_weights_name_the_file_and_the_cache_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
-    code = main(["train", "quickstart", "--out", str(tmp_path / "run"), "--set", "model.name=resnet18",
-                 "--set", "model.weights=IMAGENET1K_V1", "--set", "data.name=synthetic", "--set", "export.enabled=false"])
+    code = main(
+        [
+            "train",
+            "quickstart",
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "model.name=resnet18",
+            "--set",
+            "model.weights=IMAGENET1K_V1",
+            "--set",
+            "data.name=synthetic",
+            "--set",
+            "export.enabled=false",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert "resnet18-f37072fd.pth is not in the torch hub cache" in err and str(tmp_path / "empty" / "hub" / "checkpoints") in err
+    assert (
+        "resnet18-f37072fd.pth is not in the torch hub cache" in err
+        and str(tmp_path / "empty" / "hub" / "checkpoints") in err
+    )
 
 
 def test_mismatched_keys_exit_2_naming_them(tmp_path, capsys):
     other = build_model("paper_cnn", 10)
     torch.save(other.state_dict(), tmp_path / "other.pt")
-    code = main(["train", "quickstart", "--out", str(tmp_path / "run"), "--set", f"model.checkpoint={tmp_path / 'other.pt'}"])
+    code = main(
+        ["train", "quickstart", "--out", str(tmp_path / "run"), "--set", f"model.checkpoint={tmp_path / 'other.pt'}"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
-    assert "does not match the model's keys: 14 missing (stem.0.weight, stem.1.weight" in err and "6 unexpected (features.0.weight" in err
+    assert (
+        "does not match the model's keys: 14 missing (stem.0.weight, stem.1.weight" in err
+        and "6 unexpected (features.0.weight" in err
+    )
     assert not (tmp_path / "run").exists()
 
 
 def test_a_qat_run_is_refused_as_a_float_starting_point(tmp_path):
     qat = tmp_path / "qat"
-    Trainer(load_recipe(None, SYNTH + ["quant.bits=4", "epochs=1"], optimizer="adamw"), str(qat), progress=False).train()
+    Trainer(
+        load_recipe(None, SYNTH + ["quant.bits=4", "epochs=1"], optimizer="adamw"), str(qat), progress=False
+    ).train()
     with pytest.raises(CheckpointError, match="is a QAT run; start from a float run"):
         _start(tmp_path, f"model.checkpoint={qat}")
 
 
-@pytest.mark.parametrize("sets,msg", [
-    (["quant={enabled: false, bits: 4}"], "'quant.bits' has no effect with quant.enabled: false"),
-    (["quant={enabled: false}", "export.enabled=true"], "a float run (quant.enabled: false) has no INT8 model"),
-    (["model.checkpoint=/nonexistent.pt"], "no such file or run directory: /nonexistent.pt"),
-    (["model.weights=IMAGENET1K_V1"], "'model.weights' applies to torchvision models; 'small_cnn' is not one"),
-    (["model.name=resnet18", "model.weights=IMAGENET9K"], "resnet18 has no weights 'IMAGENET9K'; choose from IMAGENET1K_V1"),
-    (["model.name=mobilenet_v3_small", "model.cifar_stem=true"], "applies to resnet18, resnet50, mobilenet_v2, not mobilenet_v3_small"),
-    (["distill.enabled=true"], "'distill.enabled' needs a float teacher: a quantized fine-tune that starts from"),
-])
+@pytest.mark.parametrize(
+    "sets,msg",
+    [
+        (["quant={enabled: false, bits: 4}"], "'quant.bits' has no effect with quant.enabled: false"),
+        (["quant={enabled: false}", "export.enabled=true"], "a float run (quant.enabled: false) has no INT8 model"),
+        (["model.checkpoint=/nonexistent.pt"], "no such file or run directory: /nonexistent.pt"),
+        (["model.weights=IMAGENET1K_V1"], "'model.weights' applies to torchvision models; 'small_cnn' is not one"),
+        (
+            ["model.name=resnet18", "model.weights=IMAGENET9K"],
+            "resnet18 has no weights 'IMAGENET9K'; choose from IMAGENET1K_V1",
+        ),
+        (
+            ["model.name=mobilenet_v3_small", "model.cifar_stem=true"],
+            "applies to resnet18, resnet50, mobilenet_v2, not mobilenet_v3_small",
+        ),
+        (["distill.enabled=true"], "'distill.enabled' needs a float teacher: a quantized fine-tune that starts from"),
+    ],
+)
 def test_bad_starting_points_are_refused_up_front(tmp_path, capsys, sets, msg):
     argv = ["train", "quickstart", "--out", str(tmp_path / "run")]
     for s in sets:
@@ -133,8 +191,13 @@ def test_distillation_loss_is_the_kl_to_the_float_model_it_starts_from(tmp_path,
     run = _float_run(tmp_path)
     _start(tmp_path, f"model.checkpoint={run}")
     rng_without = torch.get_rng_state()
-    t = _start(tmp_path, f"model.checkpoint={run}", "distill.enabled=true", f"distill.alpha={alpha}",
-               f"distill.temperature={temperature}")
+    t = _start(
+        tmp_path,
+        f"model.checkpoint={run}",
+        "distill.enabled=true",
+        f"distill.alpha={alpha}",
+        f"distill.temperature={temperature}",
+    )
     assert torch.equal(torch.get_rng_state(), rng_without)  # the teacher leaves the run's random stream as it was
     float_sd = load_checkpoint(str(run / "checkpoints" / "last.pt"))["model"]
     assert all(torch.equal(v, float_sd[k]) for k, v in t.teacher.state_dict().items())
@@ -165,7 +228,9 @@ def test_batchnorm_reestimation_changes_running_statistics_only():
     report = reestimate_batchnorm(model, x)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked") for k in changed)
+    assert changed and all(
+        k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked") for k in changed
+    )
     assert report["bn_layers"] == 2 and report["bn_batches"] == 4 and report["bn_mean_error"] > 0.1
     assert not model.training
     # the new statistics are those of the batches, as the quantized model computes them
@@ -205,19 +270,48 @@ def quickstart_float(tmp_path_factory):
 
 def _sweep_settings(float_run, act_bits: int, bits: int) -> list[str]:
     """Every layer at the low width (no 8-bit first/last exception), activations at act_bits."""
-    return ["--set", f"model.checkpoint={float_run}", "--set", "quant.first_last_bits=null", "--set",
-            f"quant.act_bits={act_bits}", "--bits", str(bits)]
+    return [
+        "--set",
+        f"model.checkpoint={float_run}",
+        "--set",
+        "quant.first_last_bits=null",
+        "--set",
+        f"quant.act_bits={act_bits}",
+        "--bits",
+        str(bits),
+    ]
 
 
-def test_activation_sensitivity_ranks_sites_and_proposes_8bit_activations_within_budget(quickstart_float, tmp_path, capsys):
+def test_activation_sensitivity_ranks_sites_and_proposes_8bit_activations_within_budget(
+    quickstart_float, tmp_path, capsys
+):
     float_run = quickstart_float
     sets = _sweep_settings(float_run, 2, 4)
     out = tmp_path / "sens"
-    assert main(["sensitivity", "quickstart_finetune", "--samples", "300", "--activations",
-                 "--act-budget", "1.5", "--out", str(out), "--quiet"] + sets) == 0
+    assert (
+        main(
+            [
+                "sensitivity",
+                "quickstart_finetune",
+                "--samples",
+                "300",
+                "--activations",
+                "--act-budget",
+                "1.5",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+            + sets
+        )
+        == 0
+    )
     res = json.loads((out / "sensitivity.json").read_text())
-    r = load_recipe("quickstart_finetune", [f"model.checkpoint={float_run}", "quant.first_last_bits=null",
-                    "quant.act_bits=2"], bits=4)
+    r = load_recipe(
+        "quickstart_finetune",
+        [f"model.checkpoint={float_run}", "quant.first_last_bits=null", "quant.act_bits=2"],
+        bits=4,
+    )
     model = quantize_model(r, build_model("small_cnn", 10))
     sites = {s["site"]: s for s in res["activation_sites"]}
     assert set(sites) == set(model.activation_site_names.values()) and len(sites) >= 4
@@ -230,8 +324,12 @@ def test_activation_sensitivity_ranks_sites_and_proposes_8bit_activations_within
     base = sum(s["elements"] * 2 for s in sites.values())
     assert sum(sites[c]["elements"] * 6 for c in chosen) + base <= 1.5 * base
     # merged, the fragment puts exactly those sites at 8-bit activations
-    r = load_recipe("quickstart_finetune", [f"model.checkpoint={float_run}", "quant.first_last_bits=null",
-                    "quant.act_bits=2"], bits=4, fragments=[str(out / "mixed_precision.yaml")])
+    r = load_recipe(
+        "quickstart_finetune",
+        [f"model.checkpoint={float_run}", "quant.first_last_bits=null", "quant.act_bits=2"],
+        bits=4,
+        fragments=[str(out / "mixed_precision.yaml")],
+    )
     mixed = quantize_model(r, build_model("small_cnn", 10))
     at8 = {mixed.activation_site_names[k] for k, q in mixed.activation_quantizers.items() if q.spec.bits == 8}
     assert at8 == set(chosen)
@@ -253,8 +351,13 @@ def test_sensitivity_ranks_layers_and_proposes_a_mixed_precision_within_budget(q
     float_run = quickstart_float
     sets = _sweep_settings(float_run, 8, 2)  # W2A8: three layers to rank
     out = tmp_path / "sens"
-    assert main(["sensitivity", "quickstart_finetune", "--samples", "300", "--budget", "1.5",
-                 "--out", str(out), "--quiet"] + sets) == 0
+    assert (
+        main(
+            ["sensitivity", "quickstart_finetune", "--samples", "300", "--budget", "1.5", "--out", str(out), "--quiet"]
+            + sets
+        )
+        == 0
+    )
     res = json.loads((out / "sensitivity.json").read_text())
     rows = {r["layer"]: r for r in res["layers"]}
     assert set(rows) == {"stem.0", "body.0", "fc"}
@@ -267,13 +370,17 @@ def test_sensitivity_ranks_layers_and_proposes_a_mixed_precision_within_budget(q
     assert sum(rows[c]["weights"] * 6 for c in chosen) + base <= 1.5 * base
     # the fragment is a valid recipe section: the mixed model prepares with those layers at 8 bits
     frag = yaml.safe_load((out / "mixed_precision.yaml").read_text())
-    r = load_recipe("quickstart_finetune", [f"model.checkpoint={float_run}", "quant.first_last_bits=null",
-                    "quant.act_bits=8"], bits=2, fragments=[str(out / "mixed_precision.yaml")])
-    assert r["quant"]["overrides"] == frag["quant"]["overrides"] and r["quant"]["bits"] == 2
-    assert r["quant"]["act_bits"] == 8  # a fragment merges into quant: the recipe's other keys stay
+    r = load_recipe(
+        "quickstart_finetune",
+        [f"model.checkpoint={float_run}", "quant.first_last_bits=null", "quant.act_bits=8"],
+        bits=2,
+        fragments=[str(out / "mixed_precision.yaml")],
+    )
+    assert r.quant.overrides == frag["quant"]["overrides"] and r.quant.bits == 2
+    assert r.quant.act_bits == 8  # a fragment merges into quant: the recipe's other keys stay
     # a float run directory is a source too: its weights, quantized at --bits
     r = sensitivity_recipe(str(float_run), bits=3)
-    assert r["model"]["checkpoint"] == str(float_run) and r["quant"]["bits"] == 3 and quantized(r)
+    assert r.model.checkpoint == str(float_run) and r.quant.bits == 3 and r.quantized
     assert (out / "sensitivity.png").stat().st_size > 5_000
     capsys.readouterr()
     assert main(["sensitivity", "quickstart_finetune", "--budget", "0.9"] + sets) == 2

@@ -5,6 +5,7 @@ from the source; a lower layer importing a higher one, or two units of one layer
 other, fails here. Imports inside functions are allowed only in the CLI, which defers torch so
 that ``--help`` answers at once.
 """
+
 import ast
 import pathlib
 import sys
@@ -14,14 +15,18 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "qat_sadam"
 # Lowest first. A unit is a subpackage or a top-level module of qat_sadam.
 LAYERS = [
-    {"errors"},                         # the user-error hierarchy
-    {"buffers", "models", "configs"},   # buffer snapshots; model builders and weight loading; shipped recipes and targets
-    {"quant"},                          # quantizers
-    {"optim", "export"},                # the optimizer, the deployment core: on the quantizers
-    {"train"},                          # the trainer: on all of the above
-    {"workflows"},                      # run directories: training, export, validation, comparisons
-    {"cli", "__init__"},                # the command line, the public API
-    {"__main__"},                       # python -m qat_sadam: calls the command line
+    {"errors"},  # the user-error hierarchy
+    {
+        "buffers",
+        "models",
+        "configs",
+    },  # buffer snapshots; model builders and weight loading; shipped recipes and targets
+    {"quant"},  # quantizers
+    {"optim", "export"},  # the optimizer, the deployment core: on the quantizers
+    {"train"},  # the trainer: on all of the above
+    {"workflows"},  # run directories: training, export, validation, comparisons
+    {"cli", "__init__"},  # the command line, the public API
+    {"__main__"},  # python -m qat_sadam: calls the command line
 ]
 LAYER = {u: i for i, units in enumerate(LAYERS) for u in units}
 LAZY_IMPORTS_ALLOWED = {"cli"}
@@ -72,8 +77,11 @@ def test_every_unit_has_a_layer():
 
 
 def test_lower_layers_never_import_higher_ones():
-    bad = [f"{where}: {src} (layer {LAYER[src]}) imports {dst} (layer {LAYER.get(dst)})"
-           for src, dst, where, _ in _edges() if src != dst and (dst not in LAYER or LAYER[dst] >= LAYER[src])]
+    bad = [
+        f"{where}: {src} (layer {LAYER[src]}) imports {dst} (layer {LAYER.get(dst)})"
+        for src, dst, where, _ in _edges()
+        if src != dst and (dst not in LAYER or LAYER[dst] >= LAYER[src])
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -82,15 +90,42 @@ def test_function_level_imports_of_the_package_only_in_the_cli():
     assert not bad, "imports inside functions (a hidden cycle?): " + ", ".join(bad)
 
 
-@pytest.mark.parametrize("source,expect", [
-    ("from ..train.trainer import Trainer\n", ("train", False)),
-    ("def f():\n    from qat_sadam.workflows import compare\n", ("workflows", True)),
-    ("import qat_sadam.cli\n", ("cli", False)),
-])
+@pytest.mark.parametrize(
+    "source,expect",
+    [
+        ("from ..train.trainer import Trainer\n", ("train", False)),
+        ("def f():\n    from qat_sadam.workflows import compare\n", ("workflows", True)),
+        ("import qat_sadam.cli\n", ("cli", False)),
+    ],
+)
 def test_the_checker_sees_relative_absolute_and_lazy_imports(tmp_path, monkeypatch, source, expect):
     fake = tmp_path / "qat_sadam" / "export" / "x.py"
     fake.parent.mkdir(parents=True)
     fake.write_text(source)
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path / "qat_sadam")
-    (target, _, lazy), = list(_imports(fake))
+    ((target, _, lazy),) = list(_imports(fake))
     assert (target, lazy) == expect
+
+
+TOOLS = ROOT.parent / "tools"
+
+
+def _tool_imports(path: pathlib.Path):
+    """(module, name) for each name a tool imports from the package."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "qat_sadam":
+            yield from ((node.module, a.name) for a in node.names)
+
+
+@pytest.mark.parametrize("folder", ["benchmarks", "studies"])
+def test_tools_import_only_public_names_of_the_package(folder):
+    """The benchmarks and study scripts use the package as a user would: no private module or name."""
+    scripts = sorted((TOOLS / folder).glob("*.py"))
+    assert scripts, f"no scripts in tools/{folder}"
+    bad = [
+        f"{p.relative_to(TOOLS)}: from {module} import {name}"
+        for p in scripts
+        for module, name in _tool_imports(p)
+        if name.startswith("_") or any(part.startswith("_") for part in module.split("."))
+    ]
+    assert not bad, "private names imported by tools: " + ", ".join(bad)

@@ -1,5 +1,6 @@
 """Nagel et al.'s oscillation dampening and iterative weight freezing (train/oscillation_fixes.py),
 each on a hand-made case, then inside the trainer (schedules, resume, recipe errors)."""
+
 import csv
 import json
 import re
@@ -7,6 +8,7 @@ import re
 import pytest
 import torch
 import yaml
+from test_train import TINY, _params, tiny_recipe
 
 from qat_sadam import prepare_qat
 from qat_sadam.cli import main
@@ -15,14 +17,15 @@ from qat_sadam.train.oscillation import OscillationTracker
 from qat_sadam.train.oscillation_fixes import WeightFreezer, annealed, dampening_loss
 from qat_sadam.train.recipe import load_recipe
 from qat_sadam.train.trainer import Trainer
-from test_train import TINY, _params, tiny_recipe
 
 
 def _linear(rows, per_channel=True):
     """A prepared Linear whose 4-bit weight quantizer has step 1 (integer codes = rounded weights)."""
     w = torch.tensor(rows, dtype=torch.float32)
     model = torch.nn.Sequential(torch.nn.Linear(w.shape[1], w.shape[0], bias=False))
-    qat = prepare_qat(model, {"bits": 4, "first_last_bits": None, "weight": {"scale_mode": "frozen", "per_channel": per_channel}})
+    qat = prepare_qat(
+        model, {"bits": 4, "first_last_bits": None, "weight": {"scale_mode": "frozen", "per_channel": per_channel}}
+    )
     layer = qat.get_submodule("0")
     layer.weight.data.copy_(w)
     layer.weight_quant.scale.data.fill_(1.0)
@@ -105,13 +108,21 @@ def _steps(path):
 
 
 def test_trainer_freezes_on_its_schedule_and_frozen_codes_stay(tmp_path):
-    r = tiny_recipe("freezing.enabled=true", "freezing.threshold=0.005", "freezing.threshold_final=0.002",
-                    "freezing.anneal_start=0.5", "optimizer.lr=0.01", optimizer="adamw")
+    r = tiny_recipe(
+        "freezing.enabled=true",
+        "freezing.threshold=0.005",
+        "freezing.threshold_final=0.002",
+        "freezing.anneal_start=0.5",
+        "optimizer.lr=0.01",
+        optimizer="adamw",
+    )
     t = Trainer(r, str(tmp_path), progress=False)
     s = t.train()
     steps = _steps(tmp_path)
     assert all(x["freeze_threshold"] is None and x["frozen_frac"] == 0 for x in steps[:15])  # before half the run
-    assert steps[16]["freeze_threshold"] == pytest.approx(0.005, rel=0.05) and steps[-1]["freeze_threshold"] == pytest.approx(0.002)
+    assert steps[16]["freeze_threshold"] == pytest.approx(0.005, rel=0.05) and steps[-1][
+        "freeze_threshold"
+    ] == pytest.approx(0.002)
     assert 0 < s["frozen_frac"] == steps[-1]["frozen_frac"] < 1
     for (w, q), frozen, level in zip(t.tracker.tracked, t.freezer.frozen, t.freezer.level):
         assert torch.equal(q.integer(w)[frozen], level[frozen])  # what evaluation and export read
@@ -119,11 +130,17 @@ def test_trainer_freezes_on_its_schedule_and_frozen_codes_stay(tmp_path):
 
 def test_dampening_brings_weights_closer_to_bin_centres_in_training(tmp_path):
     def distance(extra):
-        t = Trainer(tiny_recipe("optimizer.lr=0.001", *extra, optimizer="adamw"), str(tmp_path / str(len(extra))), progress=False)
+        t = Trainer(
+            tiny_recipe("optimizer.lr=0.001", *extra, optimizer="adamw"),
+            str(tmp_path / str(len(extra))),
+            progress=False,
+        )
         t.train()
         # in quantization steps, of the weights inside the range (a clipped one sits on the range's edge)
-        d = [((torch.clamp(w, *q.value_range(w)) - q.dequantize(q.integer(w))) / q.step_size(w)).abs().mean()
-             for w, q in t.tracker.tracked]
+        d = [
+            ((torch.clamp(w, *q.value_range(w)) - q.dequantize(q.integer(w))) / q.step_size(w)).abs().mean()
+            for w, q in t.tracker.tracked
+        ]
         return torch.stack(d).mean().item(), _steps(tmp_path / str(len(extra)))
 
     plain, _ = distance([])
@@ -134,8 +151,14 @@ def test_dampening_brings_weights_closer_to_bin_centres_in_training(tmp_path):
 
 
 def test_resume_with_freezing_and_dampening_equals_an_uninterrupted_run(tmp_path):
-    r = tiny_recipe("freezing.enabled=true", "freezing.threshold=0.005", "freezing.threshold_final=0.002",
-                    "dampening.enabled=true", "optimizer.probe_every=3", "model.dropout=0.0")
+    r = tiny_recipe(
+        "freezing.enabled=true",
+        "freezing.threshold=0.005",
+        "freezing.threshold_final=0.002",
+        "dampening.enabled=true",
+        "optimizer.probe_every=3",
+        "model.dropout=0.0",
+    )
     full = Trainer(r, str(tmp_path / "full"), progress=False)
     full.train()
     part = Trainer(r, str(tmp_path / "part"), progress=False)
@@ -147,13 +170,16 @@ def test_resume_with_freezing_and_dampening_equals_an_uninterrupted_run(tmp_path
     assert all(torch.equal(a, b) for a, b in zip(full.freezer.frozen, resumed.freezer.frozen))
 
 
-@pytest.mark.parametrize("extra,msg", [
-    (["quant.enabled=false", "freezing.enabled=true"], "freezing.enabled' needs quantized weights"),
-    (["freezing.enabled=true", "logging.oscillations=false"], "reads the oscillation tracker"),
-    (["dampening.aggregation=median"], "dampening.aggregation' must be one of sum, mean, kernel_mean"),
-    (["dampening.anneal_start=1.0"], "dampening.anneal_start' must be in [0, 1)"),
-    (["freezing.threshold_final=-0.1"], "freezing.threshold_final' must be at least 0"),
-])
+@pytest.mark.parametrize(
+    "extra,msg",
+    [
+        (["quant.enabled=false", "freezing.enabled=true"], "freezing.enabled' needs quantized weights"),
+        (["freezing.enabled=true", "logging.oscillations=false"], "reads the oscillation tracker"),
+        (["dampening.aggregation=median"], "dampening.aggregation' must be one of sum, mean, kernel_mean"),
+        (["dampening.anneal_start=1.0"], "dampening.anneal_start' must be in [0, 1)"),
+        (["freezing.threshold_final=-0.1"], "freezing.threshold_final' must be at least 0"),
+    ],
+)
 def test_bad_oscillation_fix_settings_are_recipe_errors(extra, msg):
     with pytest.raises(RecipeError, match=re.escape(msg)):
         load_recipe(None, TINY + extra, bits=None if "quant.enabled=false" in extra else 4)
@@ -168,12 +194,24 @@ def test_compare_cells_carry_their_own_recipe_overrides(tmp_path):
     """The stability study's cells: a method is a recipe override of one cell (freezing, no BN
     re-estimation), and the effective-lr control of an S-Adam cell with freezing freezes too."""
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text("\n".join(["model: {name: small_cnn, width: 8}", "data: {name: synthetic, image_size: 8, batch_size: 128}",
-                                 "quant: {bits: 4}", "epochs: 1", "calibration_batches: 1"]))
+    recipe.write_text(
+        "\n".join(
+            [
+                "model: {name: small_cnn, width: 8}",
+                "data: {name: synthetic, image_size: 8, batch_size: 128}",
+                "quant: {bits: 4}",
+                "epochs: 1",
+                "calibration_batches: 1",
+            ]
+        )
+    )
     out = tmp_path / "cmp"
     freeze = "freezing.enabled=true@freezing.threshold=0.003@freezing.anneal_start=0"
     cells = ["adamw", f"adamw@{freeze}", f"sadam@{freeze}", f"adamw-effective@{freeze}@of=sadam@{freeze}"]
-    assert main(["compare", str(recipe), "--optimizers", ",".join(cells), "--seeds", "1", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(["compare", str(recipe), "--optimizers", ",".join(cells), "--seeds", "1", "--out", str(out), "--quiet"])
+        == 0
+    )
     runs = {c: out / c.replace("@", "_").replace("=", "") / "seed0" for c in cells}
     summaries = {c: json.load(open(r / "summary.json")) for c, r in runs.items()}
     recipes = {c: yaml.safe_load(open(r / "recipe.yaml")) for c, r in runs.items()}

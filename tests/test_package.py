@@ -1,5 +1,6 @@
 """The package stands on its own: recipes and target profiles ship inside it, by name, and an
 installed wheel trains and exports from a folder that holds nothing of the checkout."""
+
 import os
 import pathlib
 import re
@@ -15,7 +16,7 @@ from qat_sadam import configs
 from qat_sadam.cli import main
 from qat_sadam.errors import RecipeError, ValidationError
 from qat_sadam.export import load_target
-from qat_sadam.train.recipe import load_recipe
+from qat_sadam.train.recipe import load_recipe, reference
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -23,11 +24,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def test_shipped_recipes_and_targets_resolve_by_name_and_paths_stay_paths(tmp_path):
     assert {"quickstart", "quickstart_float", "resnet18_finetune"} <= set(configs.names("recipe"))
     assert {"cpu-x86", "mobile-arm", "intel-edge"} <= set(configs.names("target"))
-    assert load_recipe("quickstart")["name"] == "quickstart"
+    assert load_recipe("quickstart").name == "quickstart"
     assert load_target("mobile-arm").fixed_batch == 1
     mine = tmp_path / "mine.yaml"
     mine.write_text("name: mine\nepochs: 3\n")
-    assert load_recipe(str(mine))["epochs"] == 3
+    assert load_recipe(str(mine)).epochs == 3
     with pytest.raises(RecipeError, match="no recipe named 'quickstrat' ships with qat-sadam.*quickstart"):
         load_recipe("quickstrat")
     with pytest.raises(ValidationError, match="no target named 'phone'"):
@@ -57,16 +58,23 @@ def _fresh_venv_with_the_wheel(tmp_path: pathlib.Path) -> pathlib.Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels, src],
-                   check=True)
-    wheel, = wheels.glob("qat_sadam-*.whl")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels, src], check=True
+    )
+    (wheel,) = wheels.glob("qat_sadam-*.whl")
     shipped = set(zipfile.ZipFile(wheel).namelist())
-    assert {"qat_sadam/configs/recipes/quickstart.yaml", "qat_sadam/configs/targets/mobile-arm.yaml",
-            "qat_sadam/export/runtimes/web/package-lock.json", "qat_sadam/export/runtimes/web/run.cjs"} <= shipped
+    assert {
+        "qat_sadam/configs/recipes/quickstart.yaml",
+        "qat_sadam/configs/targets/mobile-arm.yaml",
+        "qat_sadam/export/runtimes/web/package-lock.json",
+        "qat_sadam/export/runtimes/web/run.cjs",
+    } <= shipped
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q", "--no-deps",
-                    wheel], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q", "--no-deps", wheel],
+        check=True,
+    )
     site = pathlib.Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
     (site / "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
     return venv
@@ -80,8 +88,9 @@ def test_an_installed_wheel_trains_and_exports_by_name_from_an_empty_folder(tmp_
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
     def run(*args):
-        return subprocess.run([str(venv / "bin" / args[0]), *args[1:]], cwd=empty, env=env, capture_output=True,
-                              text=True)
+        return subprocess.run(
+            [str(venv / "bin" / args[0]), *args[1:]], cwd=empty, env=env, capture_output=True, text=True
+        )
 
     where = run("python", "-c", "import qat_sadam; print(qat_sadam.__file__)")
     assert where.stdout.startswith(str(venv)), where.stdout + where.stderr
@@ -92,3 +101,8 @@ def test_an_installed_wheel_trains_and_exports_by_name_from_an_empty_folder(tmp_
     assert "validation PASSED (target intel-edge)" in export.stdout
     assert (empty / "R" / "export" / "model.onnx").is_file()
     assert sorted(p.name for p in empty.iterdir()) == ["R"]  # nothing written outside the run
+
+
+def test_the_recipe_reference_in_the_guide_is_the_one_the_schema_generates():
+    """docs/guide/recipes.md is written by `qat-sadam recipe reference > docs/guide/recipes.md`."""
+    assert (REPO / "docs" / "guide" / "recipes.md").read_text() == reference()

@@ -5,8 +5,8 @@ import torch
 
 from qat_sadam import QATConfig, QuantSpec, calibrate, prepare_qat
 from qat_sadam.models import build_model
-from qat_sadam.quant import FakeQuantize, quantizers
 from qat_sadam.optim.groups import quantized_weights
+from qat_sadam.quant import FakeQuantize, quantizers
 from qat_sadam.quant.kernels import use_fused_kernels
 
 
@@ -68,8 +68,9 @@ def test_per_tensor_lsq_equals_torchs_learnable_op(bits, signed, zero_point):
     eager, fused = _lsq_with(q, x, dy, fused=False), _lsq_with(q, x, dy, fused=True)
     x.grad = None
     scale = q.scale.detach().reshape(1).clone().requires_grad_()
-    ref = torch._fake_quantize_learnable_per_tensor_affine(x, scale, torch.full((1,), float(zero_point)), q.spec.qmin,
-                                                          q.spec.qmax, q.lsq_grad_factor(x))
+    ref = torch._fake_quantize_learnable_per_tensor_affine(
+        x, scale, torch.full((1,), float(zero_point)), q.spec.qmin, q.spec.qmax, q.lsq_grad_factor(x)
+    )
     ref.backward(dy)
     for ours, ours_dx, _ in (eager, fused):
         assert torch.equal(ours, ref) and torch.equal(ours_dx, x.grad)
@@ -120,14 +121,19 @@ def test_fused_lsq_serves_every_activation_shape_of_a_rank_with_one_build():
         assert fused[0].shape == shape and all(torch.equal(a, b) for a, b in zip(fused, eager)), shape
 
 
-@pytest.mark.parametrize("shape", [(8, 3, 3, 3), (16, 1, 3, 3), (12, 7), (6, 6, 1, 1)],
-                         ids=["conv", "depthwise", "linear", "1x1 with C == K"])
+@pytest.mark.parametrize(
+    "shape",
+    [(8, 3, 3, 3), (16, 1, 3, 3), (12, 7), (6, 6, 1, 1)],
+    ids=["conv", "depthwise", "linear", "1x1 with C == K"],
+)
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_fused_per_channel_lsq_equals_torchs_learnable_op_bit_for_bit(shape, bits):
     """The weight quantizer's fused kernels against torch._fake_quantize_learnable_per_channel_affine:
     values, x gradient and the per-channel scale gradient bit for bit, with values at exact half
     levels (rounded half to even) and values clipped on both sides."""
-    q = FakeQuantize(QuantSpec(bits=bits, per_channel=True, narrow_range=True, scale_mode="lsq"), "weight", channels=shape[0])
+    q = FakeQuantize(
+        QuantSpec(bits=bits, per_channel=True, narrow_range=True, scale_mode="lsq"), "weight", channels=shape[0]
+    )
     torch.manual_seed(bits)
     q.scale.data.copy_(torch.rand(shape[0]) * 0.1 + 0.01)
     q.initialized.fill_(True)
@@ -139,8 +145,9 @@ def test_fused_per_channel_lsq_equals_torchs_learnable_op_bit_for_bit(shape, bit
     fused = _lsq_with(q, x, dy, fused=True)
     x.grad = None
     scale = q.scale.detach().clone().requires_grad_()
-    ref = torch._fake_quantize_learnable_per_channel_affine(x, scale, torch.zeros(shape[0]), 0, q.spec.qmin, q.spec.qmax,
-                                                           q.lsq_grad_factor(x))
+    ref = torch._fake_quantize_learnable_per_channel_affine(
+        x, scale, torch.zeros(shape[0]), 0, q.spec.qmin, q.spec.qmax, q.lsq_grad_factor(x)
+    )
     ref.backward(dy)
     assert torch.equal(fused[0], ref) and torch.equal(fused[1], x.grad) and torch.equal(fused[2], scale.grad)
     with torch.no_grad():
@@ -210,8 +217,9 @@ def test_w8a8_resnet18_is_close_to_float():
     assert rel < 0.1, rel
 
 
-@pytest.mark.parametrize("name,kw", [("resnet18", {"cifar_stem": True}), ("mobilenet_v2", {}),
-                                     ("mobilenet_v3_small", {}), ("paper_cnn", {})])
+@pytest.mark.parametrize(
+    "name,kw", [("resnet18", {"cifar_stem": True}), ("mobilenet_v2", {}), ("mobilenet_v3_small", {}), ("paper_cnn", {})]
+)
 def test_w4a4_forward_backward(name, kw):
     model = build_model(name, 10, **kw)
     qat = prepare_qat(model, QATConfig.from_dict({"bits": 4}))
@@ -237,18 +245,36 @@ def test_resnet_sites_cover_every_add_and_relu_reuse():
 
 
 def test_overrides_by_pattern():
-    qat = prepare_qat(build_model("resnet18", 10, cifar_stem=True),
-                      {"bits": 4, "overrides": [{"pattern": "layer4.*", "bits": 6}, {"pattern": "layer1.0.conv1", "enabled": False}]})
+    qat = prepare_qat(
+        build_model("resnet18", 10, cifar_stem=True),
+        {"bits": 4, "overrides": [{"pattern": "layer4.*", "bits": 6}, {"pattern": "layer1.0.conv1", "enabled": False}]},
+    )
     assert qat.get_submodule("layer4.0.conv1").weight_quant.spec.bits == 6
     assert qat.activation_quantizers["layer4_0_relu"].spec.bits == 6
     assert not hasattr(qat.get_submodule("layer1.0.conv1"), "weight_quant")
 
 
 def test_paper_placement_quantizes_conv_inputs_only():
-    cfg = {"bits": 2, "first_last_bits": None, "placement": "conv_inputs",
-           "weight": {"per_channel": False, "narrow_range": False, "scale_mode": "observer", "init": "minmax", "max_level": 1.5},
-           "activation": {"signed": True, "symmetric": True, "scale_mode": "observer", "observer_momentum": 1.0,
-                          "init": "minmax", "max_level": 1.5}}
+    cfg = {
+        "bits": 2,
+        "first_last_bits": None,
+        "placement": "conv_inputs",
+        "weight": {
+            "per_channel": False,
+            "narrow_range": False,
+            "scale_mode": "observer",
+            "init": "minmax",
+            "max_level": 1.5,
+        },
+        "activation": {
+            "signed": True,
+            "symmetric": True,
+            "scale_mode": "observer",
+            "observer_momentum": 1.0,
+            "init": "minmax",
+            "max_level": 1.5,
+        },
+    }
     qat = prepare_qat(build_model("paper_cnn", 100), cfg)
     assert list(qat.activation_quantizers) == ["x", "features_2"]
     x = torch.randn(2, 3, 32, 32)
@@ -258,14 +284,17 @@ def test_paper_placement_quantizes_conv_inputs_only():
     assert set(levels.tolist()) <= {-2.0, -1.0, 0.0, 1.0}
 
 
-@pytest.mark.parametrize("cfg,msg", [
-    ({"bits": 1}, "bits must be an integer from 2 to 8"),
-    ({"bits": 9}, "bits must be an integer from 2 to 8"),
-    ({"weight": {"granularity": "per_block"}}, "unknown key 'granularity'"),
-    ({"weight": {"init": "magic"}}, "unknown scale init 'magic'"),
-    ({"overrides": [{"pattern": "nonexistent.*", "bits": 8}]}, "pattern 'nonexistent.*' matches no"),
-    ({"placement": "everywhere"}, "unknown placement"),
-])
+@pytest.mark.parametrize(
+    "cfg,msg",
+    [
+        ({"bits": 1}, "bits must be an integer from 2 to 8"),
+        ({"bits": 9}, "bits must be an integer from 2 to 8"),
+        ({"weight": {"granularity": "per_block"}}, "unknown key 'granularity'"),
+        ({"weight": {"init": "magic"}}, "unknown scale init 'magic'"),
+        ({"overrides": [{"pattern": "nonexistent.*", "bits": 8}]}, "pattern 'nonexistent.*' matches no"),
+        ({"placement": "everywhere"}, "unknown placement"),
+    ],
+)
 def test_bad_config_raises_value_error_naming_the_problem(cfg, msg):
     with pytest.raises(ValueError, match=msg.replace(".", r"\.").replace("*", r"\*")):
         prepare_qat(build_model("paper_cnn", 10), cfg)

@@ -1,4 +1,5 @@
 """Faults a long run meets: kill -9, full disks, NaN, untrusted files, bad input (docs/reliability.md)."""
+
 import errno
 import itertools
 import json
@@ -13,15 +14,25 @@ import pytest
 import torch
 
 from qat_sadam.cli import main
-from qat_sadam.train import checkpoint as ckpt_mod
 from qat_sadam.errors import CheckpointError, TrainingStopped
+from qat_sadam.train import checkpoint as ckpt_mod
 from qat_sadam.train.checkpoint import load_checkpoint, save_atomic
 from qat_sadam.train.recipe import load_recipe
 from qat_sadam.train.trainer import Trainer
 
-TINY = ["data.name=synthetic", "data.image_size=8", "data.batch_size=64", "model.name=small_cnn", "model.width=8",
-        "epochs=3", "calibration_batches=1", "data.eval_batch_size=256", "checkpoint.every_steps=4",
-        "optimizer.probe_every=3", "quant.bits=4"]
+TINY = [
+    "data.name=synthetic",
+    "data.image_size=8",
+    "data.batch_size=64",
+    "model.name=small_cnn",
+    "model.width=8",
+    "epochs=3",
+    "calibration_batches=1",
+    "data.eval_batch_size=256",
+    "checkpoint.every_steps=4",
+    "optimizer.probe_every=3",
+    "quant.bits=4",
+]
 
 
 def _cli(out, *extra):
@@ -52,7 +63,9 @@ def uninterrupted(tmp_path_factory):
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted):
     # before the first checkpoint, mid-epoch, late in the last epoch; the three runs side by side
     runs = {kill_at: tmp_path / f"kill{kill_at}" for kill_at in (3, 11, 29)}
-    pending = {k: subprocess.Popen(_cli(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for k, run in runs.items()}
+    pending = {
+        k: subprocess.Popen(_cli(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for k, run in runs.items()
+    }
     deadline = time.time() + 180
     while pending and time.time() < deadline:
         for kill_at, p in list(pending.items()):
@@ -82,6 +95,7 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
     def broken(obj, f):
         f.write(b"partial")
         raise OSError(err, os.strerror(err))
+
     monkeypatch.setattr(ckpt_mod.torch, "save", broken)
     with pytest.raises(CheckpointError, match=f"cannot write checkpoint {path}: {os.strerror(err)}"):
         save_atomic({"model": {"w": torch.zeros(3)}, "recipe": {}}, str(path))
@@ -98,11 +112,13 @@ def test_unwritable_output_is_named(tmp_path):
 
 def _poison_loss_at(monkeypatch, step):
     import qat_sadam.train.trainer as tr
+
     real, calls = tr.F.cross_entropy, itertools.count(1)
 
     def poisoned(*a, **k):
         out = real(*a, **k)
         return out * float("nan") if torch.is_grad_enabled() and next(calls) == step else out
+
     monkeypatch.setattr(tr.F, "cross_entropy", poisoned)
 
 
@@ -110,7 +126,9 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path, monkeypatch
     r = load_recipe(None, TINY + ["checkpoint.every_steps=2"], optimizer="sadam")
     t = Trainer(r, str(tmp_path), progress=False)
     _poison_loss_at(monkeypatch, 7)
-    with pytest.raises(TrainingStopped, match=r"non-finite loss at step 6 \(epoch 0\); last good checkpoint: .*last.pt"):
+    with pytest.raises(
+        TrainingStopped, match=r"non-finite loss at step 6 \(epoch 0\); last good checkpoint: .*last.pt"
+    ):
         t.train()
     ck = load_checkpoint(str(tmp_path / "checkpoints" / "last.pt"))
     assert ck["global_step"] == 6
@@ -145,6 +163,7 @@ def test_malicious_pickle_is_refused_not_executed(tmp_path):
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
+
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         pickle.dump({"model": Evil(), "recipe": {}}, f)
@@ -158,19 +177,48 @@ def _bad_cases():
     cases = [["--bits", b] for b in ("0", "1", "9", "16", "-4", "four", "4.5", "")]
     cases += [["--optimizer", o] for o in ("lion", "Adam", "", "sadam ")]
     cases += [["--seed", s] for s in ("x", "1.5")]
-    bad_values = {"epochs": ["0", "-1", "ten", "1.5", "true", "[1]"], "seed": ["abc", "{}"],
-                  "data.batch_size": ["0", "-8", "big", "null"], "data.name": ["mnist", "7"],
-                  "data.val_split": ["1.0", "-0.1", "half"], "data.eval_on": ["train"], "schedule.name": ["step", "3"],
-                  "nan_policy": ["ignore"], "device": ["tpu"], "quant.bits": ["1", "12", "x"],
-                  "quant.placement": ["all"], "quant.weight.init": ["magic"], "quant.weight.scale_mode": ["auto"],
-                  "quant.activation.percentile": ["0", "101"], "quant.first_last_bits": ["1"],
-                  "optimizer.lr": ["-1", "fast"], "optimizer.k": ["0"], "optimizer.lam": ["-2"],
-                  "optimizer.lgi": ["magic"], "optimizer.betas": ["[0.9]", "1"], "optimizer.probe_every": ["0"],
-                  "model.name": ["vgg"], "model.cifar_stem": ["maybe"], "logging.every": ["0"],
-                  "data.augment.crop_padding": ["x"], "checkpoint.every_steps": ["-1"]}
+    bad_values = {
+        "epochs": ["0", "-1", "ten", "1.5", "true", "[1]"],
+        "seed": ["abc", "{}"],
+        "data.batch_size": ["0", "-8", "big", "null"],
+        "data.name": ["mnist", "7"],
+        "data.val_split": ["1.0", "-0.1", "half"],
+        "data.eval_on": ["train"],
+        "schedule.name": ["step", "3"],
+        "nan_policy": ["ignore"],
+        "device": ["tpu"],
+        "quant.bits": ["1", "12", "x"],
+        "quant.placement": ["all"],
+        "quant.weight.init": ["magic"],
+        "quant.weight.scale_mode": ["auto"],
+        "quant.activation.percentile": ["0", "101"],
+        "quant.first_last_bits": ["1"],
+        "optimizer.lr": ["-1", "fast"],
+        "optimizer.k": ["0"],
+        "optimizer.lam": ["-2"],
+        "optimizer.lgi": ["magic"],
+        "optimizer.betas": ["[0.9]", "1"],
+        "optimizer.probe_every": ["0"],
+        "model.name": ["vgg"],
+        "model.cifar_stem": ["maybe"],
+        "logging.every": ["0"],
+        "data.augment.crop_padding": ["x"],
+        "checkpoint.every_steps": ["-1"],
+    }
     cases += [["--set", f"{k}={v}"] for k, vs in bad_values.items() for v in vs]
-    cases += [["--set", s] for s in ("nokey", "=3", "a..b=1", "epochz=3", "data.batchsize=3", "optimizer.momentum=0.9",
-                                     "quant.overrides=[{pattern: 'nope*', bits: 8}]", "quant.weight={symmetric: false}")]
+    cases += [
+        ["--set", s]
+        for s in (
+            "nokey",
+            "=3",
+            "a..b=1",
+            "epochz=3",
+            "data.batchsize=3",
+            "optimizer.momentum=0.9",
+            "quant.overrides=[{pattern: 'nope*', bits: 8}]",
+            "quant.weight={symmetric: false}",
+        )
+    ]
     return cases
 
 
@@ -246,8 +294,23 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path, cap
 def test_resume_applies_safe_overrides_and_records_them(tmp_path):
     run = tmp_path / "run"
     assert main(_cli(run, "--set", "epochs=1")[3:]) == 0
-    assert main(["train", "x", "--resume", "--out", str(run), "--set", "epochs=2", "--set", "checkpoint.every_steps=5",
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "x",
+                "--resume",
+                "--out",
+                str(run),
+                "--set",
+                "epochs=2",
+                "--set",
+                "checkpoint.every_steps=5",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     summary = json.load(open(run / "summary.json"))
     assert summary["epochs"] == 2 and summary["steps"] == 32
     assert "epochs: 2" in (run / "recipe.yaml").read_text()
@@ -258,8 +321,16 @@ def test_resume_applies_safe_overrides_and_records_them(tmp_path):
 def test_an_unreadable_last_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
     # A constant lr (max_steps below must not reshape the schedule) and a model with dropout: its masks
     # come from the global RNG, so the resumed run equals the reference only if the RNG state is restored.
-    extra = ["--set", "schedule.name=constant", "--set", "model.name=paper_cnn", "--set", "model.widths=[8,8]",
-             "--set", "data.image_size=16"]
+    extra = [
+        "--set",
+        "schedule.name=constant",
+        "--set",
+        "model.name=paper_cnn",
+        "--set",
+        "model.widths=[8,8]",
+        "--set",
+        "data.image_size=16",
+    ]
     ref = tmp_path / "ref"
     assert main(_cli(ref, *extra)[3:]) == 0
     run = tmp_path / "run"

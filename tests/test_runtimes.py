@@ -2,6 +2,7 @@
 
 A runtime whose package is absent is skipped here with the reason (and reported "not run" by the
 validator, never passed); `make venv` installs them all."""
+
 import collections
 
 import numpy as np
@@ -11,12 +12,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from qat_sadam import calibrate, prepare_qat
+from qat_sadam.errors import ValidationError
 from qat_sadam.export import RUNTIMES, ModelFiles, export_float_onnx, export_onnx, float_model, ort_session
 from qat_sadam.export.runtimes import check_names, measure
 from qat_sadam.export.runtimes.executorch_xnnpack import pt2e_form
 from qat_sadam.export.target import Target
 from qat_sadam.export.validate import fusion, output_scale, validate
-from qat_sadam.errors import ValidationError
 from qat_sadam.models import build_model
 
 CPU = Target(name="test", weight_bits_max=7, checks=["fusion", "parity"], runtimes=[])
@@ -56,7 +57,12 @@ def test_runtime_matches_the_integer_reference_within_its_tolerance(tmp_path, na
     tol = RUNTIMES[name].tolerance
     assert row["parity"]["max_lsb"] <= tol.max_lsb and row["parity"]["top1_agreement"] >= tol.top1_agreement
     assert row["within_tolerance"] and row["placement"]
-    if name in ("ort-cpu", "ort-web", "executorch-xnnpack", "openvino"):  # exact on this small net (docs/runtimes.md)
+    if name in (
+        "ort-cpu",
+        "ort-web",
+        "executorch-xnnpack",
+        "openvino",
+    ):  # exact on this small net (docs/guide/runtimes.md)
         assert row["parity"]["max_lsb"] == 0.0
     if not RUNTIMES[name].simulated:
         assert row["latency_batch1"]["int8_ms"] > 0 and row["latency_batch1"]["float_ms"] > 0
@@ -73,7 +79,9 @@ def test_executorch_keeps_sub_8_bit_ranges(tmp_path):
     assert (-128, -113) in ranges and all(n.args[5] == torch.int8 for n in quants)
     assert any(n.target == torch.ops.aten.clamp.default for n in gm.graph.nodes)
     with torch.no_grad():  # the rewrite computes what the frozen graph computes
-        np.testing.assert_allclose(gm(torch.from_numpy(x)).numpy(), files.frozen(torch.from_numpy(x)).numpy(), atol=1e-5)
+        np.testing.assert_allclose(
+            gm(torch.from_numpy(x)).numpy(), files.frozen(torch.from_numpy(x)).numpy(), atol=1e-5
+        )
 
 
 class _ResidualBehindIdentity(torch.nn.Module):
@@ -141,7 +149,7 @@ def _clip_form(path, out, uint8: bool):
 
 def test_min_form_keeps_ort_cpu_fused_and_exact(tmp_path):
     """Same integer kernels, same logits as the Q -> Clip(uint8) -> DQ form; the price is one
-    DequantizeLinear/QuantizeLinear pair per bound that ORT does not fold (docs/runtimes.md)."""
+    DequantizeLinear/QuantizeLinear pair per bound that ORT does not fold (docs/guide/runtimes.md)."""
     files, x, ref, scale = _exported(tmp_path, 4)
     bounds = _clip_form(files.onnx, str(tmp_path / "old.onnx"), uint8=True)
     assert bounds > 0
@@ -173,19 +181,35 @@ def _conv_then_bound(path: str, bound: str) -> str:
     """x -> Q/DQ -> 1x1 conv (int8 weights) -> Q -> DQ -> {Clip(0, 6) | Min(., DQ(15))} -> Q -> DQ, uint8
     scale 0.4: a 4-bit range of 16 levels (0 to 6.0) after a conv, as in MobileNetV2 W4A4."""
     t = helper.make_tensor
-    inits = [t("s", TensorProto.FLOAT, [], [0.4]), t("z", TensorProto.UINT8, [], [0]), t("lo", TensorProto.FLOAT, [], [0.0]),
-             t("hi", TensorProto.FLOAT, [], [6.0]), t("hi_q", TensorProto.UINT8, [], [15]),
-             t("w", TensorProto.INT8, [4, 4, 1, 1], (np.eye(4, dtype=np.int8) * 100).flatten().tolist()),
-             t("ws", TensorProto.FLOAT, [4], [0.01] * 4), t("wz", TensorProto.INT8, [4], [0] * 4)]
+    inits = [
+        t("s", TensorProto.FLOAT, [], [0.4]),
+        t("z", TensorProto.UINT8, [], [0]),
+        t("lo", TensorProto.FLOAT, [], [0.0]),
+        t("hi", TensorProto.FLOAT, [], [6.0]),
+        t("hi_q", TensorProto.UINT8, [], [15]),
+        t("w", TensorProto.INT8, [4, 4, 1, 1], (np.eye(4, dtype=np.int8) * 100).flatten().tolist()),
+        t("ws", TensorProto.FLOAT, [4], [0.01] * 4),
+        t("wz", TensorProto.INT8, [4], [0] * 4),
+    ]
     n = helper.make_node
-    nodes = [n("QuantizeLinear", ["x", "s", "z"], ["xq"]), n("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
-             n("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0), n("Conv", ["xd", "wd"], ["c"]),
-             n("QuantizeLinear", ["c", "s", "z"], ["q1"]), n("DequantizeLinear", ["q1", "s", "z"], ["d1"])]
-    nodes += ([n("Clip", ["d1", "lo", "hi"], ["b"])] if bound == "clip" else
-              [n("DequantizeLinear", ["hi_q", "s", "z"], ["hi_d"]), n("Min", ["d1", "hi_d"], ["b"])])
+    nodes = [
+        n("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+        n("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        n("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
+        n("Conv", ["xd", "wd"], ["c"]),
+        n("QuantizeLinear", ["c", "s", "z"], ["q1"]),
+        n("DequantizeLinear", ["q1", "s", "z"], ["d1"]),
+    ]
+    nodes += (
+        [n("Clip", ["d1", "lo", "hi"], ["b"])]
+        if bound == "clip"
+        else [n("DequantizeLinear", ["hi_q", "s", "z"], ["hi_d"]), n("Min", ["d1", "hi_d"], ["b"])]
+    )
     nodes += [n("QuantizeLinear", ["b", "s", "z"], ["q2"]), n("DequantizeLinear", ["q2", "s", "z"], ["y"])]
     io = [helper.make_tensor_value_info(v, TensorProto.FLOAT, [1, 4, 4, 4]) for v in ("x", "y")]
-    model = helper.make_model(helper.make_graph(nodes, bound, io[:1], io[1:], inits), opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(
+        helper.make_graph(nodes, bound, io[:1], io[1:], inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
     model.ir_version = 8
     onnx.save(model, path)
     return path
@@ -194,13 +218,16 @@ def _conv_then_bound(path: str, bound: str) -> str:
 def test_qnn_htp_keeps_a_bound_written_as_min_not_as_a_float_clip(tmp_path):
     """Why the exporter writes sub-8-bit bounds as Min: after a conv, QNN HTP accepts a float Clip
     between DQ and Q and ignores it (outputs run to 20 past the 6.0 bound), and keeps a Min with a
-    dequantized bound exactly as ORT CPU does (docs/runtimes.md, MobileNetV2 W4A4 site by site)."""
+    dequantized bound exactly as ORT CPU does (docs/guide/runtimes.md, MobileNetV2 W4A4 site by site)."""
     _require("qnn-htp")
     from qat_sadam.export.runtimes.qnn_htp import qnn_session
 
     x = {"x": np.linspace(0, 20, 64, dtype=np.float32).reshape(1, 4, 4, 4)}
-    out = {(bound, rt): session(_conv_then_bound(str(tmp_path / f"{bound}.onnx"), bound)).run(None, x)[0]
-           for bound in ("min", "clip") for rt, session in (("cpu", ort_session), ("qnn", qnn_session))}
+    out = {
+        (bound, rt): session(_conv_then_bound(str(tmp_path / f"{bound}.onnx"), bound)).run(None, x)[0]
+        for bound in ("min", "clip")
+        for rt, session in (("cpu", ort_session), ("qnn", qnn_session))
+    }
     assert out["min", "cpu"].max() == out["clip", "cpu"].max() == np.float32(6.0)
     np.testing.assert_array_equal(out["min", "qnn"], out["min", "cpu"])
     assert out["clip", "qnn"].max() > 19.0

@@ -11,7 +11,9 @@ from qat_sadam.models import build_model
 
 def _net(dropout=0.0, bn=False):
     torch.manual_seed(1)
-    layers = [nn.Linear(6, 16)] + ([nn.BatchNorm1d(16)] if bn else []) + [nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 3)]
+    layers = (
+        [nn.Linear(6, 16)] + ([nn.BatchNorm1d(16)] if bn else []) + [nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 3)]
+    )
     return nn.Sequential(*layers)
 
 
@@ -29,6 +31,7 @@ def _closure(model, opt, x, y, set_to_none=True, record=None):
         if record is not None:
             record.append(loss.detach().clone())
         return loss
+
     return closure
 
 
@@ -40,7 +43,7 @@ def _train(model, opt, steps=20, **kw):
 
 
 def _reference_by_hand(model, steps, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, wd=1e-2, k=2, sigma=0.01, lam=2.0):
-    """Section 2 of docs/sadam.md, line by line."""
+    """Section 2 of docs/studies/sadam.md, line by line."""
     x, y = _data()
     x = x.double()
     params = list(model.parameters())
@@ -116,7 +119,10 @@ def test_reference_lam0_is_adamw_up_to_eps_placement():
     b.load_state_dict(a.state_dict())
     x, y = _data()
     target = torch.randn(32, 3, generator=torch.Generator().manual_seed(4)) * 5
-    for m, opt in ((a, torch.optim.AdamW(a.parameters(), lr=1e-2)), (b, SAdam(b.parameters(), lr=1e-2, lam=0.0, lgi="reference"))):
+    for m, opt in (
+        (a, torch.optim.AdamW(a.parameters(), lr=1e-2)),
+        (b, SAdam(b.parameters(), lr=1e-2, lam=0.0, lgi="reference")),
+    ):
         for _ in range(20):
             opt.zero_grad()
             nn.functional.mse_loss(m(x), target).backward()
@@ -136,6 +142,7 @@ def _rho(f, x0, steps=1, **kw):
         if torch.is_grad_enabled():
             loss.backward()
         return loss
+
     for _ in range(steps):
         opt.step(closure)
     return opt.rho[0]
@@ -169,6 +176,7 @@ def test_residual_rho_responds_to_radius_on_a_quantized_quadratic():
     def quantized(x):  # step function with a straight-through gradient
         q = torch.fake_quantize_per_tensor_affine(x, step, 0, -128, 127)
         return ((q - 0.3) ** 2).sum()
+
     x0 = 0.5 * _X0
     tiny = _rho(quantized, x0, k=4, probe_radius=1e-4 * step)  # never crosses a bin edge: sees nothing
     half = _rho(quantized, x0, k=4, probe_radius=0.5 * step)
@@ -196,7 +204,7 @@ def test_probes_see_the_gradient_pass_dropout_masks():
     torch.manual_seed(7)
     opt.step(_closure(model, opt, x, y, record=losses))
     assert len(losses) == 5
-    assert all(torch.equal(l, losses[0]) for l in losses[1:])
+    assert all(torch.equal(loss, losses[0]) for loss in losses[1:])
     # and training's own random stream continues as if no probe had run
     after = torch.rand(3)
     torch.manual_seed(7)
@@ -217,6 +225,7 @@ def test_state_dict_resumes_bit_exactly():
     def make():
         m = _net(dropout=0.1)
         return m, SAdam(m.parameters(), lr=1e-2, probe_every=2, k=2, seed=11)
+
     x, y = _data()
     m1, o1 = make()
     torch.manual_seed(0)
@@ -251,16 +260,23 @@ def test_lr_scheduler_and_missing_closure():
         opt.step()
 
 
-@pytest.mark.parametrize("kw,msg", [({"lr": -1}, "Invalid learning rate"), ({"k": 0}, "Invalid number of probe"),
-                                    ({"lgi": "magic"}, "lgi must be"), ({"lam": -1}, "Invalid lam"),
-                                    ({"lgi": "reference", "probe_every": 4}, "probe_every applies to lgi='residual' only"),
-                                    ({"sigma": 0.01}, "sigma applies to lgi='reference' only"),
-                                    ({"lgi": "reference", "probe_radius": 0.01}, "probe_radius applies to lgi='residual' only"),
-                                    ({"lgi": "reference", "probe_scale": 0.01}, "probe_scale applies to lgi='residual' only"),
-                                    ({"stabilize_eps": 1e-6}, "stabilize_eps applies to lgi='reference' only"),
-                                    ({"probe_radius": 0.1, "probe_scale": 0.1}, "not both"),
-                                    ({"probe_scale": 0.0}, "Invalid probe_scale"),
-                                    ({"lgi": "reference", "sigma": -1.0}, "Invalid sigma")])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"lr": -1}, "Invalid learning rate"),
+        ({"k": 0}, "Invalid number of probe"),
+        ({"lgi": "magic"}, "lgi must be"),
+        ({"lam": -1}, "Invalid lam"),
+        ({"lgi": "reference", "probe_every": 4}, "probe_every applies to lgi='residual' only"),
+        ({"sigma": 0.01}, "sigma applies to lgi='reference' only"),
+        ({"lgi": "reference", "probe_radius": 0.01}, "probe_radius applies to lgi='residual' only"),
+        ({"lgi": "reference", "probe_scale": 0.01}, "probe_scale applies to lgi='residual' only"),
+        ({"stabilize_eps": 1e-6}, "stabilize_eps applies to lgi='reference' only"),
+        ({"probe_radius": 0.1, "probe_scale": 0.1}, "not both"),
+        ({"probe_scale": 0.0}, "Invalid probe_scale"),
+        ({"lgi": "reference", "sigma": -1.0}, "Invalid sigma"),
+    ],
+)
 def test_invalid_hyperparameters(kw, msg):
     with pytest.raises(ValueError, match=msg):
         SAdam(_net().parameters(), **kw)
@@ -322,6 +338,7 @@ def _two_groups(**kw):
         if torch.is_grad_enabled():
             loss.backward()
         return loss
+
     return opt, closure
 
 

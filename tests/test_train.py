@@ -19,8 +19,16 @@ from qat_sadam.train.recipe import load_recipe
 from qat_sadam.train.trainer import Trainer
 from qat_sadam.workflows.compare import _recipe, parse_cell
 
-TINY = ["data.name=synthetic", "data.image_size=8", "data.batch_size=64", "model.name=small_cnn", "model.width=8",
-        "epochs=2", "calibration_batches=1", "data.eval_batch_size=256"]
+TINY = [
+    "data.name=synthetic",
+    "data.image_size=8",
+    "data.batch_size=64",
+    "model.name=small_cnn",
+    "model.width=8",
+    "epochs=2",
+    "calibration_batches=1",
+    "data.eval_batch_size=256",
+]
 
 
 def tiny_recipe(*extra, optimizer="sadam"):
@@ -51,12 +59,17 @@ def test_train_end_to_end_writes_metrics_and_checkpoints(tmp_path):
 
 @pytest.mark.parametrize("every", [0, 5])
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, every):
-    r = tiny_recipe("optimizer.probe_every=3", "model.dropout=0.0", f"checkpoint.every_steps={every}", "data.augment.flip=true",
-                    "data.augment.crop_padding=1")
+    r = tiny_recipe(
+        "optimizer.probe_every=3",
+        "model.dropout=0.0",
+        f"checkpoint.every_steps={every}",
+        "data.augment.flip=true",
+        "data.augment.crop_padding=1",
+    )
     full = Trainer(r, str(tmp_path / "full"), progress=False)
     full.train()
     stop = 21 if every else 16  # mid-epoch (16 steps per epoch) with periodic checkpoints, or at an epoch's end
-    Trainer({**r, "max_steps": stop}, str(tmp_path / "part"), progress=False).train()
+    Trainer(r.replace(max_steps=stop), str(tmp_path / "part"), progress=False).train()
     resumed = Trainer(r, str(tmp_path / "part"), resume=True, progress=False)
     assert resumed.global_step == stop
     resumed.train()
@@ -67,9 +80,12 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, every):
 @pytest.mark.parametrize("fused", [True, False])
 def test_oscillation_counter_matches_hand_sequence(fused):
     from qat_sadam import prepare_qat
+
     use_fused_kernels(fused)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1, bias=False), torch.nn.Flatten(), torch.nn.Linear(1, 1))
-    qat = prepare_qat(model, {"bits": 4, "first_last_bits": None, "weight": {"scale_mode": "frozen", "per_channel": False}})
+    qat = prepare_qat(
+        model, {"bits": 4, "first_last_bits": None, "weight": {"scale_mode": "frozen", "per_channel": False}}
+    )
     conv = qat.get_submodule("0")
     conv.weight_quant.scale.data.fill_(1.0)
     sequence = [0, 1, 2, 1, 1, 2, 3, 2, 3]  # integer weights over steps
@@ -92,9 +108,15 @@ def test_oscillation_counter_matches_hand_sequence(fused):
 
 def test_fused_oscillation_tracker_equals_the_eager_one_bit_for_bit():
     from qat_sadam import calibrate, prepare_qat
+
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 1), torch.nn.Conv2d(8, 8, 3, groups=8),
-                                torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.Conv2d(8, 8, 1),
+        torch.nn.Conv2d(8, 8, 3, groups=8),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 4 * 4, 5),
+    )
     qat = prepare_qat(model, {"bits": 3, "first_last_bits": None})
     calibrate(qat, [torch.randn(2, 3, 8, 8)])
     trackers = {fused: OscillationTracker(qat) for fused in (True, False)}
@@ -124,8 +146,14 @@ BAD = [
     (["train", "quickstart", "--bits", "9"], "--bits must be an integer from 2 to 8"),
     (["train", "quickstart", "--bits", "1"], "--bits must be an integer from 2 to 8"),
     (["train", "quickstart", "--set", "optimizer.lr=-1"], "Invalid learning rate"),
-    (["train", "quickstart", "--set", "data.name=imagenet"], "unknown dataset 'imagenet'"),
-    (["train", "quickstart", "--set", "data.name=cifar100", "--set", "data.root=/nonexistent"], "cifar100: not found under /nonexistent"),
+    (
+        ["train", "quickstart", "--set", "data.name=imagenet"],
+        "recipe key 'data.name' must be one of synthetic, digits, cifar10, cifar100, tinyimagenet, got 'imagenet'",
+    ),
+    (
+        ["train", "quickstart", "--set", "data.name=cifar100", "--set", "data.root=/nonexistent"],
+        "cifar100: not found under /nonexistent",
+    ),
     (["compare", "quickstart", "--optimizers", "adamw,rmsprop"], "unknown optimizer 'rmsprop'"),
     (["compare", "quickstart", "--optimizers", "sadam,adamw-effective@of=adamw"], "'of' must name an S-Adam cell"),
     (["compare", "quickstart", "--optimizers", "sadam@lr=fast"], "'optimizer.lr' must be a number, got 'fast'"),
@@ -139,13 +167,20 @@ def test_a_cell_setting_reads_numbers_as_set_does():
     assert parse_cell("sadam@lr=5e-3@k=8")[2] == {"name": "sadam", "lgi": "residual", "lr": 0.005, "k": 8}
     assert parse_cell("adamw@lr=5e-4@epochs=3")[4] == ["epochs=3"]
     # and the cell's recipe keeps it a number (JSON would write 5e-05, which YAML reads as text)
-    assert _recipe("quickstart", [], None, parse_cell("adamw@lr=5e-5")[2], 0)["optimizer"]["lr"] == 5e-5
+    assert _recipe("quickstart", [], None, parse_cell("adamw@lr=5e-5")[2], 0).optimizer["lr"] == 5e-5
 
 
 def test_a_recipe_file_with_lr_as_text_gets_a_clear_error(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(open(configs.resolve("recipe", "quickstart")).read() + "\noptimizer: {name: adamw, lr: 5e-4}\n")
+    recipe.write_text("name: r\noptimizer: {name: adamw, lr: 5e-4}\n")
     with pytest.raises(RecipeError, match=r"'optimizer.lr' must be a number, got '5e-4' \(YAML reads 5e-4 as text"):
+        load_recipe(str(recipe))
+
+
+def test_a_key_given_twice_in_a_recipe_file_is_refused_not_the_last_one_taken(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(open(configs.resolve("recipe", "quickstart")).read() + "\noptimizer: {name: adamw, lr: 50.0}\n")
+    with pytest.raises(RecipeError, match=r"r.yaml: not valid YAML \(key 'optimizer' given twice"):
         load_recipe(str(recipe))
 
 
@@ -158,17 +193,31 @@ def test_user_errors_exit_2_with_one_line(argv, msg, capsys, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_platform_that_cannot_build_the_fused_kernels_gets_one_line_and_the_eager_switch(tmp_path, capsys, monkeypatch):
+def test_a_platform_that_cannot_build_the_fused_kernels_gets_one_line_and_the_eager_switch(
+    tmp_path, capsys, monkeypatch
+):
     def no_compiler(*args):
         raise torch._dynamo.exc.BackendCompilerFailed(None, RuntimeError("Compiler: cc is not found.\nmore"), None)
 
     monkeypatch.setattr(fake_quant._fused_values, "kernel", no_compiler)
-    argv = ["train", "quickstart", "--bits", "4", *(a for kv in TINY + ["epochs=1"] for a in ("--set", kv)), "--out", str(tmp_path / "run")]
+    argv = [
+        "train",
+        "quickstart",
+        "--bits",
+        "4",
+        *(a for kv in TINY + ["epochs=1"] for a in ("--set", kv)),
+        "--out",
+        str(tmp_path / "run"),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "set fake_quant_kernels: eager" in err and "cc is not found" in err and err.count("\n") == 1
-    assert main(argv + ["--set", "fake_quant_kernels=eager", "--force", "--quiet"]) == 0  # the eager kernels need no compiler
-    monkeypatch.setenv("CXX", "no-such-compiler")  # auto: no compiler found, so the eager kernels run, and the log says so
+    assert (
+        main(argv + ["--set", "fake_quant_kernels=eager", "--force", "--quiet"]) == 0
+    )  # the eager kernels need no compiler
+    monkeypatch.setenv(
+        "CXX", "no-such-compiler"
+    )  # auto: no compiler found, so the eager kernels run, and the log says so
     assert main(argv + ["--set", "fake_quant_kernels=auto", "--force", "--quiet"]) == 0
     recs = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert any(x["type"] == "kernels" and x["fake_quant"] == "eager" for x in recs)
@@ -230,13 +279,34 @@ def test_cli_train_refuses_existing_dir_without_force(tmp_path, capsys):
 
 def test_compare_writes_tables_and_plots(tmp_path):
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text("\n".join(["model: {name: small_cnn, width: 8}",
-                                 "data: {name: synthetic, image_size: 8, batch_size: 128}",
-                                 "quant: {bits: 4}", "epochs: 1", "calibration_batches: 1"]))
+    recipe.write_text(
+        "\n".join(
+            [
+                "model: {name: small_cnn, width: 8}",
+                "data: {name: synthetic, image_size: 8, batch_size: 128}",
+                "quant: {bits: 4}",
+                "epochs: 1",
+                "calibration_batches: 1",
+            ]
+        )
+    )
     out = tmp_path / "cmp"
-    assert main(["compare", str(recipe), "--optimizers", "adamw,sadam-reference@k=2,adamw-effective,sadam,adamw-effective@of=sadam",
-                 "--seeds", "2",
-                 "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                str(recipe),
+                "--optimizers",
+                "adamw,sadam-reference@k=2,adamw-effective,sadam,adamw-effective@of=sadam",
+                "--seeds",
+                "2",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     md = (out / "results.md").read_text()
     assert "| adamw |" in md and "| sadam-reference@k=2 |" in md and "| adamw-effective |" in md
     rows = list(__import__("csv").DictReader(open(out / "results.csv")))
@@ -251,18 +321,41 @@ def test_compare_writes_tables_and_plots(tmp_path):
     assert eff_res["lr"] == pytest.approx(1e-3 * res["mean_damping"]) and res["mean_damping"] != ref["mean_damping"]
     assert os.path.getsize(out / "curves.png") > 10_000
     # --report-only tabulates what finished (2 of 3 seeds) and trains nothing
-    assert main(["compare", str(recipe), "--optimizers", "adamw,sadam", "--seeds", "3", "--out", str(out), "--report-only"]) == 0
+    assert (
+        main(
+            ["compare", str(recipe), "--optimizers", "adamw,sadam", "--seeds", "3", "--out", str(out), "--report-only"]
+        )
+        == 0
+    )
     rows = list(__import__("csv").DictReader(open(out / "results.csv")))
     assert [(r["optimizer"], r["seeds"]) for r in rows] == [("adamw", "2"), ("sadam", "2")]
     assert not (out / "adamw" / "seed2").exists()
     # ... and with --export exports the finished runs that have no ORT accuracy yet
-    assert main(["compare", str(recipe), "--optimizers", "adamw", "--seeds", "1", "--out", str(out), "--report-only",
-                 "--export", "cpu-x86"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                str(recipe),
+                "--optimizers",
+                "adamw",
+                "--seeds",
+                "1",
+                "--out",
+                str(out),
+                "--report-only",
+                "--export",
+                "cpu-x86",
+            ]
+        )
+        == 0
+    )
     s = json.load(open(out / "adamw" / "seed0" / "summary.json"))
     assert s["ort_agreement"] >= 0.995 and s["ort_acc"] == pytest.approx(s["integer_acc"], abs=0.005)
     assert "test acc (ORT INT8)" in (out / "results.md").read_text()
     # a column that only some seeds have says so
-    assert main(["compare", str(recipe), "--optimizers", "adamw", "--seeds", "2", "--out", str(out), "--report-only"]) == 0
+    assert (
+        main(["compare", str(recipe), "--optimizers", "adamw", "--seeds", "2", "--out", str(out), "--report-only"]) == 0
+    )
     assert "(1 of 2 seeds)" in (out / "results.md").read_text()
 
 
@@ -285,10 +378,28 @@ def test_a_train_run_writes_curves_and_tensorboard(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     sets = [x for t in TINY for x in ("--set", t)]
-    assert main(["train", "quickstart", "--bits", "4", "--out", str(tmp_path / "run"), "--quiet", *sets,
-                 "--set", "epochs=2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "quickstart",
+                "--bits",
+                "4",
+                "--out",
+                str(tmp_path / "run"),
+                "--quiet",
+                *sets,
+                "--set",
+                "epochs=2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    assert f"curves: {tmp_path / 'run' / 'curves.png'}" in out and (tmp_path / "run" / "curves.png").stat().st_size > 10_000
+    assert (
+        f"curves: {tmp_path / 'run' / 'curves.png'}" in out
+        and (tmp_path / "run" / "curves.png").stat().st_size > 10_000
+    )
     ev = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
     tags = ev.Tags()["scalars"]
     assert {"train/loss", "train/lr", "train/rho", "train/damping", "train/osc_freq_mean", "eval/test_acc"} <= set(tags)
@@ -317,15 +428,20 @@ def test_tensorboard_required_but_absent_is_a_recipe_error(tmp_path, monkeypatch
 def test_compiled_training_follows_the_eager_trajectory(tmp_path, monkeypatch):
     """compile: true traces the prepared model (fake-quant modules, LSQPerTensor, S-Adam's no-grad
     probes) with dynamo and AOTAutograd. The aot_eager backend keeps make test fast; inductor's
-    code generation is measured by tools/bench_training_cost.py, not here (minutes of compiling)."""
+    code generation is measured by tools/benchmarks/bench_training_cost.py, not here (minutes of compiling)."""
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m: compile_(m, backend="aot_eager"))
     losses = {}
     for compiled in (False, True):
         run = tmp_path / str(compiled)
-        t = Trainer(tiny_recipe("max_steps=4", "optimizer.probe_every=2", f"compile={str(compiled).lower()}"), str(run),
-                    progress=False)
+        t = Trainer(
+            tiny_recipe("max_steps=4", "optimizer.probe_every=2", f"compile={str(compiled).lower()}"),
+            str(run),
+            progress=False,
+        )
         assert (t.net is not t.model) == compiled
         t.train()
-        losses[compiled] = [json.loads(line)["loss"] for line in open(run / "metrics.jsonl") if '"type": "step"' in line]
+        losses[compiled] = [
+            json.loads(line)["loss"] for line in open(run / "metrics.jsonl") if '"type": "step"' in line
+        ]
     assert len(losses[True]) == 4 and losses[True] == losses[False]

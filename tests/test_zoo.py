@@ -1,8 +1,9 @@
 """Models users bring: one small member of each family, prepared, exported and bit-exact on ORT.
 
-The full sweep is tools/model_zoo.py (docs/model-zoo/README.md); here each family's own modules run
+The full sweep is tools/benchmarks/model_zoo.py (docs/model-zoo/README.md); here each family's own modules run
 at a small width and input size so that `make test` stays fast.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -22,14 +23,32 @@ TV = torchvision.models
 SMALL = {  # (builder, bits)
     "vit": (lambda: TV.VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=10), 4),
     "swin": (lambda: TV.SwinTransformer([4, 4], 16, [2, 2], [2, 2], [2, 2], num_classes=10), 8),
-    "swin_v2": (lambda: TV.SwinTransformer([4, 4], 16, [2, 2], [2, 2], [2, 2], num_classes=10,
-                                           block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2), 8),
+    "swin_v2": (
+        lambda: TV.SwinTransformer(
+            [4, 4],
+            16,
+            [2, 2],
+            [2, 2],
+            [2, 2],
+            num_classes=10,
+            block=SwinTransformerBlockV2,
+            downsample_layer=PatchMergingV2,
+        ),
+        8,
+    ),
     "convnext": (lambda: TV.ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=10), 4),
     "maxvit": (lambda: TV.MaxVit((32, 32), 16, 2, [16, 32], [1, 1], 8, 0.0, num_classes=10), 8),
     "densenet": (lambda: TV.DenseNet(8, (2, 2), 16, num_classes=10), 8),
     "mobilenet_v3": (lambda: TV.mobilenet_v3_small(num_classes=10, width_mult=0.25), 8),
-    "efficientnet": (lambda: EfficientNet([MBConvConfig(1, 3, 1, 16, 16, 1), MBConvConfig(6, 3, 2, 16, 24, 2)], 0.2,
-                                          stochastic_depth_prob=0.2, num_classes=10), 8),
+    "efficientnet": (
+        lambda: EfficientNet(
+            [MBConvConfig(1, 3, 1, 16, 16, 1), MBConvConfig(6, 3, 2, 16, 24, 2)],
+            0.2,
+            stochastic_depth_prob=0.2,
+            num_classes=10,
+        ),
+        8,
+    ),
 }
 
 
@@ -45,15 +64,28 @@ def _validated(qat, x, tmp_path):
     done = export_onnx(qat, x[:1], str(tmp_path / "m.onnx"), TARGET)
     with torch.no_grad():
         integer = done["integer"](x).numpy()
-    return done, validate(done["path"], target=TARGET, inputs=[x.numpy()], integer_outputs=integer, out_dir=str(tmp_path))
+    return done, validate(
+        done["path"], target=TARGET, inputs=[x.numpy()], integer_outputs=integer, out_dir=str(tmp_path)
+    )
 
 
 # Float ops whose ORT kernels round differently from torch's in the last bit (MLAS's polynomial erf /
 # logistic / tanh, the hard sigmoid's (x/6 + 1/2) for torch's (x + 3)/6): where such an op feeds a
 # quantizer, a value on a rounding tie can land one LSB apart (docs/model-zoo/README.md). Element-wise
 # Mul/Add (a BatchNorm as an affine) round the same in both; LayerNorm is emulated (integer_reference).
-INEXACT_FLOAT_OPS = {"Erf", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Softmax", "ReduceMean", "Div", "Sqrt", "Pow",
-                     "ReduceL2"}
+INEXACT_FLOAT_OPS = {
+    "Erf",
+    "Sigmoid",
+    "Tanh",
+    "HardSigmoid",
+    "HardSwish",
+    "Softmax",
+    "ReduceMean",
+    "Div",
+    "Sqrt",
+    "Pow",
+    "ReduceL2",
+}
 
 
 @pytest.mark.parametrize("family", sorted(SMALL))
@@ -82,7 +114,9 @@ def test_attention_is_quantized_where_ort_has_integer_kernels(tmp_path):
     assert softmax_q and all(float(q.scale) == 1 / 256 and q.spec.scale_mode == "frozen" for q in softmax_q)
     _, rep = _validated(qat, x, tmp_path)
     ops = rep["fusion"]["optimized_ops"]
-    assert ops["QLinearMatMul"] == 4 and ops["QLinearSoftmax"] == 2 and ops["QGemm"] == 13  # 2 x (q, k, v, out, 2 mlp) + head
+    assert (
+        ops["QLinearMatMul"] == 4 and ops["QLinearSoftmax"] == 2 and ops["QGemm"] == 13
+    )  # 2 x (q, k, v, out, 2 mlp) + head
     assert {"LayerNormalization", "Erf"} <= set(rep["fusion"]["float_ops"])
     assert "LayerNorm" in rep["fusion"]["float_ops"]["LayerNormalization"]["reason"]
 
@@ -147,11 +181,25 @@ def test_batchnorm_without_a_conv_exports_as_an_affine_between_dq_and_q(tmp_path
     """DenseNet's BatchNorm -> ReLU -> conv: no conv before it to fold into, and folding into the next
     conv would move it past that conv's input quantizer. It becomes x * a + b, exact against the
     QAT graph's BatchNorm in eval mode, and the integer reference equals ORT."""
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
     with torch.no_grad():  # statistics and an affine that are not the identity
         for bn in (model[1], model[3]):
-            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(-2, 2), bn.bias.uniform_(-1, 1)
+            (
+                bn.running_mean.uniform_(-1, 1),
+                bn.running_var.uniform_(0.5, 2),
+                bn.weight.uniform_(-2, 2),
+                bn.bias.uniform_(-1, 1),
+            )
     qat, x = _prepared(model, 8, size=16)
     done, rep = _validated(qat, x, tmp_path)
     frozen = done["frozen"]
@@ -164,8 +212,14 @@ def test_batchnorm_without_a_conv_exports_as_an_affine_between_dq_and_q(tmp_path
 
 def test_adaptive_pooling_to_a_larger_size_exports_as_a_replication(tmp_path):
     """VGG's 7x7 adaptive pool of a 1x1 map (small inputs): ONNX has no such pooling; it is a copy."""
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d(3),
-                          nn.Flatten(), nn.Linear(72, 10))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.AdaptiveAvgPool2d(3),
+        nn.Flatten(),
+        nn.Linear(72, 10),
+    )
     qat, x = _prepared(model, 8, size=16)
     _, rep = _validated(qat, x, tmp_path)
     assert rep["fusion"]["ok"] and rep["parity"]["torch_integer_vs_ort"]["max_lsb"] == 0
@@ -330,7 +384,12 @@ class _ChannelsLastNormHead(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv, self.pool, self.norm, self.fc = nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.LayerNorm(8), nn.Linear(8, 10)
+        self.conv, self.pool, self.norm, self.fc = (
+            nn.Conv2d(3, 8, 3),
+            nn.AdaptiveAvgPool2d(1),
+            nn.LayerNorm(8),
+            nn.Linear(8, 10),
+        )
         self.pre_logits, self.drop = nn.Identity(), nn.Dropout(0.0)
 
     def forward(self, x):

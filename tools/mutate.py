@@ -8,6 +8,7 @@ A mutant is killed when its tests fail; one that survives is a hole in the suite
 Each mutation must match its file exactly once, so a refactor that moves the code breaks the tool
 loudly instead of silently testing nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,39 +25,97 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name: (file, original, mutant, tests to run, what the bug is)
 MUTANTS = {
-    "fold_without_beta": ("qat_sadam/export/freeze.py", "bias = (bias - bn.running_mean) * a + beta",
-                          "bias = (bias - bn.running_mean) * a", "tests/test_export.py",
-                          "BatchNorm fold drops the shift"),
-    "fold_without_mean": ("qat_sadam/export/freeze.py", "bias = (bias - bn.running_mean) * a + beta",
-                          "bias = bias * a + beta", "tests/test_export.py", "BatchNorm fold drops the running mean"),
-    "probe_seed_without_step": ("qat_sadam/optim/sadam.py", 'gen.manual_seed(_mix(self.seed, index, group["t"]))',
-                                "gen.manual_seed(_mix(self.seed, index, 0))", "tests/test_sadam.py",
-                                "S-Adam reuses the same probe directions every step"),
-    "no_rho_ema": ("qat_sadam/optim/sadam.py", 'group["rho"] = ema * group["rho"] + (1 - ema) * raw',
-                   'group["rho"] = raw', "tests/test_sadam.py", "rho not smoothed"),
-    "nan_probe_poisons_rho": ("qat_sadam/optim/sadam.py", "if not math.isfinite(raw):", "if False:",
-                              "tests/test_sadam.py", "a probe's non-finite loss reaches rho"),
-    "lsq_gradient_sign": ("qat_sadam/quant/fake_quant.py", "g = self.lsq_grad_factor(x)",
-                          "g = -self.lsq_grad_factor(x)", "tests/test_quant.py", "LSQ scale gradient sign flipped"),
-    "oscillation_same_direction": ("qat_sadam/train/oscillation.py", "osc = flip & (direction == -self.last_dir[i])",
-                                   "osc = flip & (direction == self.last_dir[i])", "tests/test_train.py",
-                                   "an oscillation counted on a repeated move instead of a reversal"),
-    "integer_reference_no_zero_point": ("qat_sadam/export/integer_reference.py",
-                                        "y = torch.round(self.acc.float() * self.channel(multiplier)) + q.zero_point.float()",
-                                        "y = torch.round(self.acc.float() * self.channel(multiplier))",
-                                        "tests/test_export.py", "requantization ignores the output zero point"),
-    "clip_bound_off_by_one": ("qat_sadam/export/qdq.py", "float((self.hi - zp) * self.scale)",
-                              "float((self.hi - 1 - zp) * self.scale)", "tests/test_export.py tests/test_runtimes.py",
-                              "the sub-8-bit Clip's upper bound one level low"),
-    "resume_without_rng": ("qat_sadam/train/trainer.py", 'torch.set_rng_state(ck["rng_cpu"].cpu())', "pass",
-                           "tests/test_reliability.py", "resume does not restore the RNG state"),
-    "executorch_zero_point_shift": ("qat_sadam/export/runtimes/executorch_xnnpack.py", "INT8_SHIFT = 128",
-                                    "INT8_SHIFT = 127", "tests/test_runtimes.py", "uint8 -> int8 zero point off by one"),
-    "accuracy_gate_off": ("qat_sadam/export/validate.py", "ACCURACY_GAP_MAX = 0.02", "ACCURACY_GAP_MAX = 1.0",
-                          "tests/test_export.py", "deployed accuracy never compared with the QAT graph"),
-    "group_index_by_value": ("qat_sadam/optim/sadam.py", "for index, (group, on) in enumerate(zip(self.param_groups, probing)):",
-                             "for group, on in zip(self.param_groups, probing):\n                index = self.param_groups.index(group)",
-                             "tests/test_sadam.py", "param groups found by equality (crashes on equal-shaped groups)"),
+    "fold_without_beta": (
+        "qat_sadam/export/freeze.py",
+        "bias = (bias - bn.running_mean) * a + beta",
+        "bias = (bias - bn.running_mean) * a",
+        "tests/test_export.py",
+        "BatchNorm fold drops the shift",
+    ),
+    "fold_without_mean": (
+        "qat_sadam/export/freeze.py",
+        "bias = (bias - bn.running_mean) * a + beta",
+        "bias = bias * a + beta",
+        "tests/test_export.py",
+        "BatchNorm fold drops the running mean",
+    ),
+    "probe_seed_without_step": (
+        "qat_sadam/optim/sadam.py",
+        'gen.manual_seed(_mix(self.seed, index, group["t"]))',
+        "gen.manual_seed(_mix(self.seed, index, 0))",
+        "tests/test_sadam.py",
+        "S-Adam reuses the same probe directions every step",
+    ),
+    "no_rho_ema": (
+        "qat_sadam/optim/sadam.py",
+        'group["rho"] = ema * group["rho"] + (1 - ema) * raw',
+        'group["rho"] = raw',
+        "tests/test_sadam.py",
+        "rho not smoothed",
+    ),
+    "nan_probe_poisons_rho": (
+        "qat_sadam/optim/sadam.py",
+        "if not math.isfinite(raw):",
+        "if False:",
+        "tests/test_sadam.py",
+        "a probe's non-finite loss reaches rho",
+    ),
+    "lsq_gradient_sign": (
+        "qat_sadam/quant/fake_quant.py",
+        "g = self.lsq_grad_factor(x)",
+        "g = -self.lsq_grad_factor(x)",
+        "tests/test_quant.py",
+        "LSQ scale gradient sign flipped",
+    ),
+    "oscillation_same_direction": (
+        "qat_sadam/train/oscillation.py",
+        "osc = flip & (direction == -self.last_dir[i])",
+        "osc = flip & (direction == self.last_dir[i])",
+        "tests/test_train.py",
+        "an oscillation counted on a repeated move instead of a reversal",
+    ),
+    "integer_reference_no_zero_point": (
+        "qat_sadam/export/integer_reference.py",
+        "y = torch.round(self.acc.float() * self.channel(multiplier)) + q.zero_point.float()",
+        "y = torch.round(self.acc.float() * self.channel(multiplier))",
+        "tests/test_export.py",
+        "requantization ignores the output zero point",
+    ),
+    "clip_bound_off_by_one": (
+        "qat_sadam/export/qdq.py",
+        "float((self.hi - zp) * self.scale)",
+        "float((self.hi - 1 - zp) * self.scale)",
+        "tests/test_export.py tests/test_runtimes.py",
+        "the sub-8-bit Clip's upper bound one level low",
+    ),
+    "resume_without_rng": (
+        "qat_sadam/train/trainer.py",
+        'torch.set_rng_state(ck["rng_cpu"].cpu())',
+        "pass",
+        "tests/test_reliability.py",
+        "resume does not restore the RNG state",
+    ),
+    "executorch_zero_point_shift": (
+        "qat_sadam/export/runtimes/executorch_xnnpack.py",
+        "INT8_SHIFT = 128",
+        "INT8_SHIFT = 127",
+        "tests/test_runtimes.py",
+        "uint8 -> int8 zero point off by one",
+    ),
+    "accuracy_gate_off": (
+        "qat_sadam/export/validate.py",
+        "ACCURACY_GAP_MAX = 0.02",
+        "ACCURACY_GAP_MAX = 1.0",
+        "tests/test_export.py",
+        "deployed accuracy never compared with the QAT graph",
+    ),
+    "group_index_by_value": (
+        "qat_sadam/optim/sadam.py",
+        "for index, (group, on) in enumerate(zip(self.param_groups, probing)):",
+        "for group, on in zip(self.param_groups, probing):\n                index = self.param_groups.index(group)",
+        "tests/test_sadam.py",
+        "param groups found by equality (crashes on equal-shaped groups)",
+    ),
 }
 
 
@@ -76,7 +135,11 @@ def run_mutant(name: str, timeout: int, baseline: bool = False) -> dict:
         target = os.path.join(tmp, path)
         text = open(target).read()
         if text.count(old) != 1:
-            return {"mutant": name, "status": "stale", "detail": f"{path}: the original appears {text.count(old)} times"}
+            return {
+                "mutant": name,
+                "status": "stale",
+                "detail": f"{path}: the original appears {text.count(old)} times",
+            }
         if not baseline:
             with open(target, "w") as f:
                 f.write(text.replace(old, new))
@@ -87,8 +150,14 @@ def run_mutant(name: str, timeout: int, baseline: bool = False) -> dict:
         except subprocess.TimeoutExpired:
             return {"mutant": name, "status": "timeout", "detail": f"tests ran over {timeout} s"}
     killer = re.findall(r"^FAILED (\S+)", r.stdout, re.M)
-    return {"mutant": name, "status": "killed" if r.returncode else "SURVIVED", "what": what, "file": path,
-            "tests": tests, "killed_by": killer[0] if killer else None}
+    return {
+        "mutant": name,
+        "status": "killed" if r.returncode else "SURVIVED",
+        "what": what,
+        "file": path,
+        "tests": tests,
+        "killed_by": killer[0] if killer else None,
+    }
 
 
 def main() -> int:
@@ -100,14 +169,21 @@ def main() -> int:
     suites = {}
     for n in names:  # one unmutated run per test selection
         suites.setdefault(MUTANTS[n][3], n)
-    broken = [t for t, n in tqdm(suites.items(), desc="baseline") if run_mutant(n, a.timeout, baseline=True)["status"] != "SURVIVED"]
+    broken = [
+        t
+        for t, n in tqdm(suites.items(), desc="baseline")
+        if run_mutant(n, a.timeout, baseline=True)["status"] != "SURVIVED"
+    ]
     if broken:  # "SURVIVED" on the unmutated copy means the tests pass there, as they must
         print(f"the tests fail without any mutation, fix them first: {', '.join(broken)}")
         return 2
     rows = [run_mutant(n, a.timeout) for n in tqdm(names, desc="mutants")]
     print("| mutant | bug | file | status | killed by |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mutant']} | {r.get('what', '')} | {r.get('file', '')} | {r['status']} | {r.get('killed_by') or r.get('detail', '-')} |")
+        print(
+            f"| {r['mutant']} | {r.get('what', '')} | {r.get('file', '')} | {r['status']} | "
+            f"{r.get('killed_by') or r.get('detail', '-')} |"
+        )
     return 0 if all(r["status"] == "killed" for r in rows) else 1
 
 

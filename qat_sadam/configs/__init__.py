@@ -5,6 +5,7 @@ A reference is a name when it has no path separator and no .yaml suffix (``quick
 path, read as given. There is no fallback from one to the other: a name that is not shipped is an
 error that lists the shipped ones.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,10 @@ def resolve(kind: str, ref: str) -> str:
     folder, error = KINDS[kind]
     path = os.path.join(FOLDER, folder, f"{ref}.yaml")
     if not os.path.isfile(path):
-        raise error(f"no {kind} named {ref!r} ships with qat-sadam (shipped: {', '.join(names(kind))}); "
-                    f"give a path to a YAML file for your own")
+        raise error(
+            f"no {kind} named {ref!r} ships with qat-sadam (shipped: {', '.join(names(kind))}); "
+            f"give a path to a YAML file for your own"
+        )
     return path
 
 

@@ -18,6 +18,7 @@
 The frozen torch model computes what the ONNX graph computes; it is the exporter's source and
 the parity reference. Modules are from ``qdq.py``; each has an ONNX translation.
 """
+
 from __future__ import annotations
 
 import copy
@@ -52,7 +53,11 @@ def _folded(layer: nn.Module, bn: nn.BatchNorm2d | None):
     scale = q.step_size(layer.weight).flatten().expand(layer.weight.shape[0]).clone()
     bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros_like(scale)
     if bn is not None:
-        a = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
+        a = (
+            bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+            if bn.affine
+            else 1 / torch.sqrt(bn.running_var + bn.eps)
+        )
         beta = bn.bias.detach() if bn.affine else torch.zeros_like(a)
         bias = (bias - bn.running_mean) * a + beta
         sign = torch.sign(a).to(torch.int32)
@@ -61,13 +66,15 @@ def _folded(layer: nn.Module, bn: nn.BatchNorm2d | None):
     return w_int, scale, bias
 
 
-def freeze(qat_model: fx.GraphModule, weight_bits_max: int | None = None,
-           example_input: torch.Tensor | None = None) -> tuple[fx.GraphModule, dict]:
+def freeze(
+    qat_model: fx.GraphModule, weight_bits_max: int | None = None, example_input: torch.Tensor | None = None
+) -> tuple[fx.GraphModule, dict]:
     """The frozen inference graph of a prepared QAT model, and a report (requantized layers). With an
     example input (the exporter's), constants built from its static shapes are folded too."""
     if not isinstance(qat_model, fx.GraphModule) or not hasattr(qat_model, "activation_quantizers"):
-        raise ExportError("export needs a model from qat_sadam.prepare_qat (got an unprepared "
-                          f"{type(qat_model).__name__})")
+        raise ExportError(
+            f"export needs a model from qat_sadam.prepare_qat (got an unprepared {type(qat_model).__name__})"
+        )
     gm = copy.deepcopy(qat_model).eval()
     g = QuantGraph(gm)
     modules = g.modules
@@ -79,7 +86,9 @@ def freeze(qat_model: fx.GraphModule, weight_bits_max: int | None = None,
         m = modules[node.target]
         if isinstance(m, FakeQuantize) and m.kind == "activation":
             if m.spec.per_channel:
-                raise ExportError(f"activation quantizer {node.target!r} is per-channel; integer kernels need per-tensor")
+                raise ExportError(
+                    f"activation quantizer {node.target!r} is per-channel; integer kernels need per-tensor"
+                )
             qdq = QuantDequant.from_quantizer(m)
             set_module(gm, node.target, qdq)
             qdq_of[node] = qdq
@@ -88,9 +97,15 @@ def freeze(qat_model: fx.GraphModule, weight_bits_max: int | None = None,
             # would move the BatchNorm past a quantizer and change the numbers. A per-channel affine
             # in float between DQ and Q computes exactly what the QAT model computes.
             set_module(gm, node.target, ChannelAffine.from_batchnorm(m))
-        elif isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, (QuantConv2d, QuantLinear)) and node not in g.constant:
-            raise ExportError(f"module {node.target!r} ({type(m).__name__}) has no weight quantizer; an integer graph "
-                              "needs every conv and linear quantized (check quant.overrides)")
+        elif (
+            isinstance(m, (nn.Conv2d, nn.Linear))
+            and not isinstance(m, (QuantConv2d, QuantLinear))
+            and node not in g.constant
+        ):
+            raise ExportError(
+                f"module {node.target!r} ({type(m).__name__}) has no weight quantizer; an integer graph "
+                "needs every conv and linear quantized (check quant.overrides)"
+            )
         elif isinstance(m, nn.Dropout):
             _bypass(gm, node)
     for node in list(gm.graph.nodes):  # dropout and stochastic depth in functional form: identities at inference
@@ -106,7 +121,11 @@ def freeze(qat_model: fx.GraphModule, weight_bits_max: int | None = None,
         if src not in qdq_of:
             raise ExportError(f"the input of {node.target!r} is not quantized; cannot export it as an integer kernel")
         (user,) = node.users if len(node.users) == 1 else (None,)
-        bn = modules[user.target] if user is not None and user.op == "call_module" and isinstance(modules.get(user.target), nn.BatchNorm2d) else None
+        bn = (
+            modules[user.target]
+            if user is not None and user.op == "call_module" and isinstance(modules.get(user.target), nn.BatchNorm2d)
+            else None
+        )
         w_int, w_scale, bias = _folded(layer, bn)
         w_int, w_scale, changed = _requantize(w_int, w_scale, weight_bits_max)
         if changed:
@@ -128,8 +147,13 @@ def freeze(qat_model: fx.GraphModule, weight_bits_max: int | None = None,
 def _follows_conv(node: fx.Node, modules: dict) -> bool:
     """A BatchNorm2d right after a quantized conv that nothing else reads: folded into it."""
     prev = node.args[0]
-    return (isinstance(modules[node.target], nn.BatchNorm2d) and isinstance(prev, fx.Node) and prev.op == "call_module"
-            and isinstance(modules[prev.target], QuantConv2d) and len(prev.users) == 1)
+    return (
+        isinstance(modules[node.target], nn.BatchNorm2d)
+        and isinstance(prev, fx.Node)
+        and prev.op == "call_module"
+        and isinstance(modules[prev.target], QuantConv2d)
+        and len(prev.users) == 1
+    )
 
 
 def _fold_constants(gm: fx.GraphModule, g: QuantGraph, example_input: torch.Tensor | None) -> None:
@@ -138,7 +162,11 @@ def _fold_constants(gm: fx.GraphModule, g: QuantGraph, example_input: torch.Tens
     from static shapes (EdgeNeXt's positional encoding, a conv on a grid built from H and W), when
     their value does not depend on the batch size or is the same for every image and only broadcast
     into element-wise sums and products (checked at batch 1 and 2)."""
-    wanted = [n for n in gm.graph.nodes if n in g.constant and n.op != "get_attr" and any(u not in g.constant for u in n.users)]
+    wanted = [
+        n
+        for n in gm.graph.nodes
+        if n in g.constant and n.op != "get_attr" and any(u not in g.constant for u in n.users)
+    ]
     with torch.no_grad():
         if example_input is None:
             values = _parameter_only_values(gm, g)
@@ -157,7 +185,9 @@ def _fold_constants(gm: fx.GraphModule, g: QuantGraph, example_input: torch.Tens
 def _parameter_only_values(gm: fx.GraphModule, g: QuantGraph) -> dict:
     interp, pure = fx.Interpreter(gm), set()
     for n in gm.graph.nodes:
-        if n in g.constant and (n.op == "get_attr" or (n.all_input_nodes and all(a in pure for a in n.all_input_nodes))):
+        if n in g.constant and (
+            n.op == "get_attr" or (n.all_input_nodes and all(a in pure for a in n.all_input_nodes))
+        ):
             pure.add(n)
             interp.env[n] = interp.run_node(n)
     return interp.env
@@ -224,12 +254,18 @@ def _requantize_after_pass_ops(gm, g: QuantGraph, qdq_of: dict) -> None:
     permute, max-pool, window partition), so that the op after it reads a dequantized input, as ORT's
     integer kernels need (the values are already on the grid: the pair changes nothing)."""
     for node in list(gm.graph.nodes):
-        if not g.is_pass(node) or node.op == "call_module" and isinstance(g.modules[node.target], (nn.Identity, nn.Dropout)):
+        if (
+            not g.is_pass(node)
+            or node.op == "call_module"
+            and isinstance(g.modules[node.target], (nn.Identity, nn.Dropout))
+        ):
             continue
         if g.returns_tuple(node) or (node.users and all(g.is_pass(u) for u in node.users)):
             continue  # requantized at the end of the chain, or element by element after a split
         src = g.source(node)
-        if src not in qdq_of or any(u.op == "call_module" and isinstance(g.modules.get(u.target), QuantDequant) for u in node.users):
+        if src not in qdq_of or any(
+            u.op == "call_module" and isinstance(g.modules.get(u.target), QuantDequant) for u in node.users
+        ):
             continue
         name = f"requant_{node.name}"
         qdq = copy.deepcopy(qdq_of[src])
@@ -272,11 +308,21 @@ def fold_check(qat_model: fx.GraphModule, x: torch.Tensor) -> dict:
         if node.op != "call_module" or not isinstance(g.modules[node.target], (QuantConv2d, QuantLinear)):
             continue
         (user,) = node.users if len(node.users) == 1 else (None,)
-        bn = user.target if user is not None and user.op == "call_module" and isinstance(g.modules.get(user.target), nn.BatchNorm2d) else None
-        hooks.append(g.modules[node.target].register_forward_hook(
-            lambda m, i, o, k=node.target: captured.setdefault(k, {}).update(input=i[0])))
-        hooks.append(g.modules[bn or node.target].register_forward_hook(
-            lambda m, i, o, k=node.target: captured.setdefault(k, {}).update(output=o.clone())))  # before in-place ReLUs
+        bn = (
+            user.target
+            if user is not None and user.op == "call_module" and isinstance(g.modules.get(user.target), nn.BatchNorm2d)
+            else None
+        )
+        hooks.append(
+            g.modules[node.target].register_forward_hook(
+                lambda m, i, o, k=node.target: captured.setdefault(k, {}).update(input=i[0])
+            )
+        )
+        hooks.append(
+            g.modules[bn or node.target].register_forward_hook(
+                lambda m, i, o, k=node.target: captured.setdefault(k, {}).update(output=o.clone())
+            )
+        )  # before in-place ReLUs
     try:
         model(x)
     finally:

@@ -6,7 +6,7 @@ int32 and requantize once: round(float32(acc) * float32(s_in * s_w / s_out)). Bo
 to within float rounding, but near a rounding tie they can land on different integers, and in
 a deep 4-bit network such one-LSB seeds cascade: on a ResNet-18 W4A4, 1e-7 to 5e-5 of each
 layer's outputs differing in isolation grew to 7% top-1 disagreement at the logits
-(docs/export.md). This reference does the integer arithmetic itself (an exact
+(docs/guide/export.md). This reference does the integer arithmetic itself (an exact
 accumulation, ORT's requantization order), so what still differs from ORT is a fault of the
 exporter or the kernel, not float noise.
 
@@ -15,8 +15,9 @@ Emulated: conv/linear requantization, the element-wise add of two quantized tens
 rounding), QLinearSoftmax, and the float LayerNormalization and L2 normalization between DQ and Q
 (their float32 rounding decides which side of a quantizer tie their outputs land on). Pooling and
 reshapes keep the float QDQ semantics of the frozen graph: fed ORT's own inputs, each matched ORT
-on every output measured (tools/export_site_parity.py).
+on every output measured (tools/benchmarks/export_site_parity.py).
 """
+
 from __future__ import annotations
 
 import abc
@@ -50,6 +51,7 @@ class _Pending(abc.ABC):
 @dataclass
 class _Accumulator(_Pending):
     """A conv/linear output before requantization: the exact int32 accumulator and its scale."""
+
     acc: torch.Tensor  # integer-valued float32 or float64, exact (see _exact_dtype)
     scale: torch.Tensor  # per output channel, float32 s_in * s_w
     axis: int  # where the output channels are: 1 for a conv (NCHW), -1 for a linear layer (..., C)
@@ -71,7 +73,7 @@ class _Accumulator(_Pending):
         return _Accumulator(self.acc.clamp_min(0), self.scale, self.axis)
 
 
-_FLOAT32_EXACT = 2.0 ** 24  # every integer of smaller magnitude is a float32
+_FLOAT32_EXACT = 2.0**24  # every integer of smaller magnitude is a float32
 
 
 def _exact_dtype(w_int: torch.Tensor, b_int: torch.Tensor, x_int: torch.Tensor) -> torch.dtype:
@@ -85,7 +87,11 @@ def _accumulate(m: QConv2d | QLinear, x: torch.Tensor) -> _Accumulator:
     x_int = torch.round(x / m.input_scale)  # x is (q - zp) * s_in on the grid: exact integers
     dtype = _exact_dtype(m.weight_int, m.bias_int, x_int)
     x_int, w, b = x_int.to(dtype), m.weight_int.to(dtype), m.bias_int.to(dtype)
-    acc = F.conv2d(x_int, w, b, m.stride, m.padding, m.dilation, m.groups) if isinstance(m, QConv2d) else F.linear(x_int, w, b)
+    acc = (
+        F.conv2d(x_int, w, b, m.stride, m.padding, m.dilation, m.groups)
+        if isinstance(m, QConv2d)
+        else F.linear(x_int, w, b)
+    )
     return _Accumulator(acc, m.input_scale * m.weight_scale, 1 if isinstance(m, QConv2d) else -1)
 
 
@@ -101,6 +107,7 @@ def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 @dataclass
 class _PendingAdd(_Pending):
     """Two quantized tensors that ORT adds as one QLinearAdd, resolved by the quantizer that follows."""
+
     xa: torch.Tensor
     qa: QuantDequant
     xb: torch.Tensor
@@ -134,6 +141,7 @@ class _PendingSoftmax(_Pending):
     floor(1 / s_out), not 1 / s_out (prepare_qat fixes s_out at 1/2^bits, where the two agree), the
     quotient rounded from double precision. Matched to ORT 1.32 on 550,000 rows of 5 to 197 values
     (tests/test_export.py::test_kernel_emulations_match_ort_op_by_op)."""
+
     x: torch.Tensor
     q: QuantDequant
     dim: int
@@ -177,7 +185,7 @@ def _ort_layer_norm(x: torch.Tensor, shape, weight, bias, eps: float) -> torch.T
     lanes = torch.zeros(rows.shape[0], 8)
     body = n - n % 8
     for j in range(0, body, 8):
-        lanes = _fma32(diff[:, j:j + 8], diff[:, j:j + 8], lanes)
+        lanes = _fma32(diff[:, j : j + 8], diff[:, j : j + 8], lanes)
     while lanes.shape[1] > 1:
         half = lanes.shape[1] // 2
         lanes = lanes[:, :half] + lanes[:, half:]
@@ -242,8 +250,11 @@ class IntegerReference(fx.Interpreter):
         return super().run_node(n)
 
     def _is_relu(self, n: fx.Node) -> bool:
-        return (n.op == "call_function" and n.target in _RELUS) or (n.op == "call_method" and n.target == "relu") or (
-            isinstance(self.roles.module(n), nn.ReLU))
+        return (
+            (n.op == "call_function" and n.target in _RELUS)
+            or (n.op == "call_method" and n.target == "relu")
+            or (isinstance(self.roles.module(n), nn.ReLU))
+        )
 
     def _quantizer(self, n: fx.Node) -> QuantDequant | None:
         m = self.roles.module(n)
@@ -252,9 +263,16 @@ class IntegerReference(fx.Interpreter):
     def _qlinear_add(self, n: fx.Node, args) -> _PendingAdd | None:
         """DQ, DQ -> Add [-> ReLU] -> Q, which ORT runs as one QLinearAdd (a ReLU is dropped before a
         quantizer with zero point 0); None when n is not that pattern."""
-        is_add = (n.op == "call_function" and n.target in _ADDS) or (n.op == "call_method" and n.target in ("add", "add_"))
-        if not (is_add and not n.kwargs and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args)
-                and len(n.users) == 1):
+        is_add = (n.op == "call_function" and n.target in _ADDS) or (
+            n.op == "call_method" and n.target in ("add", "add_")
+        )
+        if not (
+            is_add
+            and not n.kwargs
+            and len(n.args) == 2
+            and all(isinstance(a, fx.Node) for a in n.args)
+            and len(n.users) == 1
+        ):
             return None
         (user,) = n.users
         if self._is_relu(user) and len(user.users) == 1:
@@ -286,7 +304,9 @@ class IntegerReference(fx.Interpreter):
 
     def _qlinear_softmax(self, n: fx.Node, args, kwargs) -> _PendingSoftmax | None:
         """DQ -> Softmax -> Q, which ORT runs as one QLinearSoftmax; None when n is not that pattern."""
-        is_softmax = (n.op == "call_function" and n.target in _SOFTMAXES) or (n.op == "call_method" and n.target == "softmax")
+        is_softmax = (n.op == "call_function" and n.target in _SOFTMAXES) or (
+            n.op == "call_method" and n.target == "softmax"
+        )
         if not is_softmax or len(n.users) != 1 or self._quantizer(next(iter(n.users))) is None:
             return None
         q = self._quantizer(self.roles.source(n.args[0]))
@@ -298,7 +318,9 @@ class IntegerReference(fx.Interpreter):
     def _qlinear_matmul(self, n: fx.Node, args) -> _Accumulator | None:
         """DQ, DQ -> MatMul -> Q, which ORT runs as QLinearMatMul: an exact integer product of the
         inputs less their zero points, requantized like a conv; None when n is not that pattern."""
-        is_matmul = (n.op == "call_function" and n.target in _MATMULS) or (n.op == "call_method" and n.target == "matmul")
+        is_matmul = (n.op == "call_function" and n.target in _MATMULS) or (
+            n.op == "call_method" and n.target == "matmul"
+        )
         if not is_matmul or len(n.users) != 1 or self._quantizer(next(iter(n.users))) is None:
             return None
         qa, qb = (self._quantizer(self.roles.source(a)) for a in n.args[:2])
@@ -310,8 +332,11 @@ class IntegerReference(fx.Interpreter):
         return _Accumulator(torch.matmul(a.to(dtype), b.to(dtype)), qa.scale * qb.scale, -1)
 
     def _fused(self, args, kwargs):
-        return (self._qlinear_add(self._node, args) or self._qlinear_softmax(self._node, args, kwargs)
-                or self._qlinear_matmul(self._node, args))
+        return (
+            self._qlinear_add(self._node, args)
+            or self._qlinear_softmax(self._node, args, kwargs)
+            or self._qlinear_matmul(self._node, args)
+        )
 
     def call_function(self, target, args, kwargs):
         if target in _RELUS and isinstance(args[0], _Pending):

@@ -1,4 +1,5 @@
 """export_onnx: a QAT model -> an INT8 QDQ ONNX file that ONNX Runtime runs as integer kernels."""
+
 from __future__ import annotations
 
 import copy
@@ -48,8 +49,10 @@ def _exportable_pooling(model: nn.Module, example: torch.Tensor) -> None:
         if h % oh == 0 and w % ow == 0:
             continue
         if oh % h or ow % w:
-            raise ExportError(f"module {node.target!r} (AdaptiveAvgPool2d) pools {h}x{w} to {oh}x{ow}: neither size "
-                              "divides the other, which ONNX cannot express; export at an input size where one does")
+            raise ExportError(
+                f"module {node.target!r} (AdaptiveAvgPool2d) pools {h}x{w} to {oh}x{ow}: neither size "
+                "divides the other, which ONNX cannot express; export at an input size where one does"
+            )
         set_module(model, node.target, Replicate((oh // h, ow // w)))
 
 
@@ -61,13 +64,24 @@ def _onnx_export(model: nn.Module, example: torch.Tensor, path: str, target: Tar
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         # dynamo=False: the TorchScript exporter honours autograd.Function.symbolic, which is how
-        # the Q/DQ nodes are written (the dynamo exporter does not translate fake-quant, docs/export.md).
+        # the Q/DQ nodes are written (the dynamo exporter does not translate fake-quant, docs/guide/export.md).
         try:
-            torch.onnx.export(model, (example,), path, dynamo=False, opset_version=target.opset, input_names=["input"],
-                              output_names=["logits"], dynamic_axes=dynamic, do_constant_folding=True)
+            torch.onnx.export(
+                model,
+                (example,),
+                path,
+                dynamo=False,
+                opset_version=target.opset,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes=dynamic,
+                do_constant_folding=True,
+            )
         except Exception as e:  # the exporter's errors name the op it cannot translate
-            raise ExportError(f"the ONNX exporter refused {failing_module(model, e)}: "
-                              f"{str(e).splitlines()[0][:240] or type(e).__name__}") from None
+            raise ExportError(
+                f"the ONNX exporter refused {failing_module(model, e)}: "
+                f"{str(e).splitlines()[0][:240] or type(e).__name__}"
+            ) from None
     m = onnx.load(path)
     _flatten_as_reshape(m.graph)
     onnx.checker.check_model(m)
@@ -101,8 +115,13 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str, target
     frozen = frozen.cpu()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     _onnx_export(frozen, example_input.detach().cpu(), path, target)
-    return {"path": path, "target": target.name, "requantized_to_max_bits": report["requantized"], "frozen": frozen,
-            "integer": integer_reference(frozen)}
+    return {
+        "path": path,
+        "target": target.name,
+        "requantized_to_max_bits": report["requantized"],
+        "frozen": frozen,
+        "integer": integer_reference(frozen),
+    }
 
 
 def float_model(model: nn.Module) -> nn.Module:
@@ -114,7 +133,8 @@ def float_model(model: nn.Module) -> nn.Module:
     return m
 
 
-def export_float_onnx(model: nn.Module, example_input: torch.Tensor, path: str, target: "str | Target | None" = None) -> str:
+def export_float_onnx(
+    model: nn.Module, example_input: torch.Tensor, path: str, target: "str | Target | None" = None
+) -> str:
     _onnx_export(float_model(model), example_input.detach().cpu(), path, load_target(target))
     return path
-

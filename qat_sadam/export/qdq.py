@@ -6,8 +6,9 @@ QuantizeLinear -> DequantizeLinear for activations (uint8; below 8 bits with a f
 second pair), an int8 initializer ->
 DequantizeLinear(axis 0) for weights, an int32 initializer -> DequantizeLinear for biases.
 torch's own fake-quant ops export only three integer ranges and the learnable ones not at all
-(docs/export.md), hence these.
+(docs/guide/export.md), hence these.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,12 +30,16 @@ class _QuantDequantFn(torch.autograd.Function):
         min(q, hi) (the first Q already clamps at 0). Every runtime here reads this form as written.
         A Clip on the uint8 tensor says the same to ORT CPU, but QNN reads a uint8 tensor between Q and
         DQ without a quantization encoding and rejects it; a float Clip between DQ and Q, QNN HTP
-        accepts and then ignores (its outputs run past the bound: docs/runtimes.md)."""
+        accepts and then ignores (its outputs run past the bound: docs/guide/runtimes.md)."""
         q = g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero_point), scale, zero_point)
         if hi == 255:
             return q
-        bound = g.op("DequantizeLinear", g.op("Constant", value_t=torch.tensor(hi, dtype=torch.uint8)), scale, zero_point)
-        return g.op("DequantizeLinear", g.op("QuantizeLinear", g.op("Min", q, bound), scale, zero_point), scale, zero_point)
+        bound = g.op(
+            "DequantizeLinear", g.op("Constant", value_t=torch.tensor(hi, dtype=torch.uint8)), scale, zero_point
+        )
+        return g.op(
+            "DequantizeLinear", g.op("QuantizeLinear", g.op("Min", q, bound), scale, zero_point), scale, zero_point
+        )
 
 
 class _DequantFn(torch.autograd.Function):
@@ -100,15 +105,19 @@ class _FrozenWeights(nn.Module):
         self.register_buffer("weight_int", w_int.to(torch.int8))
         self.register_buffer("weight_scale", w_scale.float().clone())
         self.register_buffer("weight_zero_point", torch.zeros(w_int.shape[0], dtype=torch.int8))
-        self.register_buffer("input_scale", torch.as_tensor(in_scale).float().reshape(()).clone())  # for integer_reference
+        self.register_buffer(
+            "input_scale", torch.as_tensor(in_scale).float().reshape(()).clone()
+        )  # for integer_reference
         bias_scale = (in_scale * w_scale).float()
-        self.register_buffer("bias_int", torch.round(bias / bias_scale).clamp(-2**31, 2**31 - 1).to(torch.int32))
+        self.register_buffer("bias_int", torch.round(bias / bias_scale).clamp(-(2**31), 2**31 - 1).to(torch.int32))
         self.register_buffer("bias_scale", bias_scale)
         self.register_buffer("bias_zero_point", torch.zeros(w_int.shape[0], dtype=torch.int32))
 
     def weight_bias(self):
-        return (_DequantFn.apply(self.weight_int, self.weight_scale, self.weight_zero_point),
-                _DequantFn.apply(self.bias_int, self.bias_scale, self.bias_zero_point))
+        return (
+            _DequantFn.apply(self.weight_int, self.weight_scale, self.weight_zero_point),
+            _DequantFn.apply(self.bias_int, self.bias_scale, self.bias_zero_point),
+        )
 
 
 class QConv2d(_FrozenWeights):

@@ -1,5 +1,6 @@
 """Deployment target profiles (shipped ones in qat_sadam/configs/targets/, by name): opset, ranges,
 input shape, formats, checks, runtimes."""
+
 from __future__ import annotations
 
 import os
@@ -33,9 +34,14 @@ class Target:
 
     def __post_init__(self):
         if self.opset < 13:
-            raise ValidationError(f"target {self.name}: opset must be at least 13 (per-channel DequantizeLinear), got {self.opset}")
+            raise ValidationError(
+                f"target {self.name}: opset must be at least 13 (per-channel DequantizeLinear), got {self.opset}"
+            )
         if self.activation_type != "uint8":
-            raise ValidationError(f"target {self.name}: activation_type must be uint8 (ORT's QDQ kernels and NNAPI take uint8 activations)")
+            raise ValidationError(
+                f"target {self.name}: activation_type must be uint8 (ORT's QDQ kernels and NNAPI take uint8 "
+                "activations)"
+            )
         if self.weight_type != "int8":
             raise ValidationError(f"target {self.name}: weight_type must be int8")
         if self.weight_bits_max is not None and not 2 <= self.weight_bits_max <= 8:
@@ -67,7 +73,9 @@ def load_target(target: "str | Target | None") -> Target:
         with open(target, encoding="utf-8") as f:
             d = yaml.safe_load(f) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ValidationError(f"{target}: not a readable YAML target profile ({str(e).splitlines()[0][:120]})") from None
+        raise ValidationError(
+            f"{target}: not a readable YAML target profile ({str(e).splitlines()[0][:120]})"
+        ) from None
     known = {f.name: f.type for f in fields(Target)}
     if not isinstance(d, dict) or set(d) - set(known):
         bad = sorted(set(d) - set(known)) if isinstance(d, dict) else ["<not a mapping>"]

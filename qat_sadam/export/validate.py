@@ -3,6 +3,7 @@
 Only the CPU execution provider exists in the desktop wheel; the report names the providers
 that actually ran, and mobile providers are checked statically by ORT's own tools.
 """
+
 from __future__ import annotations
 
 import collections
@@ -24,32 +25,80 @@ from .runtimes import ModelFiles, check_names, lsb_stats, measure, ort_session, 
 from .target import Target, load_target
 
 FLOAT_COMPUTE = {"Conv", "Gemm", "MatMul", "ConvTranspose", "Einsum"}
-INTEGER_KERNELS = {"QLinearConv", "NhwcQLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger",
-                   "MatMulIntegerToFloat"}
+INTEGER_KERNELS = {
+    "QLinearConv",
+    "NhwcQLinearConv",
+    "QGemm",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+    "MatMulIntegerToFloat",
+}
 # Ops that compute nothing (Q/DQ, integer element-wise kernels, data movement, shape arithmetic).
-_NOT_FLOAT_MATH = {"QuantizeLinear", "DequantizeLinear", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearSoftmax",
-                   "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu",
-                   "QLinearReduceMean", "QLinearWhere", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze",
-                   "Identity", "Constant", "Shape", "Gather", "Concat", "Slice", "Split", "Expand", "Tile", "Pad", "Cast",
-                   "ConstantOfShape", "Range", "Equal", "Where", "MaxPool", "Clip", "Min", "Relu"} | INTEGER_KERNELS
+_NOT_FLOAT_MATH = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "QLinearAdd",
+    "QLinearMul",
+    "QLinearConcat",
+    "QLinearSoftmax",
+    "QLinearAveragePool",
+    "QLinearGlobalAveragePool",
+    "QLinearSigmoid",
+    "QLinearLeakyRelu",
+    "QLinearReduceMean",
+    "QLinearWhere",
+    "Reshape",
+    "Transpose",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+    "Constant",
+    "Shape",
+    "Gather",
+    "Concat",
+    "Slice",
+    "Split",
+    "Expand",
+    "Tile",
+    "Pad",
+    "Cast",
+    "ConstantOfShape",
+    "Range",
+    "Equal",
+    "Where",
+    "MaxPool",
+    "Clip",
+    "Min",
+    "Relu",
+} | INTEGER_KERNELS
 # Why an op runs in float in an INT8 graph, by op type.
 _NO_INTEGER_KERNEL = "no integer kernel in ORT CPU: runs in float between DequantizeLinear and QuantizeLinear"
 FLOAT_OP_REASONS = {
     "LayerNormalization": f"LayerNorm: {_NO_INTEGER_KERNEL}",
     "Erf": f"GELU (erf form): {_NO_INTEGER_KERNEL}",
-    "Gelu": f"GELU: {_NO_INTEGER_KERNEL}", "Tanh": f"tanh: {_NO_INTEGER_KERNEL}",
+    "Gelu": f"GELU: {_NO_INTEGER_KERNEL}",
+    "Tanh": f"tanh: {_NO_INTEGER_KERNEL}",
     "Sigmoid": f"sigmoid (SiLU, squeeze-excite gates): {_NO_INTEGER_KERNEL}",
-    "HardSigmoid": f"hard sigmoid: {_NO_INTEGER_KERNEL}", "HardSwish": f"hard swish: {_NO_INTEGER_KERNEL}",
+    "HardSigmoid": f"hard sigmoid: {_NO_INTEGER_KERNEL}",
+    "HardSwish": f"hard swish: {_NO_INTEGER_KERNEL}",
     "Softmax": "softmax whose input or output is not quantized: float",
     "Mul": "element-wise product with a constant (BatchNorm without a conv, layer scale, attention scale, "
-           "activation formulas): float", "Add": "element-wise sum with a constant (BatchNorm without a conv, "
-           "position bias, attention mask, activation formulas): float",
-    "Div": f"division (GELU, normalisation): {_NO_INTEGER_KERNEL}", "Sub": f"subtraction: {_NO_INTEGER_KERNEL}",
-    "Sqrt": f"square root (normalisation): {_NO_INTEGER_KERNEL}", "Pow": f"power (normalisation): {_NO_INTEGER_KERNEL}",
-    "ReduceMean": "mean not fused: float", "ReduceL2": f"L2 norm (cosine attention): {_NO_INTEGER_KERNEL}",
-    "Exp": f"exp: {_NO_INTEGER_KERNEL}", "Max": "maximum (a clamp): float",
+    "activation formulas): float",
+    "Add": "element-wise sum with a constant (BatchNorm without a conv, "
+    "position bias, attention mask, activation formulas): float",
+    "Div": f"division (GELU, normalisation): {_NO_INTEGER_KERNEL}",
+    "Sub": f"subtraction: {_NO_INTEGER_KERNEL}",
+    "Sqrt": f"square root (normalisation): {_NO_INTEGER_KERNEL}",
+    "Pow": f"power (normalisation): {_NO_INTEGER_KERNEL}",
+    "ReduceMean": "mean not fused: float",
+    "ReduceL2": f"L2 norm (cosine attention): {_NO_INTEGER_KERNEL}",
+    "Exp": f"exp: {_NO_INTEGER_KERNEL}",
+    "Max": "maximum (a clamp): float",
     "Resize": "adaptive pooling to a larger size, a replication: exact in float",
-    "GlobalAveragePool": "pooling not fused: float", "AveragePool": "pooling not fused: float",
+    "GlobalAveragePool": "pooling not fused: float",
+    "AveragePool": "pooling not fused: float",
     "BatchNormalization": f"BatchNorm kept as an op: {_NO_INTEGER_KERNEL}",
 }
 
@@ -61,7 +110,9 @@ def check_model_file(path: str) -> onnx.ModelProto:
         model = onnx.load(path)
         onnx.checker.check_model(model)
     except Exception as e:  # DecodeError, ValidationError, ...
-        raise ValidationError(f"{path} is not a valid ONNX model ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+        raise ValidationError(
+            f"{path} is not a valid ONNX model ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
+        ) from None
     return model
 
 
@@ -74,11 +125,20 @@ def fusion(path: str, workdir: str) -> dict:
     expected = sum(before[o] for o in FLOAT_COMPUTE)
     integer = sum(after[o] for o in INTEGER_KERNELS)
     left = {o: after[o] for o in FLOAT_COMPUTE if after[o]}
-    float_ops = {o: {"count": c, "reason": FLOAT_OP_REASONS.get(o, _NO_INTEGER_KERNEL)}
-                 for o, c in sorted(after.items(), key=lambda kv: -kv[1]) if o not in _NOT_FLOAT_MATH | FLOAT_COMPUTE}
+    float_ops = {
+        o: {"count": c, "reason": FLOAT_OP_REASONS.get(o, _NO_INTEGER_KERNEL)}
+        for o, c in sorted(after.items(), key=lambda kv: -kv[1])
+        if o not in _NOT_FLOAT_MATH | FLOAT_COMPUTE
+    }
     # ORT folds layers that compute constants (Swin V2's position-bias MLP): they need no kernel.
-    return {"ok": not left, "float_ops_in_export": expected, "integer_kernels": integer, "float_compute_left": left,
-            "float_ops": float_ops, "optimized_ops": dict(sorted(after.items(), key=lambda kv: -kv[1]))}
+    return {
+        "ok": not left,
+        "float_ops_in_export": expected,
+        "integer_kernels": integer,
+        "float_compute_left": left,
+        "float_ops": float_ops,
+        "optimized_ops": dict(sorted(after.items(), key=lambda kv: -kv[1])),
+    }
 
 
 SHAPE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity"}
@@ -96,7 +156,9 @@ def output_scale(model: onnx.ModelProto) -> float | None:
         if name in inits:
             return onnx.numpy_helper.to_array(inits[name])
         node = producer.get(name)
-        return onnx.numpy_helper.to_array(node.attribute[0].t) if node is not None and node.op_type == "Constant" else None
+        return (
+            onnx.numpy_helper.to_array(node.attribute[0].t) if node is not None and node.op_type == "Constant" else None
+        )
 
     node = producer.get(model.graph.output[0].name)
     while node is not None and node.op_type in SHAPE_OPS:
@@ -133,33 +195,58 @@ def latency(int8_path: str, float_path: str, shape: tuple, batches=(1, 32), roun
 
 def mobile(path: str, workdir: str) -> dict:
     """ORT's static NNAPI/CoreML usability check and the conversion to the .ort format."""
-    check = subprocess.run([sys.executable, "-m", "onnxruntime.tools.check_onnx_model_mobile_usability", path],
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, "-m", "onnxruntime.tools.check_onnx_model_mobile_usability", path],
+        capture_output=True,
+        text=True,
+    )
     text = (check.stdout + check.stderr).strip()
     lines = [ln.split("- ", 1)[-1] if "- " in ln else ln for ln in text.splitlines()]
-    summary = [ln for ln in lines if any(k in ln for k in ("partition", "NNAPI", "CoreML", "nodes", "should", "supported"))]
+    summary = [
+        ln for ln in lines if any(k in ln for k in ("partition", "NNAPI", "CoreML", "nodes", "should", "supported"))
+    ]
     ort_dir = os.path.join(workdir, "ort")
     os.makedirs(ort_dir, exist_ok=True)
     shutil.copy(path, os.path.join(ort_dir, os.path.basename(path)))
-    conv = subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", ort_dir],
-                          capture_output=True, text=True)
+    conv = subprocess.run(
+        [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", ort_dir], capture_output=True, text=True
+    )
     ort_files = sorted(f for f in os.listdir(ort_dir) if f.endswith(".ort"))
     configs = sorted(f for f in os.listdir(ort_dir) if f.endswith(".config"))
-    return {"usability_check_exit_code": check.returncode, "usability_summary": summary[:40],
-            "usability_log": text[-6000:], "ort_conversion_ok": conv.returncode == 0 and bool(ort_files),
-            "ort_conversion_log": (conv.stdout + conv.stderr)[-2000:], "ort_dir": ort_dir,
-            "ort_files": ort_files, "required_operators_configs": configs}
+    return {
+        "usability_check_exit_code": check.returncode,
+        "usability_summary": summary[:40],
+        "usability_log": text[-6000:],
+        "ort_conversion_ok": conv.returncode == 0 and bool(ort_files),
+        "ort_conversion_log": (conv.stdout + conv.stderr)[-2000:],
+        "ort_dir": ort_dir,
+        "ort_files": ort_files,
+        "required_operators_configs": configs,
+    }
 
 
 ACCURACY_KEYS = ("torch_integer", "torch_frozen", "torch_qat_graph")  # the torch references, gate first
 
 
-def validate(path: str, *, target: "str | Target | None" = None, inputs: list[np.ndarray] | None = None,
-             labels: np.ndarray | None = None, torch_outputs: np.ndarray | None = None,
-             frozen_outputs: np.ndarray | None = None, integer_outputs: np.ndarray | None = None,
-             float_path: str | None = None, out_dir: str | None = None, ladder: dict | None = None,
-             rung: str = "qat_acc", runtimes: list[str] | None = None, frozen=None, float_torch=None,
-             runtime_samples: int = 256, fold: dict | None = None) -> dict:
+def validate(
+    path: str,
+    *,
+    target: "str | Target | None" = None,
+    inputs: list[np.ndarray] | None = None,
+    labels: np.ndarray | None = None,
+    torch_outputs: np.ndarray | None = None,
+    frozen_outputs: np.ndarray | None = None,
+    integer_outputs: np.ndarray | None = None,
+    float_path: str | None = None,
+    out_dir: str | None = None,
+    ladder: dict | None = None,
+    rung: str = "qat_acc",
+    runtimes: list[str] | None = None,
+    frozen=None,
+    float_torch=None,
+    runtime_samples: int = 256,
+    fold: dict | None = None,
+) -> dict:
     """Validate an INT8 ONNX model on real input batches ``inputs`` with classes ``labels``.
 
     ``ladder``: the accuracies of the rungs below this model (``float_acc``, and ``ptq_acc`` for a
@@ -170,7 +257,7 @@ def validate(path: str, *, target: "str | Target | None" = None, inputs: list[np
     QDQ semantics; ``integer_outputs``: the same graph computed as integer kernels
     (``integer_reference``). The pass criterion is the integer reference's top-1 agreement with
     ORT; the others are reported beside it (at 4 bits, one-LSB rounding differences at ties
-    cascade through deep networks, docs/export.md).
+    cascade through deep networks, docs/guide/export.md).
     ``runtimes``: the runtimes to run the model on (default: the target's), each measured against
     the integer reference (ORT CPU's logits when there is none) on the first ``runtime_samples``
     inputs; ``frozen``/``float_torch``: the torch graphs, for runtimes that lower torch programs.
@@ -182,28 +269,39 @@ def validate(path: str, *, target: "str | Target | None" = None, inputs: list[np
     os.makedirs(out_dir, exist_ok=True)
     work = tempfile.mkdtemp(prefix="validate-", dir=out_dir)
     runtimes = check_names(target.runtimes if runtimes is None else runtimes)
-    rep: dict = {"model": path, "target": target.name, "providers_available": ort.get_available_providers(),
-                 "providers_run": ["CPUExecutionProvider"],
-                 "note": "Fusion, parity and accuracy below are ORT's CPU provider; the runtimes section runs the "
-                         "model on each runtime the target names. NNAPI and CoreML are checked statically only."}
+    rep: dict = {
+        "model": path,
+        "target": target.name,
+        "providers_available": ort.get_available_providers(),
+        "providers_run": ["CPUExecutionProvider"],
+        "note": "Fusion, parity and accuracy below are ORT's CPU provider; the runtimes section runs the "
+        "model on each runtime the target names. NNAPI and CoreML are checked statically only.",
+    }
     try:
         if "fusion" in target.checks:
             rep["fusion"] = fusion(path, work)
         scale = output_scale(model)
         if scale is None:
-            raise ValidationError(f"{path}: the output is not dequantized from an integer tensor; there is no output "
-                                  "LSB to measure parity in (export it with qat_sadam.export_onnx)")
+            raise ValidationError(
+                f"{path}: the output is not dequantized from an integer tensor; there is no output "
+                "LSB to measure parity in (export it with qat_sadam.export_onnx)"
+            )
         rep["output_lsb"] = scale
         if inputs is not None and ("parity" in target.checks or "accuracy" in target.checks):
             full = _run(ort_session(path), inputs)
             plain = _run(ort_session(path, ort.GraphOptimizationLevel.ORT_DISABLE_ALL), inputs)
             parity = {"ort_all_vs_ort_no_opt": lsb_stats(full, plain, scale)}
-            refs = {k: v for k, v in zip(ACCURACY_KEYS, (integer_outputs, frozen_outputs, torch_outputs)) if v is not None}
+            refs = {
+                k: v for k, v in zip(ACCURACY_KEYS, (integer_outputs, frozen_outputs, torch_outputs)) if v is not None
+            }
             parity.update({f"{k}_vs_ort": lsb_stats(v, full, scale) for k, v in refs.items()})
             rep["parity"] = parity
             if labels is not None:
-                rep["accuracy"] = {"ort_int8": float((full.argmax(1) == labels).mean()), "samples": int(len(labels)),
-                                   **{k: float((v.argmax(1) == labels).mean()) for k, v in refs.items()}}
+                rep["accuracy"] = {
+                    "ort_int8": float((full.argmax(1) == labels).mean()),
+                    "samples": int(len(labels)),
+                    **{k: float((v.argmax(1) == labels).mean()) for k, v in refs.items()},
+                }
         if "size" in target.checks:
             rep["size"] = {"int8_bytes": os.path.getsize(path)}
             if float_path:
@@ -214,15 +312,21 @@ def validate(path: str, *, target: "str | Target | None" = None, inputs: list[np
             rep["latency"] = latency(path, float_path, shape, batches=(1,) if target.fixed_batch else (1, 32))
         if "mobile" in target.checks:
             rep["mobile"] = mobile(path, out_dir)
-            ort_file = os.path.join(rep["mobile"]["ort_dir"], rep["mobile"]["ort_files"][0]) if rep["mobile"]["ort_files"] else None
+            ort_file = (
+                os.path.join(rep["mobile"]["ort_dir"], rep["mobile"]["ort_files"][0])
+                if rep["mobile"]["ort_files"]
+                else None
+            )
             if ort_file and inputs is not None:
                 rep["mobile"]["ort_file"] = ort_file
-                rep["mobile"]["parity_ort_format_vs_onnx"] = lsb_stats(_run(ort_session(ort_file), inputs), _run(ort_session(path), inputs), scale)
+                rep["mobile"]["parity_ort_format_vs_onnx"] = lsb_stats(
+                    _run(ort_session(ort_file), inputs), _run(ort_session(path), inputs), scale
+                )
         if inputs is not None and runtimes:
             files = ModelFiles(path, float_path, frozen, float_torch, inputs[0][:1], work)
             x = np.concatenate(inputs)[:runtime_samples]
-            ref = integer_outputs[:len(x)] if integer_outputs is not None else _run(ort_session(path), [x])
-            y = labels[:len(x)] if labels is not None else None
+            ref = integer_outputs[: len(x)] if integer_outputs is not None else _run(ort_session(path), [x])
+            y = labels[: len(x)] if labels is not None else None
             rep["runtimes"] = {n: measure(n, files, x, ref, scale, y) for n in runtimes}
             rep["runtimes_reference"] = "torch integer reference" if integer_outputs is not None else "ORT CPU"
     finally:
@@ -267,14 +371,20 @@ def _verdict(rep: dict) -> tuple[bool, list[str]]:
     fails = []
     acc = rep.get("accuracy", {})
     if "torch_qat_graph" in acc and abs(acc["torch_qat_graph"] - acc["ort_int8"]) > ACCURACY_GAP_MAX:
-        fails.append(f"deployed accuracy {100 * acc['ort_int8']:.2f}% is more than {100 * ACCURACY_GAP_MAX:g} points from "
-                     f"the trained QAT graph's {100 * acc['torch_qat_graph']:.2f}% on the same {acc['samples']} samples")
+        fails.append(
+            f"deployed accuracy {100 * acc['ort_int8']:.2f}% is more than {100 * ACCURACY_GAP_MAX:g} points from "
+            f"the trained QAT graph's {100 * acc['torch_qat_graph']:.2f}% on the same {acc['samples']} samples"
+        )
     fc = rep.get("fold_check")
     if fc and not fc["ok"]:
-        fails.append(f"BatchNorm fold check: layers {', '.join(fc['failing'][:5])} differ from the QAT conv+BN by up to "
-                     f"{fc['max_lsb']:.1f} output LSB (tolerance {fc['tolerance_lsb']:g})")
+        fails.append(
+            f"BatchNorm fold check: layers {', '.join(fc['failing'][:5])} differ from the QAT conv+BN by up to "
+            f"{fc['max_lsb']:.1f} output LSB (tolerance {fc['tolerance_lsb']:g})"
+        )
     if "fusion" in rep and not rep["fusion"]["ok"]:
-        fails.append(f"not every conv/linear became an integer kernel: float ops left {rep['fusion']['float_compute_left']}")
+        fails.append(
+            f"not every conv/linear became an integer kernel: float ops left {rep['fusion']['float_compute_left']}"
+        )
     tq = rep.get("parity", {}).get("torch_integer_vs_ort")
     if tq and tq["top1_agreement"] < 0.995:
         fails.append(f"top-1 agreement torch (integer reference) vs ORT is {tq['top1_agreement']:.4f} < 0.995")
@@ -285,59 +395,131 @@ def _verdict(rep: dict) -> tuple[bool, list[str]]:
             fails.append(f"{name}: {r['reason']}")
         elif r["status"] == "ran" and not r["within_tolerance"]:
             p, t = r["parity"], r["tolerance"]
-            fails.append(f"{name}: {p['max_lsb']:.1f} LSB max, top-1 agreement {100 * p['top1_agreement']:.1f}% vs the "
-                         f"{rep['runtimes_reference']} (tolerance {t['max_lsb']:g} LSB, {100 * t['top1_agreement']:.0f}%)")
+            fails.append(
+                f"{name}: {p['max_lsb']:.1f} LSB max, top-1 agreement {100 * p['top1_agreement']:.1f}% vs the "
+                f"{rep['runtimes_reference']} (tolerance {t['max_lsb']:g} LSB, {100 * t['top1_agreement']:.0f}%)"
+            )
     return not fails, fails
 
 
 def to_markdown(rep: dict) -> str:
-    L = [f"# Validation of {os.path.basename(rep['model'])} (target {rep['target']})", "",
-         f"**{'PASSED' if rep['passed'] else 'FAILED'}**" + "".join(f"\n- {f}" for f in rep["failures"]), "",
-         f"Providers that ran: {', '.join(rep['providers_run'])}. Available in this build: "
-         f"{', '.join(rep['providers_available'])}. {rep['note']}", ""]
+    L = [
+        f"# Validation of {os.path.basename(rep['model'])} (target {rep['target']})",
+        "",
+        f"**{'PASSED' if rep['passed'] else 'FAILED'}**" + "".join(f"\n- {f}" for f in rep["failures"]),
+        "",
+        f"Providers that ran: {', '.join(rep['providers_run'])}. Available in this build: "
+        f"{', '.join(rep['providers_available'])}. {rep['note']}",
+        "",
+    ]
     if "fusion" in rep:
         fu = rep["fusion"]
-        L += ["## Integer kernels (ORT_ENABLE_ALL optimized graph)", "",
-              f"{fu['integer_kernels']} integer kernels for {fu['float_ops_in_export']} conv/linear ops; float compute left: "
-              f"{fu['float_compute_left'] or 'none'}", "", "| op | count |", "|---|---|"]
+        L += [
+            "## Integer kernels (ORT_ENABLE_ALL optimized graph)",
+            "",
+            f"{fu['integer_kernels']} integer kernels for {fu['float_ops_in_export']} conv/linear ops; float compute "
+            "left: "
+            f"{fu['float_compute_left'] or 'none'}",
+            "",
+            "| op | count |",
+            "|---|---|",
+        ]
         L += [f"| {k} | {v} |" for k, v in fu["optimized_ops"].items()] + [""]
         if fu["float_ops"]:
             L += ["Float ops left, and why:", "", "| op | count | reason |", "|---|---|---|"]
             L += [f"| {k} | {v['count']} | {v['reason']} |" for k, v in fu["float_ops"].items()] + [""]
     if "parity" in rep:
-        L += ["## Parity (output LSB = %.4g)" % rep["output_lsb"], "", "| pair | max LSB | p99 LSB | outputs off by >0.5 LSB | top-1 agreement |", "|---|---|---|---|---|"]
+        L += [
+            "## Parity (output LSB = %.4g)" % rep["output_lsb"],
+            "",
+            "| pair | max LSB | p99 LSB | outputs off by >0.5 LSB | top-1 agreement |",
+            "|---|---|---|---|---|",
+        ]
         for k, v in rep["parity"].items():
-            L.append(f"| {k} | {v['max_lsb']:.2f} | {v['p99_lsb']:.2f} | {100 * v['mismatch_frac']:.2f}% | {100 * v['top1_agreement']:.2f}% |")
+            L.append(
+                f"| {k} | {v['max_lsb']:.2f} | {v['p99_lsb']:.2f} | {100 * v['mismatch_frac']:.2f}% | "
+                f"{100 * v['top1_agreement']:.2f}% |"
+            )
         L.append("")
     if "accuracy" in rep:
         a = rep["accuracy"]
-        L += ["## Accuracy", "", f"{a['samples']} test samples: ORT INT8 {100 * a['ort_int8']:.2f}%"
-              + "".join(f", {k.replace('_', ' ')} {100 * a[k]:.2f}%" for k in ACCURACY_KEYS if k in a), "",
-              "torch integer = the frozen graph computed as ORT's integer kernels compute it (int32 accumulation, one "
-              "requantization); torch frozen = BatchNorm folded, int32 bias, float QDQ semantics; torch qat graph = the "
-              "trained graph (BatchNorm unfolded, float bias).", ""]
+        L += [
+            "## Accuracy",
+            "",
+            f"{a['samples']} test samples: ORT INT8 {100 * a['ort_int8']:.2f}%"
+            + "".join(f", {k.replace('_', ' ')} {100 * a[k]:.2f}%" for k in ACCURACY_KEYS if k in a),
+            "",
+            "torch integer = the frozen graph computed as ORT's integer kernels compute it (int32 accumulation, one "
+            "requantization); torch frozen = BatchNorm folded, int32 bias, float QDQ semantics; torch qat graph = the "
+            "trained graph (BatchNorm unfolded, float bias).",
+            "",
+        ]
     if "fold_check" in rep:
         fc = rep["fold_check"]
-        L += ["## Fold check (frozen layer vs QAT conv + BatchNorm, eval mode)", "",
-              f"{len(fc['layers'])} layers; worst {fc['max_lsb']:.3f} output LSB (tolerance {fc['tolerance_lsb']:g}); "
-              f"failing: {', '.join(fc['failing']) or 'none'}", ""]
+        L += [
+            "## Fold check (frozen layer vs QAT conv + BatchNorm, eval mode)",
+            "",
+            f"{len(fc['layers'])} layers; worst {fc['max_lsb']:.3f} output LSB (tolerance {fc['tolerance_lsb']:g}); "
+            f"failing: {', '.join(fc['failing']) or 'none'}",
+            "",
+        ]
     if "ladder" in rep:
-        L += ["## Accuracy ladder", "", "| float | PTQ INT8 (ORT) | QAT INT8 (ORT) | recovery |", "|---|---|---|---|",
-              "| " + " | ".join(format_ladder(rep["ladder"])) + " |", "",
-              f"{rep['ladder']['samples']} test samples; float in torch, PTQ and QAT as deployed (INT8 on ORT).", ""]
+        L += [
+            "## Accuracy ladder",
+            "",
+            "| float | PTQ INT8 (ORT) | QAT INT8 (ORT) | recovery |",
+            "|---|---|---|---|",
+            "| " + " | ".join(format_ladder(rep["ladder"])) + " |",
+            "",
+            f"{rep['ladder']['samples']} test samples; float in torch, PTQ and QAT as deployed (INT8 on ORT).",
+            "",
+        ]
     if "runtimes" in rep:
-        L += [f"## Runtimes (parity against the {rep['runtimes_reference']})", ""] + runtime_table(rep["runtimes"]) + [""]
-        L += [f"- {n}: {r['what']}. Placement: {r.get('placement', '-')}. Tolerance: {r['tolerance']['cause']}." for n, r in rep["runtimes"].items()] + [""]
+        L += (
+            [f"## Runtimes (parity against the {rep['runtimes_reference']})", ""]
+            + runtime_table(rep["runtimes"])
+            + [""]
+        )
+        L += [
+            f"- {n}: {r['what']}. Placement: {r.get('placement', '-')}. Tolerance: {r['tolerance']['cause']}."
+            for n, r in rep["runtimes"].items()
+        ] + [""]
     if "latency" in rep:
-        L += ["## Latency on ORT CPU (median, interleaved)", "", "| batch | float ms | INT8 ms | INT8 / float |", "|---|---|---|---|"]
-        L += [f"| {k[5:]} | {v['float_ms']:.2f} | {v['int8_ms']:.2f} | {v['int8_over_float']:.2f} |" for k, v in rep["latency"].items()] + [""]
+        L += [
+            "## Latency on ORT CPU (median, interleaved)",
+            "",
+            "| batch | float ms | INT8 ms | INT8 / float |",
+            "|---|---|---|---|",
+        ]
+        L += [
+            f"| {k[5:]} | {v['float_ms']:.2f} | {v['int8_ms']:.2f} | {v['int8_over_float']:.2f} |"
+            for k, v in rep["latency"].items()
+        ] + [""]
     if "size" in rep:
         s = rep["size"]
-        L += ["## File size", "", f"INT8 {s['int8_bytes'] / 1e6:.2f} MB" + (f", float {s['float_bytes'] / 1e6:.2f} MB, ratio {s['int8_over_float']:.3f}" if "float_bytes" in s else ""), ""]
+        L += [
+            "## File size",
+            "",
+            f"INT8 {s['int8_bytes'] / 1e6:.2f} MB"
+            + (
+                f", float {s['float_bytes'] / 1e6:.2f} MB, ratio {s['int8_over_float']:.3f}"
+                if "float_bytes" in s
+                else ""
+            ),
+            "",
+        ]
     if "mobile" in rep:
         m = rep["mobile"]
-        L += ["## Mobile (static checks; no mobile provider ran)", "", "ORT mobile usability check:", "", "```"] + m["usability_summary"] + ["```", "",
-              f".ort conversion: {'ok' if m['ort_conversion_ok'] else 'FAILED'} ({', '.join(m['ort_files'] + m['required_operators_configs'])})"]
+        L += (
+            ["## Mobile (static checks; no mobile provider ran)", "", "ORT mobile usability check:", "", "```"]
+            + m["usability_summary"]
+            + [
+                "```",
+                "",
+                f".ort conversion: {'ok' if m['ort_conversion_ok'] else 'FAILED'} "
+                f"({', '.join(m['ort_files'] + m['required_operators_configs'])})",
+            ]
+        )
         if "parity_ort_format_vs_onnx" in m:
             p = m["parity_ort_format_vs_onnx"]
             L.append(f"; .ort vs .onnx: max {p['max_lsb']:.2f} LSB, top-1 agreement {100 * p['top1_agreement']:.2f}%")
@@ -350,14 +532,21 @@ def runtime_cells(r: dict) -> list[str]:
     if r["status"] != "ran":
         return [f"{r['status']}: {r['reason']}" + (f" ({r['install']})" if "install" in r else "")] + ["-"] * 5
     p, lat = r["parity"], r.get("latency_batch1", {})
-    return ["ran" if r["within_tolerance"] else "OUT OF TOLERANCE", f"max {p['max_lsb']:.1f} LSB", f"p99 {p['p99_lsb']:.1f} LSB",
-            f"top-1 {100 * p['top1_agreement']:.1f}%", "-" if "accuracy" not in r else f"acc {100 * r['accuracy']:.2f}%",
-            f"{lat['int8_over_float']:.2f}" if "int8_over_float" in lat else "-"]
+    return [
+        "ran" if r["within_tolerance"] else "OUT OF TOLERANCE",
+        f"max {p['max_lsb']:.1f} LSB",
+        f"p99 {p['p99_lsb']:.1f} LSB",
+        f"top-1 {100 * p['top1_agreement']:.1f}%",
+        "-" if "accuracy" not in r else f"acc {100 * r['accuracy']:.2f}%",
+        f"{lat['int8_over_float']:.2f}" if "int8_over_float" in lat else "-",
+    ]
 
 
 def runtime_table(runtimes: dict) -> list[str]:
-    L = ["| runtime | status | max LSB | p99 LSB | top-1 agreement | accuracy | INT8/float latency (batch 1) |",
-         "|---|---|---|---|---|---|---|"]
+    L = [
+        "| runtime | status | max LSB | p99 LSB | top-1 agreement | accuracy | INT8/float latency (batch 1) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for n, r in runtimes.items():
         cells = runtime_cells(r)
         L.append(f"| {n} | " + " | ".join([cells[0]] + [c.split(" ", 1)[-1] for c in cells[1:]]) + " |")
@@ -366,34 +555,56 @@ def runtime_table(runtimes: dict) -> list[str]:
 
 def format_report(rep: dict, out_dir: str) -> str:
     """The validation report as a few lines for the terminal (validation.md has the tables)."""
-    L = [f"validation {'PASSED' if rep['passed'] else 'FAILED'} (target {rep['target']}); providers run: "
-         f"{', '.join(rep['providers_run'])}"]
+    L = [
+        f"validation {'PASSED' if rep['passed'] else 'FAILED'} (target {rep['target']}); providers run: "
+        f"{', '.join(rep['providers_run'])}"
+    ]
     if "fusion" in rep:
         fu = rep["fusion"]
-        L.append(f"  integer kernels: {fu['integer_kernels']} for {fu['float_ops_in_export']} conv/linear/matmul; "
-                 f"float compute left: {fu['float_compute_left'] or 'none'}")
+        L.append(
+            f"  integer kernels: {fu['integer_kernels']} for {fu['float_ops_in_export']} conv/linear/matmul; "
+            f"float compute left: {fu['float_compute_left'] or 'none'}"
+        )
         if fu["float_ops"]:
-            L.append("  float ops between DQ and Q: " + ", ".join(f"{k} x{v['count']}" for k, v in fu["float_ops"].items()))
-    for key, name in (("torch_integer_vs_ort", "torch integer reference"), ("torch_frozen_vs_ort", "torch frozen graph"),
-                      ("torch_qat_graph_vs_ort", "torch QAT graph")):
+            L.append(
+                "  float ops between DQ and Q: " + ", ".join(f"{k} x{v['count']}" for k, v in fu["float_ops"].items())
+            )
+    for key, name in (
+        ("torch_integer_vs_ort", "torch integer reference"),
+        ("torch_frozen_vs_ort", "torch frozen graph"),
+        ("torch_qat_graph_vs_ort", "torch QAT graph"),
+    ):
         p = rep.get("parity", {}).get(key)
         if p:
-            L.append(f"  {name} vs ORT: max {p['max_lsb']:.1f} LSB, p99 {p['p99_lsb']:.1f} LSB, "
-                     f"top-1 agreement {100 * p['top1_agreement']:.2f}%")
+            L.append(
+                f"  {name} vs ORT: max {p['max_lsb']:.1f} LSB, p99 {p['p99_lsb']:.1f} LSB, "
+                f"top-1 agreement {100 * p['top1_agreement']:.2f}%"
+            )
     if "accuracy" in rep:
         a = rep["accuracy"]
-        L.append(f"  accuracy on {a['samples']}: ORT INT8 {100 * a['ort_int8']:.2f}%"
-                 + "".join(f", {k.replace('_', ' ')} {100 * a[k]:.2f}%" for k in ACCURACY_KEYS if k in a))
+        L.append(
+            f"  accuracy on {a['samples']}: ORT INT8 {100 * a['ort_int8']:.2f}%"
+            + "".join(f", {k.replace('_', ' ')} {100 * a[k]:.2f}%" for k in ACCURACY_KEYS if k in a)
+        )
     if "fold_check" in rep:
-        L.append(f"  fold check: worst layer {rep['fold_check']['max_lsb']:.3f} output LSB over {len(rep['fold_check']['layers'])} layers")
+        L.append(
+            f"  fold check: worst layer {rep['fold_check']['max_lsb']:.3f} output LSB over "
+            f"{len(rep['fold_check']['layers'])} layers"
+        )
     if "ladder" in rep:
         L.append("  ladder: float {}, PTQ INT8 {}, QAT INT8 {}, recovery {}".format(*format_ladder(rep["ladder"])))
     if "size" in rep and "int8_over_float" in rep["size"]:
         L.append(f"  size INT8/float: {rep['size']['int8_over_float']:.3f}")
     for k, v in rep.get("latency", {}).items():
-        L.append(f"  latency {k}: float {v['float_ms']:.2f} ms, INT8 {v['int8_ms']:.2f} ms, ratio {v['int8_over_float']:.2f}")
+        L.append(
+            f"  latency {k}: float {v['float_ms']:.2f} ms, INT8 {v['int8_ms']:.2f} ms, ratio {v['int8_over_float']:.2f}"
+        )
     for n, r in rep.get("runtimes", {}).items():
-        L.append(f"  runtime {n}: " + runtime_cells(r)[0] + (" (" + ", ".join(runtime_cells(r)[1:5]) + ")" if r["status"] == "ran" else ""))
+        L.append(
+            f"  runtime {n}: "
+            + runtime_cells(r)[0]
+            + (" (" + ", ".join(runtime_cells(r)[1:5]) + ")" if r["status"] == "ran" else "")
+        )
     L += [f"  FAIL: {f}" for f in rep["failures"]]
     L.append(f"  report: {os.path.join(out_dir, 'validation.md')}")
     return "\n".join(L)

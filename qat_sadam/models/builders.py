@@ -1,4 +1,5 @@
 """Model builders: torchvision classifiers (with an optional CIFAR stem) and the paper's small CNNs."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,10 @@ from torch import nn
 OWN_MODELS = ("paper_cnn", "small_cnn")
 SOURCES = ("torchvision", "timm")
 # Builder arguments that make a torchvision model trainable as any other: one output in train mode.
-_TORCHVISION_KW = {"googlenet": {"aux_logits": False, "init_weights": True},
-                   "inception_v3": {"aux_logits": False, "init_weights": True}}
+_TORCHVISION_KW = {
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+}
 
 
 class PaperCNN(nn.Module):
@@ -35,7 +38,9 @@ class SmallCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
         self.body = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
         self.relu = nn.ReLU()
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -67,7 +72,9 @@ def timm_module():
     try:
         import timm
     except ImportError:
-        raise ValueError("model.source 'timm' needs timm: pip install 'qat-sadam[timm]' (make venv installs it)") from None
+        raise ValueError(
+            "model.source 'timm' needs timm: pip install 'qat-sadam[timm]' (make venv installs it)"
+        ) from None
     return timm
 
 
@@ -79,12 +86,23 @@ def check_model(name: str, source: str = "torchvision") -> None:
         if not timm_module().is_model(name):
             raise ValueError(f"unknown timm model {name!r} (timm.list_models() lists them)")
     elif name not in OWN_MODELS and name not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"unknown model {name!r}: neither {' nor '.join(OWN_MODELS)} nor a torchvision classifier "
-                         "(torchvision.models.list_models(); for timm's set model.source: timm)")
+        raise ValueError(
+            f"unknown model {name!r}: neither {' nor '.join(OWN_MODELS)} nor a torchvision classifier "
+            "(torchvision.models.list_models(); for timm's set model.source: timm)"
+        )
 
 
-def build_model(name: str, num_classes: int, image_size: int = 32, in_channels: int = 3, cifar_stem: bool = False,
-                widths=(16, 32), width: int = 16, dropout: float = 0.25, source: str = "torchvision") -> nn.Module:
+def build_model(
+    name: str,
+    num_classes: int,
+    image_size: int = 32,
+    in_channels: int = 3,
+    cifar_stem: bool = False,
+    widths=(16, 32),
+    width: int = 16,
+    dropout: float = 0.25,
+    source: str = "torchvision",
+) -> nn.Module:
     """Build a model by name, with random weights (``weights.py`` loads trained ones): qat-sadam's own
     small networks, any torchvision classifier (ViTs at ``image_size``), or with ``source="timm"``
     any timm model. ``cifar_stem`` adapts ResNets and MobileNetV2 to 32x32 inputs (``_cifar_stem``)."""

@@ -1,5 +1,6 @@
 """Trained weights for a built model: state_dict files (.pt/.pth, .safetensors) and torchvision's
 weight enums, checked key by key against the model before anything is loaded."""
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,11 @@ _SHOWN = 4  # keys named in an error message
 
 
 def _is_state_dict(d) -> bool:
-    return isinstance(d, dict) and bool(d) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
+    return (
+        isinstance(d, dict)
+        and bool(d)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
+    )
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -43,7 +48,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if not _is_state_dict(sd):
         raise CheckpointError(f"model.checkpoint: {path} holds no state_dict (a mapping of names to tensors)")
     if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
@@ -66,17 +71,21 @@ def torchvision_state_dict(model_name: str, weights: str) -> dict[str, torch.Ten
     file and the folder to put it in."""
     names = weight_names(model_name)
     if weights not in names + ["DEFAULT"]:
-        raise CheckpointError(f"model.weights: {model_name} has no weights {weights!r}; choose from {', '.join(names) or 'none'}")
+        raise CheckpointError(
+            f"model.weights: {model_name} has no weights {weights!r}; choose from {', '.join(names) or 'none'}"
+        )
     enum = _weights_enum(model_name)
     w = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
     file = os.path.basename(urllib.parse.urlparse(w.url).path)
-    cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints")  # torch hub's own folder, not a run's
     try:
         return w.get_state_dict(progress=False, check_hash=False, weights_only=True)
     except (urllib.error.URLError, OSError) as e:
-        raise CheckpointError(f"model.weights {model_name}.{w.name}: {file} is not in the torch hub cache {cache} and "
-                              f"downloading it failed ({getattr(e, 'reason', e)}); put the file there "
-                              "(or point TORCH_HOME at a cache that has it)") from None
+        raise CheckpointError(
+            f"model.weights {model_name}.{w.name}: {file} is not in the torch hub cache {cache} and "
+            f"downloading it failed ({getattr(e, 'reason', e)}); put the file there "
+            "(or point TORCH_HOME at a cache that has it)"
+        ) from None
 
 
 def timm_state_dict(model_name: str) -> dict[str, torch.Tensor]:
@@ -84,22 +93,46 @@ def timm_state_dict(model_name: str) -> dict[str, torch.Tensor]:
     hub cache); offline and not cached, the error names the repository and the cache folder."""
     timm = timm_module()
     import huggingface_hub  # installed with timm, the optional dependency checked above
+
     try:
         return timm.create_model(model_name, pretrained=True).state_dict()
     except Exception as e:  # huggingface_hub raises several types when offline or the file is missing
         cfg = timm.models.get_pretrained_cfg(model_name)
         repo = getattr(cfg, "hf_hub_id", None) or model_name
-        raise CheckpointError(f"model.weights pretrained for timm {model_name}: {repo} is not in the Hugging Face cache "
-                              f"{huggingface_hub.constants.HF_HUB_CACHE} and downloading it failed ({type(e).__name__}); "
-                              "put it there (or point HF_HOME at a cache that has it)") from None
+        raise CheckpointError(
+            f"model.weights pretrained for timm {model_name}: {repo} is not in the Hugging Face cache "
+            f"{huggingface_hub.constants.HF_HUB_CACHE} and downloading it failed ({type(e).__name__}); "
+            "put it there (or point HF_HOME at a cache that has it)"
+        ) from None
 
 
 def _names(keys: list[str]) -> str:
     return ", ".join(keys[:_SHOWN]) + (", ..." if len(keys) > _SHOWN else "")
 
 
-def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: str, num_classes: int,
-                 reset_classifier: bool = False) -> list[str]:
+def check_values(sd: dict, source: str, trained: bool = True) -> None:
+    """Weights that are well-formed but wrong are refused, naming the file and the key: a value that
+    is not a dense tensor of a real dtype; for ``trained`` float weights also a non-finite float or a
+    negative BatchNorm running variance (it would make the fold's sqrt NaN and the float rung
+    meaningless). A run's own state is checked for the first only: its quantizer buffers may hold inf."""
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{source}: {k} is a {type(v).__name__}, not a tensor")
+        if v.layout != torch.strided or v.is_meta:
+            raise CheckpointError(f"{source}: {k} is a {'meta' if v.is_meta else 'sparse'} tensor; save dense weights")
+        if v.is_complex():
+            raise CheckpointError(f"{source}: {k} is complex ({v.dtype}); a network's weights are real")
+        if not trained:
+            continue
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{source}: {k} holds non-finite values (NaN or inf)")
+        if k.endswith("running_var") and bool((v < 0).any()):
+            raise CheckpointError(f"{source}: {k} has a negative BatchNorm variance ({float(v.min()):.3g})")
+
+
+def load_weights(
+    model: nn.Module, sd: dict[str, torch.Tensor], source: str, num_classes: int, reset_classifier: bool = False
+) -> list[str]:
     """Load ``sd`` into ``model`` after checking every key and shape; returns the classifier keys
     left at their fresh initialisation (only with ``reset_classifier``, only where the checkpoint's
     class count differs). Any other mismatch raises CheckpointError naming the first keys."""
@@ -115,11 +148,15 @@ def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: str, num
     other = [k for k in reshaped if k not in classifier]
     if other:
         k = other[0]
-        raise CheckpointError(f"{source}: {len(other)} tensors have other shapes than the model's "
-                              f"({k}: {tuple(sd[k].shape)} in the checkpoint, {tuple(own[k].shape)} in the model)")
+        raise CheckpointError(
+            f"{source}: {len(other)} tensors have other shapes than the model's "
+            f"({k}: {tuple(sd[k].shape)} in the checkpoint, {tuple(own[k].shape)} in the model)"
+        )
     if classifier and not reset_classifier:
         k = classifier[0]
-        raise CheckpointError(f"{source} was trained for {sd[k].shape[0]} classes, the model has {num_classes} "
-                              f"({_names(classifier)}); set model.reset_classifier: true to start the classifier afresh")
+        raise CheckpointError(
+            f"{source} was trained for {sd[k].shape[0]} classes, the model has {num_classes} "
+            f"({_names(classifier)}); set model.reset_classifier: true to start the classifier afresh"
+        )
     model.load_state_dict({k: v for k, v in sd.items() if k not in classifier}, strict=False)
     return classifier

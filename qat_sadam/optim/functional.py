@@ -5,22 +5,37 @@ torch.optim.AdamW (single-tensor and foreach paths alike), so lam=0 reproduces A
 ``eps_mode="reference"`` places eps as the published S-Adam code does:
 p -= damping * lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps).
 """
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
 
-def adamw_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                 steps: list[Tensor], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                 damping: float = 1.0, eps_mode: str = "torch", foreach: bool = False) -> None:
+def adamw_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    damping: float = 1.0,
+    eps_mode: str = "torch",
+    foreach: bool = False,
+) -> None:
     """One AdamW step whose Adam term (not the decay) is scaled by ``damping``."""
     if not params:
         return
     if eps_mode not in ("torch", "reference"):
         raise ValueError(f"eps_mode must be 'torch' or 'reference', got {eps_mode!r}")
     (_foreach_update if foreach else _single_tensor_update)(
-        params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, damping, eps_mode)
+        params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, damping, eps_mode
+    )
 
 
 def _bias_corrections(step: float, lr: float, beta1: float, beta2: float, damping: float, eps_mode: str):
@@ -33,8 +48,9 @@ def _bias_corrections(step: float, lr: float, beta1: float, beta2: float, dampin
     return step_size * damping, bias_correction2_sqrt
 
 
-def _single_tensor_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
-                          damping, eps_mode):
+def _single_tensor_update(
+    params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, damping, eps_mode
+):
     for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         step_t += 1
         if weight_decay != 0:
@@ -46,8 +62,9 @@ def _single_tensor_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1
         param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
-def _foreach_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
-                    damping, eps_mode):
+def _foreach_update(
+    params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, damping, eps_mode
+):
     grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, steps])
     for (d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps), _ in grouped.values():
         if d_steps[0].is_cpu:

@@ -1,4 +1,5 @@
 """Param groups for S-Adam on a QAT model: probe radii read from the quantizers' current steps."""
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,12 @@ DEFAULT_RADIUS_MULTIPLE = 1.0
 
 def quantized_weights(model: nn.Module) -> dict[torch.Tensor, FakeQuantize]:
     """Each fake-quantized weight parameter and the quantizer that reads it."""
-    return {m.weight: m.weight_quant for m in model.modules()
-            if isinstance(getattr(m, "weight_quant", None), FakeQuantize) and isinstance(getattr(m, "weight", None), nn.Parameter)}
+    return {
+        m.weight: m.weight_quant
+        for m in model.modules()
+        if isinstance(getattr(m, "weight_quant", None), FakeQuantize)
+        and isinstance(getattr(m, "weight", None), nn.Parameter)
+    }
 
 
 class QuantStepRadius:
@@ -31,24 +36,43 @@ class QuantStepRadius:
         return self.multiple * q.step_size(p)
 
 
-def sadam_param_groups(model: nn.Module, weight_decay: float = 1e-2, radius_multiple: float = DEFAULT_RADIUS_MULTIPLE,
-                       lam: float | None = None, scale_lam: float = 0.0, scale_lr: float | None = None,
-                       probe_scale: float = 0.01) -> list[dict]:
+def sadam_param_groups(
+    model: nn.Module,
+    weight_decay: float = 1e-2,
+    radius_multiple: float = DEFAULT_RADIUS_MULTIPLE,
+    lam: float | None = None,
+    scale_lam: float = 0.0,
+    scale_lr: float | None = None,
+    probe_scale: float = 0.01,
+) -> list[dict]:
     """Three groups: weights (decayed, probed and damped, radius = multiple x quant step, or
     ``probe_scale`` x RMS for a weight without a quantizer); other
     float params such as biases and BatchNorm (no decay, not damped); learnable quantizer scales
     (no decay, damped only if ``scale_lam`` > 0, learning rate ``scale_lr`` if given). Adam moves
     every parameter by about lr per step whatever its size, so scales of 1e-3 need a far smaller
     lr than weights or they cross zero within a few steps. Empty groups are left out."""
-    scale_ids = {id(m.scale) for m in model.modules() if isinstance(m, FakeQuantize) and isinstance(m.scale, nn.Parameter)}
+    scale_ids = {
+        id(m.scale) for m in model.modules() if isinstance(m, FakeQuantize) and isinstance(m.scale, nn.Parameter)
+    }
     weights, others, scales = [], [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
         (scales if id(p) in scale_ids else weights if p.dim() > 1 else others).append(p)
-    weight_group = dict(name="weights", params=weights, weight_decay=weight_decay, probe_radius=QuantStepRadius(model, radius_multiple, probe_scale))
+    weight_group = dict(
+        name="weights",
+        params=weights,
+        weight_decay=weight_decay,
+        probe_radius=QuantStepRadius(model, radius_multiple, probe_scale),
+    )
     if lam is not None:
         weight_group["lam"] = lam
-    scale_group = dict(name="quant_scales", params=scales, weight_decay=0.0, lam=scale_lam, **({"lr": scale_lr} if scale_lr is not None else {}))
+    scale_group = dict(
+        name="quant_scales",
+        params=scales,
+        weight_decay=0.0,
+        lam=scale_lam,
+        **({"lr": scale_lr} if scale_lr is not None else {}),
+    )
     groups = [weight_group, dict(name="other", params=others, weight_decay=0.0, lam=0.0), scale_group]
     return [g for g in groups if g["params"]]

@@ -1,4 +1,5 @@
 """Prox-SGD, the paper's other baseline: heavy-ball SGD followed by soft-thresholding (L1 prox)."""
+
 from __future__ import annotations
 
 import torch

@@ -2,7 +2,7 @@
 
 rho, the Local Geometric Instability, is estimated from directional probes of the loss:
 
-- ``lgi="reference"`` reproduces the published code exactly (see ../shared/docs/sadam.md, section 2),
+- ``lgi="reference"`` reproduces the published code exactly (docs/studies/sadam.md),
   flaws included: rho = var(d) / mean(d^2) of k one-sided finite differences along unit
   directions drawn from the global generator, every step, in train mode.
 - ``lgi="residual"`` (default) measures how far the gradient mispredicts the loss change over
@@ -12,6 +12,7 @@ rho, the Local Geometric Instability, is estimated from directional probes of th
   their directions from a generator seeded by (seed, step), run every ``probe_every`` steps
   and sync with the host once per probe step. rho is smoothed by an EMA between probes.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,21 +33,27 @@ MODE_OPTIONS = {
     "residual": {"probe_radius": None, "probe_scale": 0.01, "probe_every": 16, "rho_ema": 0.9},
     "reference": {"sigma": 0.01, "stabilize_eps": 1e-6},
 }
-_HINTS = {"sigma": "the residual estimator's probe size is probe_radius (absolute) or probe_scale (relative to RMS)",
-          "probe_radius": "the reference estimator's probe step is sigma", "probe_scale": "the reference estimator's probe step is sigma",
-          "probe_every": "the reference estimator probes every step", "rho_ema": "the reference estimator does not smooth rho",
-          "stabilize_eps": "it is a term of the reference estimator's denominator"}
+_HINTS = {
+    "sigma": "the residual estimator's probe size is probe_radius (absolute) or probe_scale (relative to RMS)",
+    "probe_radius": "the reference estimator's probe step is sigma",
+    "probe_scale": "the reference estimator's probe step is sigma",
+    "probe_every": "the reference estimator probes every step",
+    "rho_ema": "the reference estimator does not smooth rho",
+    "stabilize_eps": "it is a term of the reference estimator's denominator",
+}
 
 
 def loss_closure(optimizer: Optimizer, loss_fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
     """The closure ``SAdam.step`` needs (and any torch optimizer accepts): zero the grads, compute
     ``loss_fn()``, backward only when grads are enabled (not inside S-Adam's probes), return the loss."""
+
     def closure():
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn()
         if torch.is_grad_enabled():
             loss.backward()
         return loss
+
     return closure
 
 
@@ -65,39 +72,84 @@ class SAdam(Optimizer):
     Setting an option the chosen estimator does not read raises ValueError.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, *, lgi: str = "residual", k: int = 2, lam: float = 2.0,
-                 probe_radius: Radius = None, probe_scale: float | None = None, probe_every: int | None = None,
-                 rho_ema: float | None = None, sigma: float | None = None, stabilize_eps: float | None = None,
-                 seed: int = 0, probe_buffers: Iterable[Tensor] | None = None, foreach: bool | None = None):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        lgi: str = "residual",
+        k: int = 2,
+        lam: float = 2.0,
+        probe_radius: Radius = None,
+        probe_scale: float | None = None,
+        probe_every: int | None = None,
+        rho_ema: float | None = None,
+        sigma: float | None = None,
+        stabilize_eps: float | None = None,
+        seed: int = 0,
+        probe_buffers: Iterable[Tensor] | None = None,
+        foreach: bool | None = None,
+    ):
         if lgi not in MODE_OPTIONS:
             raise ValueError(f"lgi must be 'residual' or 'reference', got {lgi!r}")
         self.lgi, self.seed, self.foreach = lgi, seed, foreach
-        given = dict(probe_radius=probe_radius, probe_scale=probe_scale, probe_every=probe_every, rho_ema=rho_ema,
-                     sigma=sigma, stabilize_eps=stabilize_eps)
+        given = dict(
+            probe_radius=probe_radius,
+            probe_scale=probe_scale,
+            probe_every=probe_every,
+            rho_ema=rho_ema,
+            sigma=sigma,
+            stabilize_eps=stabilize_eps,
+        )
         self._check_mode({k_: v for k_, v in given.items() if v is not None}, "SAdam")
         if probe_buffers is not None and lgi == "reference":
-            raise ValueError("probe_buffers applies to lgi='residual' only: the reference estimator probes in train "
-                             "mode and leaves buffers as the probes left them, as published")
+            raise ValueError(
+                "probe_buffers applies to lgi='residual' only: the reference estimator probes in train "
+                "mode and leaves buffers as the probes left them, as published"
+            )
         mode = {**MODE_OPTIONS[lgi], **{k_: v for k_, v in given.items() if k_ in MODE_OPTIONS[lgi] and v is not None}}
-        checks = [(lr >= 0, f"Invalid learning rate: {lr}"), (eps >= 0, f"Invalid epsilon value: {eps}"),
-                  (0 <= betas[0] < 1, f"Invalid beta parameter at index 0: {betas[0]}"),
-                  (0 <= betas[1] < 1, f"Invalid beta parameter at index 1: {betas[1]}"),
-                  (weight_decay >= 0, f"Invalid weight_decay value: {weight_decay}"),
-                  (isinstance(k, int) and k >= 1, f"Invalid number of probe directions k: {k}"),
-                  (lam >= 0, f"Invalid lam (damping strength): {lam}")]
+        checks = [
+            (lr >= 0, f"Invalid learning rate: {lr}"),
+            (eps >= 0, f"Invalid epsilon value: {eps}"),
+            (0 <= betas[0] < 1, f"Invalid beta parameter at index 0: {betas[0]}"),
+            (0 <= betas[1] < 1, f"Invalid beta parameter at index 1: {betas[1]}"),
+            (weight_decay >= 0, f"Invalid weight_decay value: {weight_decay}"),
+            (isinstance(k, int) and k >= 1, f"Invalid number of probe directions k: {k}"),
+            (lam >= 0, f"Invalid lam (damping strength): {lam}"),
+        ]
         if lgi == "residual":
-            checks += [(mode["probe_scale"] > 0, f"Invalid probe_scale: {probe_scale}"),
-                       (isinstance(mode["probe_every"], int) and mode["probe_every"] >= 1, f"Invalid probe_every: {probe_every}"),
-                       (0 <= mode["rho_ema"] < 1, f"Invalid rho_ema: {rho_ema}")]
+            checks += [
+                (mode["probe_scale"] > 0, f"Invalid probe_scale: {probe_scale}"),
+                (
+                    isinstance(mode["probe_every"], int) and mode["probe_every"] >= 1,
+                    f"Invalid probe_every: {probe_every}",
+                ),
+                (0 <= mode["rho_ema"] < 1, f"Invalid rho_ema: {rho_ema}"),
+            ]
         else:
-            checks += [(mode["sigma"] > 0, f"Invalid sigma: {sigma}"),
-                       (mode["stabilize_eps"] > 0, f"Invalid stabilize_eps: {stabilize_eps}")]
+            checks += [
+                (mode["sigma"] > 0, f"Invalid sigma: {sigma}"),
+                (mode["stabilize_eps"] > 0, f"Invalid stabilize_eps: {stabilize_eps}"),
+            ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, k=k, lam=lam, **mode,
-                        rho=0.0, damping=1.0, probes=0, t=0)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            k=k,
+            lam=lam,
+            **mode,
+            rho=0.0,
+            damping=1.0,
+            probes=0,
+            t=0,
+        )
         super().__init__(params, defaults)
         self.probe_buffers = list(probe_buffers) if probe_buffers is not None else []
 
@@ -105,10 +157,13 @@ class SAdam(Optimizer):
         other = "reference" if self.lgi == "residual" else "residual"
         for key in options:
             if key in MODE_OPTIONS[other]:
-                raise ValueError(f"{where}: {key} applies to lgi={other!r} only, this optimizer has lgi={self.lgi!r} "
-                                 f"({_HINTS[key]})")
+                raise ValueError(
+                    f"{where}: {key} applies to lgi={other!r} only, this optimizer has lgi={self.lgi!r} ({_HINTS[key]})"
+                )
         if options.get("probe_radius") is not None and options.get("probe_scale") is not None:
-            raise ValueError(f"{where}: give probe_radius (absolute) or probe_scale (relative to the tensor's RMS), not both")
+            raise ValueError(
+                f"{where}: give probe_radius (absolute) or probe_scale (relative to the tensor's RMS), not both"
+            )
 
     def add_param_group(self, param_group: dict) -> None:
         self._check_mode(param_group, "param group")
@@ -152,8 +207,10 @@ class SAdam(Optimizer):
         probing = [self._probing(g) for g in self.param_groups]
         loss = None
         if closure is None and any(probing):
-            raise RuntimeError("SAdam.step needs a closure on probe steps: pass one that zeroes grads, runs "
-                               "forward, calls backward when torch.is_grad_enabled(), and returns the loss")
+            raise RuntimeError(
+                "SAdam.step needs a closure on probe steps: pass one that zeroes grads, runs "
+                "forward, calls backward when torch.is_grad_enabled(), and returns the loss"
+            )
         rng = _RngState() if self.lgi == "residual" and any(probing) else None
         if closure is not None:
             with torch.enable_grad():
@@ -165,7 +222,7 @@ class SAdam(Optimizer):
             group["t"] += 1
         return loss
 
-    @torch.profiler.record_function("sadam.probe")  # a label for profilers (tools/bench_training_cost.py)
+    @torch.profiler.record_function("sadam.probe")  # a label for profilers
     def _probe(self, closure, loss, probing, rng):
         # Probing closures typically call zero_grad(); park the gradients where it cannot reach them.
         grads = {p: p.grad for g in self.param_groups for p in g["params"]}
@@ -247,9 +304,21 @@ class SAdam(Optimizer):
             steps.append(state["step"])
         foreach = self.foreach if self.foreach is not None else all(p.is_cuda for p in params)
         beta1, beta2 = group["betas"]
-        adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
-                     eps=group["eps"], weight_decay=group["weight_decay"], damping=group["damping"],
-                     eps_mode="reference" if self.lgi == "reference" else "torch", foreach=foreach)
+        adamw_update(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            damping=group["damping"],
+            eps_mode="reference" if self.lgi == "reference" else "torch",
+            foreach=foreach,
+        )
 
 
 def _reference_rho(group, params, closure, loss0: float) -> float:

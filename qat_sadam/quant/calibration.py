@@ -1,5 +1,6 @@
 """Statistics from data: activation scales (``calibrate``) and BatchNorm running statistics
 re-estimated with the quantized weights (``reestimate_batchnorm``, Nagel et al. 2022)."""
+
 from __future__ import annotations
 
 import itertools
@@ -21,8 +22,10 @@ def _run(model: nn.Module, x: torch.Tensor, what: str) -> None:
     try:
         model(x)
     except Exception as e:  # a shape or type error deep in the user's model: name where
-        raise ValueError(f"{what}: {failing_module(model, e)} failed on input {tuple(x.shape)}: "
-                         f"{str(e).splitlines()[0][:200] or type(e).__name__}") from e
+        raise ValueError(
+            f"{what}: {failing_module(model, e)} failed on input {tuple(x.shape)}: "
+            f"{str(e).splitlines()[0][:200] or type(e).__name__}"
+        ) from e
 
 
 @torch.no_grad()
@@ -89,7 +92,13 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int |
             m.running_mean.copy_(mean)
             m.running_var.copy_(var)
         raise ValueError("reestimate_batchnorm: no batches were given")
-    mean_err = torch.cat([((mu - m.running_mean).abs() / (m.running_var + m.eps).sqrt()) for m, (mu, _) in zip(bns, old)])
+    mean_err = torch.cat(
+        [((mu - m.running_mean).abs() / (m.running_var + m.eps).sqrt()) for m, (mu, _) in zip(bns, old)]
+    )
     var_err = torch.cat([(v / (m.running_var + m.eps) - 1).abs() for m, (_, v) in zip(bns, old)])
-    return {"bn_layers": len(bns), "bn_batches": used, "bn_mean_error": float(mean_err.mean()),
-            "bn_var_error": float(var_err.mean())}
+    return {
+        "bn_layers": len(bns),
+        "bn_batches": used,
+        "bn_mean_error": float(mean_err.mean()),
+        "bn_var_error": float(var_err.mean()),
+    }

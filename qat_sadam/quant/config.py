@@ -1,4 +1,5 @@
 """QATConfig: which quantizers prepare_qat inserts, with what specs, and per-layer overrides."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -13,14 +14,29 @@ _OVERRIDE_KEYS = {"pattern", "bits", "weight_bits", "act_bits", "enabled"}
 def default_weight_spec(bits: int = 8) -> QuantSpec:
     # Symmetric narrow range: ONNX Runtime's integer kernels take symmetric int8 weights, and a
     # narrow range keeps BatchNorm folding exact when gamma is negative (-q never overflows).
-    return QuantSpec(bits=bits, signed=True, symmetric=True, per_channel=True, axis=0,
-                     narrow_range=True, init="mse", scale_mode="lsq")
+    return QuantSpec(
+        bits=bits,
+        signed=True,
+        symmetric=True,
+        per_channel=True,
+        axis=0,
+        narrow_range=True,
+        init="mse",
+        scale_mode="lsq",
+    )
 
 
 def default_activation_spec(bits: int = 8) -> QuantSpec:
     # uint8 per-tensor with a zero point: the activation type NNAPI and ORT's QDQ kernels expect.
-    return QuantSpec(bits=bits, signed=False, symmetric=False, per_channel=False,
-                     init="percentile", percentile=99.99, scale_mode="lsq")
+    return QuantSpec(
+        bits=bits,
+        signed=False,
+        symmetric=False,
+        per_channel=False,
+        init="percentile",
+        percentile=99.99,
+        scale_mode="lsq",
+    )
 
 
 @dataclass
@@ -63,13 +79,13 @@ class QATConfig:
     def from_dict(cls, d: dict | None) -> "QATConfig":
         """Build from a recipe's ``quant`` section. ``bits: 4`` means W4A4 (first/last at 8 bits)."""
         d = dict(d or {})
-        known = {"bits", "weight_bits", "act_bits", "weight", "activation", "first_last_bits",
-                 "placement", "overrides"}
+        known = {"bits", "weight_bits", "act_bits", "weight", "activation", "first_last_bits", "placement", "overrides"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"quant: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
-        bits = d.get("bits")
-        wbits, abits = d.get("weight_bits", bits), d.get("act_bits", bits)
+        bits = d.get("bits")  # weight_bits and act_bits win over it; None is the same as absent
+        wbits = d["weight_bits"] if d.get("weight_bits") is not None else bits
+        abits = d["act_bits"] if d.get("act_bits") is not None else bits
         weight = default_weight_spec()
         activation = default_activation_spec()
         if d.get("weight"):
@@ -81,20 +97,28 @@ class QATConfig:
         if abits is not None:
             activation = activation.with_(bits=abits)
         if not weight.symmetric:
-            raise ValueError("quant.weight: asymmetric weights are not supported (integer kernels take symmetric weights)")
+            raise ValueError(
+                "quant.weight: asymmetric weights are not supported (integer kernels take symmetric weights)"
+            )
         overrides = []
         for i, o in enumerate(d.get("overrides") or []):
             if not isinstance(o, dict) or "pattern" not in o or set(o) - _OVERRIDE_KEYS:
-                raise ValueError(f"quant.overrides[{i}]: expected a mapping with 'pattern' and any of "
-                                 f"{', '.join(sorted(_OVERRIDE_KEYS - {'pattern'}))}")
+                raise ValueError(
+                    f"quant.overrides[{i}]: expected a mapping with 'pattern' and any of "
+                    f"{', '.join(sorted(_OVERRIDE_KEYS - {'pattern'}))}"
+                )
             ov = Override(**o)
             for b in (ov.bits, ov.weight_bits, ov.act_bits):
                 if b is not None:
                     QuantSpec(bits=b)
             overrides.append(ov)
-        return cls(weight=weight, activation=activation,
-                   first_last_bits=d.get("first_last_bits", 8),
-                   placement=d.get("placement", "integer_graph"), overrides=overrides)
+        return cls(
+            weight=weight,
+            activation=activation,
+            first_last_bits=d.get("first_last_bits", 8),
+            placement=d.get("placement") or "integer_graph",
+            overrides=overrides,
+        )
 
     def matching(self, name: str) -> list[Override]:
         return [o for o in self.overrides if fnmatch.fnmatchcase(name, o.pattern)]

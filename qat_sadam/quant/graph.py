@@ -5,6 +5,7 @@ weights, the ops whose output an integer-only graph keeps quantized (anchors), t
 a preceding anchor (BatchNorm, ReLU), and the ops that keep values on the quantization grid
 (max-pool, flatten), through which a quantized tensor stays quantized.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,20 @@ ANCHOR_FUNCS = {F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean}
 ANCHOR_METHODS = {"mean"}
 # Element-wise products and sums, matrix products and concatenations: integer kernels when every
 # tensor input is quantized (QLinearAdd, QLinearMul, QLinearMatMul, QLinearConcat).
-MULTI_INPUT_FUNCS = {operator.add, operator.iadd, torch.add, operator.mul, operator.imul, torch.mul, operator.matmul,
-                     torch.matmul, torch.bmm, torch.einsum, torch.cat, torch.concat}
+MULTI_INPUT_FUNCS = {
+    operator.add,
+    operator.iadd,
+    torch.add,
+    operator.mul,
+    operator.imul,
+    torch.mul,
+    operator.matmul,
+    torch.matmul,
+    torch.bmm,
+    torch.einsum,
+    torch.cat,
+    torch.concat,
+}
 MULTI_INPUT_METHODS = {"add", "add_", "mul", "mul_", "matmul", "bmm"}
 # Ops fused into the preceding anchor (quantize after them, not before).
 EXTEND_MODULES = (nn.BatchNorm2d, nn.ReLU, nn.Hardtanh)  # ReLU6 is a Hardtanh
@@ -37,12 +50,46 @@ EXTEND_METHODS = {"relu", "relu_"}
 # stochastic depth count among them: identities at inference, where the grid matters (a quantizer
 # after them would meet the one before them at export, and ORT merges such pairs).
 PASS_MODULES = (nn.MaxPool2d, nn.Dropout, nn.Identity, nn.Flatten, nn.ZeroPad2d, nn.ChannelShuffle, nn.PixelShuffle)
-PASS_FUNCS = {torch.flatten, F.max_pool2d, F.dropout, F.dropout1d, F.dropout2d, stochastic_depth, F.pad, torch.reshape,
-              torch.permute, torch.transpose, torch.swapaxes,
-              torch.squeeze, torch.unsqueeze, torch.roll, torch.chunk, torch.split, torch.unbind, operator.getitem,
-              torch.channel_shuffle, F.pixel_shuffle} | DATA_MOVEMENT_FUNCS
-PASS_METHODS = {"flatten", "view", "reshape", "contiguous", "permute", "transpose", "swapaxes", "squeeze", "unsqueeze",
-                "expand", "repeat", "roll", "chunk", "split", "unbind", "unflatten"}
+PASS_FUNCS = {
+    torch.flatten,
+    F.max_pool2d,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    stochastic_depth,
+    F.pad,
+    torch.reshape,
+    torch.permute,
+    torch.transpose,
+    torch.swapaxes,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.roll,
+    torch.chunk,
+    torch.split,
+    torch.unbind,
+    operator.getitem,
+    torch.channel_shuffle,
+    F.pixel_shuffle,
+} | DATA_MOVEMENT_FUNCS
+PASS_METHODS = {
+    "flatten",
+    "view",
+    "reshape",
+    "contiguous",
+    "permute",
+    "transpose",
+    "swapaxes",
+    "squeeze",
+    "unsqueeze",
+    "expand",
+    "repeat",
+    "roll",
+    "chunk",
+    "split",
+    "unbind",
+    "unflatten",
+}
 # Ops whose output lies in [0, 1]: quantized with a fixed scale 1/2^bits (ORT's QLinearSoftmax assumes it).
 UNIT_RANGE_MODULES = (nn.Softmax,)
 UNIT_RANGE_FUNCS = {F.softmax, torch.softmax}
@@ -77,12 +124,18 @@ class QuantGraph:
         """Nodes whose value is a shape, size or number (x.shape, x.size(1), H // p): never quantized."""
         out: set[fx.Node] = set()
         for n in self.gm.graph.nodes:
-            size_of = (n.op == "call_method" and n.target in SIZE_METHODS) or (
-                n.op == "call_function" and n.target is getattr and n.args[1] in SIZE_ATTRS) or (
-                n.op == "call_function" and n.target is len)
+            size_of = (
+                (n.op == "call_method" and n.target in SIZE_METHODS)
+                or (n.op == "call_function" and n.target is getattr and n.args[1] in SIZE_ATTRS)
+                or (n.op == "call_function" and n.target is len)
+            )
             inputs = [a for a in n.all_input_nodes]
-            derived = n.op in ("call_function", "call_method") and inputs and all(a in out for a in inputs) and (
-                n.target not in TENSOR_FACTORIES)
+            derived = (
+                n.op in ("call_function", "call_method")
+                and inputs
+                and all(a in out for a in inputs)
+                and (n.target not in TENSOR_FACTORIES)
+            )
             if size_of or derived:
                 out.add(n)
         return out
@@ -95,9 +148,13 @@ class QuantGraph:
         for n in self.gm.graph.nodes:
             inputs = n.all_input_nodes
             from_constants = all(a in out or a in self.non_tensor for a in inputs) and (
-                not inputs or any(a in out for a in inputs) or n.target in TENSOR_FACTORIES)
-            if n.op == "get_attr" or (n.op == "call_function" and n.target in MASK_FUNCS) or (
-                    n.op in ("call_function", "call_method", "call_module") and from_constants):
+                not inputs or any(a in out for a in inputs) or n.target in TENSOR_FACTORIES
+            )
+            if (
+                n.op == "get_attr"
+                or (n.op == "call_function" and n.target in MASK_FUNCS)
+                or (n.op in ("call_function", "call_method", "call_module") and from_constants)
+            ):
                 out.add(n)
         return out
 
@@ -112,8 +169,11 @@ class QuantGraph:
     def is_multi_input(self, n: fx.Node) -> bool:
         """A sum, product or matrix product of two activations, or a concat: an integer kernel. x + 1,
         or x + a bias or mask computed from parameters, is a float op (and keeps the constant exact)."""
-        if n in self.non_tensor or n in self.constant or not node_is(n, self.modules, (), MULTI_INPUT_FUNCS,
-                                                                     MULTI_INPUT_METHODS):
+        if (
+            n in self.non_tensor
+            or n in self.constant
+            or not node_is(n, self.modules, (), MULTI_INPUT_FUNCS, MULTI_INPUT_METHODS)
+        ):
             return False
         if n.op == "call_function" and n.target in (torch.cat, torch.concat):
             return True
@@ -121,8 +181,11 @@ class QuantGraph:
 
     def weight_layers(self) -> list[fx.Node]:
         """Conv2d and Linear layers on activations (not those computing a constant from parameters)."""
-        return [n for n in self.gm.graph.nodes
-                if n.op == "call_module" and type(self.modules[n.target]) in QUANT_MODULES and n not in self.constant]
+        return [
+            n
+            for n in self.gm.graph.nodes
+            if n.op == "call_module" and type(self.modules[n.target]) in QUANT_MODULES and n not in self.constant
+        ]
 
     def opaque_modules(self) -> dict[str, int]:
         """Modules traced as one call (timm's fx leaf modules, where their forward branches on values
@@ -151,7 +214,8 @@ class QuantGraph:
 
     def returns_tuple(self, n: fx.Node) -> bool:
         return (n.op == "call_function" and n.target in (torch.chunk, torch.split, torch.unbind)) or (
-            n.op == "call_method" and n.target in ("chunk", "split", "unbind"))
+            n.op == "call_method" and n.target in ("chunk", "split", "unbind")
+        )
 
     def source(self, n: fx.Node) -> fx.Node:
         """The node whose quantizer covers n: walk back through grid-preserving ops."""
@@ -216,7 +280,7 @@ def site_name(node: fx.Node) -> str:
     A module called twice (torchvision's BasicBlock reuses its ReLU) gets fx's suffix: relu_1."""
     if node.op != "call_module":
         return node.name
-    return node.target + node.name[len(node.target.replace(".", "_")):]
+    return node.target + node.name[len(node.target.replace(".", "_")) :]
 
 
 def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -279,7 +343,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
         except Exception as e:  # fx raises many types; the user needs the module and op that failed
             error = e
     else:
-        raise ValueError(f"cannot trace {failing_module(copied, error)} with torch.fx: {error}".splitlines()[0]) from error
+        raise ValueError(
+            f"cannot trace {failing_module(copied, error)} with torch.fx: {error}".splitlines()[0]
+        ) from error
     _training_at_run_time(gm)
     _layers_as_modules(gm, copied)
     return gm
@@ -301,9 +367,14 @@ def _layer_call(root: nn.Module, n: fx.Node) -> tuple[str, nn.Module] | None:
         return None
     if n.target is F.linear and isinstance(m, nn.Linear):
         return path, nn.Linear(m.in_features, m.out_features, m.bias is not None)
-    if n.target is F.conv2d and isinstance(m, nn.Conv2d) and tuple(n.args[3:]) == (m.stride, m.padding, m.dilation, m.groups):
-        return path, nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
-                               m.bias is not None)
+    if (
+        n.target is F.conv2d
+        and isinstance(m, nn.Conv2d)
+        and tuple(n.args[3:]) == (m.stride, m.padding, m.dilation, m.groups)
+    ):
+        return path, nn.Conv2d(
+            m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, m.bias is not None
+        )
     return None
 
 

@@ -1,4 +1,5 @@
 """Quantized layers: a float layer plus a weight FakeQuantize (composable, Brevitas style)."""
+
 from __future__ import annotations
 
 import torch.nn.functional as F

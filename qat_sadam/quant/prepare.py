@@ -5,6 +5,7 @@ QuantConv2d/QuantLinear and activation FakeQuantize modules are inserted as call
 BatchNorm stays as it is during QAT and is folded at export: per-channel symmetric weight
 quantization commutes with the per-channel BN scale, so folding keeps the integer weights.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -27,8 +28,10 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None) -> fx.
         raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layer to quantize")
     opaque = g.opaque_modules()
     if opaque:  # said, not silent: these layers run in float, and the export's fusion check fails on them
-        warnings.warn(f"prepare_qat: torch.fx traced {', '.join(f'{k} x{v}' for k, v in opaque.items())} as opaque calls "
-                      "(their forward branches on values or shapes): the conv and linear layers inside stay float")
+        warnings.warn(
+            f"prepare_qat: torch.fx traced {', '.join(f'{k} x{v}' for k, v in opaque.items())} as opaque calls "
+            "(their forward branches on values or shapes): the conv and linear layers inside stay float"
+        )
     sites = g.activation_sites(config.placement)
     edge_sites = set()
     if config.first_last_bits is not None:
@@ -46,8 +49,10 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None) -> fx.
     names = [n.target for n in layers] + [site_name(n) for n in sites]
     for o in config.overrides:
         if not any(o in config.matching(nm) for nm in names):
-            raise ValueError(f"quant.overrides: pattern {o.pattern!r} matches no quantizable module "
-                             f"(names look like {', '.join(names[:4])})")
+            raise ValueError(
+                f"quant.overrides: pattern {o.pattern!r} matches no quantizable module "
+                f"(names look like {', '.join(names[:4])})"
+            )
 
     for n in layers:
         layer = g.modules[n.target]
@@ -67,7 +72,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None) -> fx.
             key += "_site"
         spec = config.activation.with_(bits=b)
         if g.is_unit_range(n):
-            spec = spec.with_(scale_mode="frozen", fixed_scale=2.0 ** -b)
+            spec = spec.with_(scale_mode="frozen", fixed_scale=2.0**-b)
         gm.activation_quantizers[key] = FakeQuantize(spec, "activation")
         gm.activation_site_names[key] = name
         with gm.graph.inserting_after(n):
@@ -81,5 +86,6 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None) -> fx.
 
 
 def quantizers(model: nn.Module, kind: str | None = None) -> list[tuple[str, FakeQuantize]]:
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, FakeQuantize) and (kind is None or m.kind == kind)]
+    return [
+        (n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantize) and (kind is None or m.kind == kind)
+    ]

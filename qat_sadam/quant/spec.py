@@ -1,4 +1,5 @@
 """What one quantizer does: bit width, integer range, granularity and how its scale is set."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
@@ -52,8 +53,10 @@ class QuantSpec:
         if self.max_level is not None and self.max_level <= 0:
             raise ValueError(f"max_level must be positive, got {self.max_level}")
         if self.fixed_scale is not None and (self.fixed_scale <= 0 or self.scale_mode != "frozen"):
-            raise ValueError(f"fixed_scale must be positive and go with scale_mode 'frozen', got {self.fixed_scale}, "
-                             f"{self.scale_mode!r}")
+            raise ValueError(
+                f"fixed_scale must be positive and go with scale_mode 'frozen', got {self.fixed_scale}, "
+                f"{self.scale_mode!r}"
+            )
 
     @property
     def qmin(self) -> int:

@@ -10,6 +10,7 @@ them: they are grid-preserving ops for the placement (graph.py). timm's BatchNor
 BatchNorm2d with its activation inside) becomes BatchNorm2d, dropout, activation, so that the
 BatchNorm folds into its conv; timm's Conv2dSame becomes a wrapped 'SAME' padding and a Conv2d.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,13 +31,26 @@ class DecomposedMultiheadAttention(nn.Module):
         if mha.bias_k is not None or mha.add_zero_attn:
             raise ValueError("MultiheadAttention with bias_k/bias_v or add_zero_attn is not supported by prepare_qat")
         e, bias = mha.embed_dim, mha.in_proj_bias is not None
-        self.num_heads, self.head_dim, self.batch_first, self.dropout = mha.num_heads, mha.head_dim, mha.batch_first, mha.dropout
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(e, e, bias), nn.Linear(mha.kdim, e, bias), nn.Linear(mha.vdim, e, bias)
+        self.num_heads, self.head_dim, self.batch_first, self.dropout = (
+            mha.num_heads,
+            mha.head_dim,
+            mha.batch_first,
+            mha.dropout,
+        )
+        self.q_proj, self.k_proj, self.v_proj = (
+            nn.Linear(e, e, bias),
+            nn.Linear(mha.kdim, e, bias),
+            nn.Linear(mha.vdim, e, bias),
+        )
         with torch.no_grad():
-            weights = (mha.in_proj_weight.chunk(3) if mha._qkv_same_embed_dim
-                       else (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight))
-            for proj, w, b in zip((self.q_proj, self.k_proj, self.v_proj), weights,
-                                  mha.in_proj_bias.chunk(3) if bias else (None,) * 3):
+            weights = (
+                mha.in_proj_weight.chunk(3)
+                if mha._qkv_same_embed_dim
+                else (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+            )
+            for proj, w, b in zip(
+                (self.q_proj, self.k_proj, self.v_proj), weights, mha.in_proj_bias.chunk(3) if bias else (None,) * 3
+            ):
                 proj.weight.copy_(w)
                 if b is not None:
                     proj.bias.copy_(b)
@@ -46,22 +60,32 @@ class DecomposedMultiheadAttention(nn.Module):
     def _heads(self, x: torch.Tensor, b, n) -> torch.Tensor:
         return x.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
         if key_padding_mask is not None or attn_mask is not None or is_causal:
             raise ValueError("MultiheadAttention with a mask is not supported by prepare_qat")
         if not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         b, n, s = query.shape[0], query.shape[1], key.shape[1]
-        q = self._heads(self.q_proj(query), b, n) * (self.head_dim ** -0.5)
+        q = self._heads(self.q_proj(query), b, n) * (self.head_dim**-0.5)
         k, v = self._heads(self.k_proj(key), b, s), self._heads(self.v_proj(value), b, s)
         attn = F.dropout(torch.matmul(q, k.transpose(-2, -1)).softmax(dim=-1), self.dropout, self.training)
         out = self.out_proj(torch.matmul(attn, v).transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
         return (out if self.batch_first else out.transpose(0, 1)), None
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False):
+def scaled_dot_product_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
     """F.scaled_dot_product_attention in visible ops (matmul, softmax), for tracing."""
     if is_causal or enable_gqa:
         raise ValueError("scaled_dot_product_attention with is_causal or enable_gqa is not supported by prepare_qat")
@@ -87,8 +111,14 @@ def einsum(equation: str, *operands):
     batch = [c for c in out if c in a and c in b]
     contracted = [c for c in a if c in b and c not in out]
     a_free, b_free = [c for c in a if c not in b], [c for c in b if c not in a]
-    if len(contracted) != 1 or len(a_free) > 1 or len(b_free) > 1 or len(set(a)) < len(a) or len(set(b)) < len(b) \
-            or sorted(out) != sorted(batch + a_free + b_free):
+    if (
+        len(contracted) != 1
+        or len(a_free) > 1
+        or len(b_free) > 1
+        or len(set(a)) < len(a)
+        or len(set(b)) < len(b)
+        or sorted(out) != sorted(batch + a_free + b_free)
+    ):
         return _EINSUM(equation, *operands)
     x = operands[0].permute([a.index(c) for c in batch + a_free + contracted])
     y = operands[1].permute([b.index(c) for c in batch + contracted + b_free])
@@ -134,7 +164,7 @@ def window_mask(x: torch.Tensor, window: list[int], shift: list[int]) -> torch.T
     count = 0
     for hs in ((0, -window[0]), (-window[0], -s[0]), (-s[0], None)):
         for ws in ((0, -window[1]), (-window[1], -s[1]), (-s[1], None)):
-            ids[hs[0]:hs[1], ws[0]:ws[1]] = count
+            ids[hs[0] : hs[1], ws[0] : ws[1]] = count
             count += 1
     ids = ids.view(h // window[0], window[0], w // window[1], window[1]).permute(0, 2, 1, 3).reshape(windows, area)
     mask = ids.unsqueeze(1) - ids.unsqueeze(2)
@@ -150,7 +180,7 @@ def window_merge(y: torch.Tensor, x: torch.Tensor, window: list[int], shift: lis
     y = y.view(b, h // window[0], w // window[1], window[0], window[1], c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
     if sum(s) > 0:
         y = torch.roll(y, shifts=(s[0], s[1]), dims=(1, 2))
-    return y[:, :x.shape[1], :x.shape[2], :].contiguous()
+    return y[:, : x.shape[1], : x.shape[2], :].contiguous()
 
 
 def same_pad(x: torch.Tensor, kernel: tuple, stride: tuple, dilation: tuple) -> torch.Tensor:
@@ -182,9 +212,18 @@ def mobilevit_fold(t: torch.Tensor, x: torch.Tensor, patch: tuple) -> torch.Tens
     """The inverse of mobilevit_unfold for the feature map x."""
     b, c, h, w = x.shape
     nh, nw = _patches(h, patch[0]), _patches(w, patch[1])
-    t = t.contiguous().view(b, patch[0] * patch[1], nh * nw, -1).transpose(1, 3).reshape(b * c * nh, nw, patch[0], patch[1])
+    t = (
+        t.contiguous()
+        .view(b, patch[0] * patch[1], nh * nw, -1)
+        .transpose(1, 3)
+        .reshape(b * c * nh, nw, patch[0], patch[1])
+    )
     y = t.transpose(1, 2).reshape(b, c, nh * patch[0], nw * patch[1])
-    return y if (nh * patch[0], nw * patch[1]) == (h, w) else F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
+    return (
+        y
+        if (nh * patch[0], nw * patch[1]) == (h, w)
+        else F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
+    )
 
 
 class _TraceableMobileVitBlock:
@@ -193,7 +232,9 @@ class _TraceableMobileVitBlock:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv_1x1(self.conv_kxk(x))
-        y = self.conv_proj(mobilevit_fold(self.norm(self.transformer(mobilevit_unfold(y, self.patch_size))), y, self.patch_size))
+        y = self.conv_proj(
+            mobilevit_fold(self.norm(self.transformer(mobilevit_unfold(y, self.patch_size))), y, self.patch_size)
+        )
         return y if self.conv_fusion is None else self.conv_fusion(torch.cat((x, y), dim=1))
 
 
@@ -225,8 +266,9 @@ class _TraceableMobileVitV2Block:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_1x1(self.conv_kxk(mobilevitv2_resize(x, self.patch_size)))
-        return self.conv_proj(mobilevitv2_fold(self.norm(self.transformer(mobilevitv2_unfold(x, self.patch_size))), x,
-                                               self.patch_size))
+        return self.conv_proj(
+            mobilevitv2_fold(self.norm(self.transformer(mobilevitv2_unfold(x, self.patch_size))), x, self.patch_size)
+        )
 
 
 class _TraceableLiteMLA:
@@ -278,15 +320,37 @@ class _TraceableCascadedGroupAttention:
 
 
 # timm classes made traceable by name, without importing timm.
-_TRACEABLE_BY_NAME = {"MobileVitBlock": _TraceableMobileVitBlock, "MobileVitV2Block": _TraceableMobileVitV2Block,
-                      "LiteMLA": _TraceableLiteMLA, "LocalWindowAttention": _TraceableLocalWindowAttention,
-                      "CascadedGroupAttention": _TraceableCascadedGroupAttention}
+_TRACEABLE_BY_NAME = {
+    "MobileVitBlock": _TraceableMobileVitBlock,
+    "MobileVitV2Block": _TraceableMobileVitV2Block,
+    "LiteMLA": _TraceableLiteMLA,
+    "LocalWindowAttention": _TraceableLocalWindowAttention,
+    "CascadedGroupAttention": _TraceableCascadedGroupAttention,
+}
 
-for _name in ("window_partition", "window_mask", "window_merge", "same_pad", "mobilevit_unfold", "mobilevit_fold",
-              "mobilevitv2_resize", "mobilevitv2_unfold", "mobilevitv2_fold", "efficientvit_windows", "efficientvit_unwindows"):
+for _name in (
+    "window_partition",
+    "window_mask",
+    "window_merge",
+    "same_pad",
+    "mobilevit_unfold",
+    "mobilevit_fold",
+    "mobilevitv2_resize",
+    "mobilevitv2_unfold",
+    "mobilevitv2_fold",
+    "efficientvit_windows",
+    "efficientvit_unwindows",
+):
     torch.fx.wrap(_name)  # shape-dependent Python: one opaque node each in the traced graph
-DATA_MOVEMENT_FUNCS = {window_partition, window_merge, same_pad, mobilevitv2_unfold, mobilevitv2_fold,
-                       efficientvit_windows, efficientvit_unwindows}
+DATA_MOVEMENT_FUNCS = {
+    window_partition,
+    window_merge,
+    same_pad,
+    mobilevitv2_unfold,
+    mobilevitv2_fold,
+    efficientvit_windows,
+    efficientvit_unwindows,
+}
 MASK_FUNCS = {window_mask}
 
 
@@ -300,7 +364,9 @@ class SamePad(nn.Module):
 
 
 def _split_same_conv(m: nn.Conv2d) -> nn.Sequential:
-    conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, 0, m.dilation, m.groups, m.bias is not None)
+    conv = nn.Conv2d(
+        m.in_channels, m.out_channels, m.kernel_size, m.stride, 0, m.dilation, m.groups, m.bias is not None
+    )
     conv.load_state_dict(m.state_dict())
     return nn.Sequential(SamePad(m), conv)
 
@@ -319,7 +385,9 @@ class _TraceableWindowAttention:
         b, n, c = windows.shape[0], windows.shape[1], windows.shape[2]
         qkv = self.qkv(windows).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = self._logits(q, k) + self.get_relative_position_bias() + window_mask(x, self.window_size, self.shift_size)
+        attn = (
+            self._logits(q, k) + self.get_relative_position_bias() + window_mask(x, self.window_size, self.shift_size)
+        )
         attn = F.dropout(attn.softmax(dim=-1), self.attention_dropout, self.training)
         y = torch.matmul(attn, v).transpose(1, 2).reshape(b, n, c)
         y = F.dropout(self.proj(y), self.dropout, self.training)
@@ -345,7 +413,7 @@ def _keep_key_bias_zero(m: ShiftedWindowAttentionV2) -> None:
         return
     n = m.qkv.bias.numel() // 3
     keep = torch.ones_like(m.qkv.bias)
-    keep[n:2 * n] = 0
+    keep[n : 2 * n] = 0
     with torch.no_grad():
         m.qkv.bias.mul_(keep)
     m.qkv.bias.register_hook(lambda g: g * keep)

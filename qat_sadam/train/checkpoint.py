@@ -1,4 +1,5 @@
 """Checkpoints written atomically and read without unpickling code."""
+
 from __future__ import annotations
 
 import os
@@ -34,7 +35,9 @@ def save_atomic(obj, path: str, previous: str | None = None) -> None:
         finally:
             os.close(dir_fd)
     except OSError as e:
-        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint is unchanged") from None
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint is unchanged"
+        ) from None
     finally:
         if fd is not None:
             os.close(fd)

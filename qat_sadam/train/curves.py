@@ -1,5 +1,6 @@
 """curves.png: loss, test accuracy, S-Adam damping and oscillation frequency over training, one line
 per label, each the mean of its runs (seeds); read from the runs' metrics.jsonl."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,12 @@ import os
 
 import numpy as np
 
-PANELS = [("loss", "step", "training loss (EMA 0.98)"), ("test_acc", "epoch", "test accuracy (torch)"),
-          ("damping", "step", "S-Adam damping exp(-lam rho)"), ("osc_freq_mean", "step", "mean oscillation frequency")]
+PANELS = [
+    ("loss", "step", "training loss (EMA 0.98)"),
+    ("test_acc", "epoch", "test accuracy (torch)"),
+    ("damping", "step", "S-Adam damping exp(-lam rho)"),
+    ("osc_freq_mean", "step", "mean oscillation frequency"),
+]
 
 
 def _ema(y, m):
@@ -49,8 +54,13 @@ def plot_curves(runs: dict[str, list[str]], path: str) -> str:
             y = np.mean([v for v in series[key] if len(v) == n], axis=0)
             if key == "loss":
                 y = _ema(y, 0.98)
-            ax.plot(np.arange(1, n + 1), y, label=label, lw=1.2 if kind == "epoch" else 0.8,
-                    marker="o" if kind == "epoch" else None)
+            ax.plot(
+                np.arange(1, n + 1),
+                y,
+                label=label,
+                lw=1.2 if kind == "epoch" else 0.8,
+                marker="o" if kind == "epoch" else None,
+            )
             ax.set(title=title, xlabel=kind)
     for ax in axes.flat:
         if ax.lines:

@@ -6,11 +6,13 @@ path costs more than the network. Random crop and flip are applied per sample, o
 Order and augmentation come from generators seeded by (seed, epoch, step), so a resumed run
 sees exactly the batches an uninterrupted run would.
 """
+
 from __future__ import annotations
 
 import glob
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +21,9 @@ import torchvision
 
 from ..errors import DataError, RecipeError
 from .datafiles import check_images, check_labels, check_same_classes, decode_jpegs, npz_arrays, read_image
+
+if TYPE_CHECKING:  # recipe.py builds on this module (DATASETS): the section type is for annotations only
+    from .recipe import DataSection
 
 DATASETS = ("synthetic", "digits", "cifar10", "cifar100", "tinyimagenet")
 _CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
@@ -48,8 +53,8 @@ class Data:
         return self.train.x.shape[-1]
 
 
-def data_root(cfg: dict) -> str | None:
-    return cfg.get("root") or os.environ.get("QAT_SADAM_DATA")
+def data_root(cfg: DataSection) -> str | None:
+    return cfg.root or os.environ.get("QAT_SADAM_DATA")
 
 
 def _split(x: np.ndarray, y: np.ndarray) -> Split:
@@ -59,7 +64,9 @@ def _split(x: np.ndarray, y: np.ndarray) -> Split:
     return Split(x.contiguous(), torch.from_numpy(np.asarray(y)).long())
 
 
-def _synthetic(image_size: int = 16, classes: int = 10, n_train: int = 1024, n_test: int = 512) -> tuple[Split, Split, int]:
+def _synthetic(
+    image_size: int = 16, classes: int = 10, n_train: int = 1024, n_test: int = 512
+) -> tuple[Split, Split, int]:
     """Class templates plus noise: learnable, deterministic, no files."""
     g = torch.Generator().manual_seed(1234)
     templates = torch.rand(classes, 3, image_size, image_size, generator=g)
@@ -68,6 +75,7 @@ def _synthetic(image_size: int = 16, classes: int = 10, n_train: int = 1024, n_t
         y = torch.randint(0, classes, (n,), generator=g)
         x = 0.6 * templates[y] + 0.4 * torch.rand(n, 3, image_size, image_size, generator=g)
         return Split((x * 255).round().to(torch.uint8), y)
+
     return make(n_train), make(n_test), classes
 
 
@@ -81,7 +89,7 @@ def _digits() -> tuple[Split, Split, int]:
     return _split(x[:1500], y[:1500]), _split(x[1500:], y[1500:]), 10
 
 
-def _cifar(name: str, cfg: dict) -> tuple[Split, Split, int]:
+def _cifar(name: str, cfg: DataSection) -> tuple[Split, Split, int]:
     classes = 100 if name == "cifar100" else 10
     root = data_root(cfg)
     where = root or "(no data.root and no QAT_SADAM_DATA)"
@@ -94,17 +102,23 @@ def _cifar(name: str, cfg: dict) -> tuple[Split, Split, int]:
         check_same_classes(", ".join(parts), y_train, test, y_test)
         return _split(np.concatenate([x for x, _ in train]), y_train), _split(x_test, y_test), classes
     cls = torchvision.datasets.CIFAR100 if name == "cifar100" else torchvision.datasets.CIFAR10
-    if root is None and not cfg.get("download"):
-        raise DataError(f"{name}: no data found {where}; set data.root (or QAT_SADAM_DATA) to a folder holding "
-                        f"{name}_train*.npz + {name}_test.npz or torchvision's {name} files, or set data.download: true")
+    if root is None and not cfg.download:
+        raise DataError(
+            f"{name}: no data found {where}; set data.root (or QAT_SADAM_DATA) to a folder holding "
+            f"{name}_train*.npz + {name}_test.npz or torchvision's {name} files, or set data.download: true"
+        )
     try:
-        sets = [cls(root or "data", train=t, download=bool(cfg.get("download"))) for t in (True, False)]
+        sets = [cls(root or "data", train=t, download=bool(cfg.download)) for t in (True, False)]
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
-        raise DataError(f"{name}: not found under {where} ({e}); put {name}_train*.npz + {name}_test.npz or "
-                        f"torchvision's files there, or set data.download: true") from None
+        raise DataError(
+            f"{name}: not found under {where} ({e}); put {name}_train*.npz + {name}_test.npz or "
+            f"torchvision's files there, or set data.download: true"
+        ) from None
     except OSError as e:  # download attempted offline
-        raise DataError(f"{name}: download failed ({e.__class__.__name__}: {e}); this machine may be offline: "
-                        f"put the files under {root or 'data'} and set data.download: false") from None
+        raise DataError(
+            f"{name}: download failed ({e.__class__.__name__}: {e}); this machine may be offline: "
+            f"put the files under {root or 'data'} and set data.download: false"
+        ) from None
     return _split(sets[0].data, sets[0].targets), _split(sets[1].data, sets[1].targets), classes
 
 
@@ -120,15 +134,17 @@ _TINY_KEYS = ("train_jpeg", "train_offsets", "y_train", "val_jpeg", "val_offsets
 
 def _decoded_tinyimagenet(npz: str) -> dict[str, np.ndarray]:
     z = npz_arrays(npz, _TINY_KEYS)
-    out = {"xtr": decode_jpegs(npz, "train_jpeg", z["train_jpeg"], z["train_offsets"]),
-           "xte": decode_jpegs(npz, "val_jpeg", z["val_jpeg"], z["val_offsets"])}
+    out = {
+        "xtr": decode_jpegs(npz, "train_jpeg", z["train_jpeg"], z["train_offsets"]),
+        "xte": decode_jpegs(npz, "val_jpeg", z["val_jpeg"], z["val_offsets"]),
+    }
     check_labels(npz, "y_train", z["y_train"], len(out["xtr"]), 200)
     check_labels(npz, "y_val", z["y_val"], len(out["xte"]), 200)
     check_same_classes(f"{npz} (train)", z["y_train"], f"{npz} (val)", z["y_val"])
     return {**out, "ytr": z["y_train"], "yte": z["y_val"]}
 
 
-def _tinyimagenet(cfg: dict) -> tuple[Split, Split, int]:
+def _tinyimagenet(cfg: DataSection) -> tuple[Split, Split, int]:
     root = data_root(cfg)
     npz = os.path.join(root, "tinyimagenet_subset.npz") if root else ""
     if os.path.isfile(npz):
@@ -146,8 +162,10 @@ def _tinyimagenet(cfg: dict) -> tuple[Split, Split, int]:
         if sets[0].classes != sets[1].classes:
             raise DataError(f"tinyimagenet: {root}/val must be an ImageFolder with the classes of {root}/train")
         return _folder_split(sets[0]), _folder_split(sets[1]), len(sets[0].classes)
-    raise DataError(f"tinyimagenet: no data under {root or '(no data.root and no QAT_SADAM_DATA)'}; expected "
-                    "tinyimagenet_subset.npz or an ImageFolder layout with train/ and val/ class folders")
+    raise DataError(
+        f"tinyimagenet: no data under {root or '(no data.root and no QAT_SADAM_DATA)'}; expected "
+        "tinyimagenet_subset.npz or an ImageFolder layout with train/ and val/ class folders"
+    )
 
 
 def _image_folder(path: str):
@@ -169,11 +187,12 @@ def _first_classes(split: Split, n: int) -> Split:
     return Split(split.x[keep], split.y[keep])
 
 
-def load_data(cfg: dict) -> Data:
-    """The dataset a recipe's ``data`` section names, with its subset and validation split applied."""
-    name = cfg["name"]
+def load_data(cfg: DataSection) -> Data:
+    """The dataset a recipe's ``data`` section (``recipe.DataSection``) names, with its subset and
+    validation split applied."""
+    name = cfg.name
     if name == "synthetic":
-        train, test, classes = _synthetic(cfg.get("image_size") or 16)
+        train, test, classes = _synthetic(cfg.image_size or 16)
     elif name == "digits":
         train, test, classes = _digits()
     elif name in ("cifar10", "cifar100"):
@@ -182,24 +201,24 @@ def load_data(cfg: dict) -> Data:
         train, test, classes = _tinyimagenet(cfg)
     else:
         raise RecipeError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    if cfg.get("classes"):
+    if cfg.classes:
         # The first N classes, whole: a smaller problem that a CPU budget can still learn, unlike
         # a few images of every class.
-        if cfg["classes"] > classes:
-            raise RecipeError(f"data.classes is {cfg['classes']} but {name} has {classes} classes")
-        train, test, classes = _first_classes(train, cfg["classes"]), _first_classes(test, cfg["classes"]), cfg["classes"]
-    if cfg.get("subset"):
-        train = Split(train.x[:cfg["subset"]], train.y[:cfg["subset"]])
-    if cfg.get("val_split"):
+        if cfg.classes > classes:
+            raise RecipeError(f"data.classes is {cfg.classes} but {name} has {classes} classes")
+        train, test, classes = _first_classes(train, cfg.classes), _first_classes(test, cfg.classes), cfg.classes
+    if cfg.subset:
+        train = Split(train.x[: cfg.subset], train.y[: cfg.subset])
+    if cfg.val_split:
         # A fixed split (seed 0), the same for every run, carved from the training set.
         perm = torch.randperm(len(train.y), generator=torch.Generator().manual_seed(0))
-        n_val = int(round(len(perm) * cfg["val_split"]))
+        n_val = int(round(len(perm) * cfg.val_split))
         val, keep = perm[:n_val], perm[n_val:]
-        if cfg.get("eval_on") == "val":
+        if cfg.eval_on == "val":
             test = Split(train.x[val], train.y[val])
         train = Split(train.x[keep], train.y[keep])
-    if cfg.get("test_subset"):
-        test = Split(test.x[:cfg["test_subset"]], test.y[:cfg["test_subset"]])
+    if cfg.test_subset:
+        test = Split(test.x[: cfg.test_subset], test.y[: cfg.test_subset])
     if name in _CIFAR_MEAN:
         mean, std = _CIFAR_MEAN[name], _CIFAR_STD[name]
     else:
@@ -212,8 +231,21 @@ def load_data(cfg: dict) -> Data:
 class Loader:
     """Batches of normalised float images from a uint8 Split, seeded by (seed, epoch, step)."""
 
-    def __init__(self, split: Split, batch_size: int, mean, std, *, shuffle: bool, seed: int = 0,
-                 crop_padding: int = 0, flip: bool = False, device: str | torch.device = "cpu", rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        mean,
+        std,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        crop_padding: int = 0,
+        flip: bool = False,
+        device: str | torch.device = "cpu",
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.device = torch.device(device)
         on_device = self.device.type == "cuda"
         self.x = split.x.to(self.device) if on_device else split.x
@@ -229,15 +261,18 @@ class Loader:
 
     def batches(self, epoch: int = 0, start: int = 0):
         n = len(self.y)
-        order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-                 if self.shuffle else torch.arange(n))
+        order = (
+            torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            if self.shuffle
+            else torch.arange(n)
+        )
         for step in range(start, len(self)):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size].to(self.x.device)
+            idx = order[step * self.batch_size : (step + 1) * self.batch_size].to(self.x.device)
             x = self.x[idx]
             if self.crop_padding or self.flip:  # drawn for the global batch, so each rank's share is the same
                 x = self._augment(x, torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_000_003 + step))
             if self.world > 1:
-                x, idx = x[self.rank::self.world], idx[self.rank::self.world]
+                x, idx = x[self.rank :: self.world], idx[self.rank :: self.world]
             x = x.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)
             yield x, self.y[idx].to(self.device, non_blocking=True)
 
@@ -247,7 +282,7 @@ class Loader:
             p = self.crop_padding
             xp = F.pad(x, (p, p, p, p))
             offsets = torch.randint(0, 2 * p + 1, (b, 2), generator=g).tolist()
-            x = torch.stack([xp[i, :, oy:oy + h, ox:ox + w] for i, (oy, ox) in enumerate(offsets)])
+            x = torch.stack([xp[i, :, oy : oy + h, ox : ox + w] for i, (oy, ox) in enumerate(offsets)])
         if self.flip:
             mask = (torch.rand(b, generator=g) < 0.5).to(x.device)
             x = torch.where(mask[:, None, None, None], x.flip(3), x)

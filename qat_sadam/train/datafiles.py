@@ -1,5 +1,6 @@
 """Dataset files read defensively: every array checked (keys, dtype, shape, label range) before it
 is used, every error one line naming the file, the array and the first bad index."""
+
 from __future__ import annotations
 
 import io
@@ -24,7 +25,11 @@ def npz_arrays(path: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
             for k in keys:
                 with z.zip.open(f"{k}.npy") as f:
                     version = np.lib.format.read_magic(f)
-                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
                     shape, _, dtype = read_header(f)
                 if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > MAX_ARRAY_BYTES:
                     raise DataError(f"{path}: array {k!r} claims shape {shape} ({dtype}), more than 8 GiB")
@@ -32,7 +37,9 @@ def npz_arrays(path: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     except DataError:
         raise
     except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError) as e:  # truncated, not a zip, bad header
-        raise DataError(f"{path}: not a readable npz file ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        raise DataError(
+            f"{path}: not a readable npz file ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+        ) from None
 
 
 def check_images(path: str, key: str, x: np.ndarray, hwc: tuple[int, int, int]) -> None:
@@ -59,18 +66,26 @@ def check_same_classes(train_path: str, train_y: np.ndarray, test_path: str, tes
     unseen = np.setdiff1d(np.unique(test_y), np.unique(train_y))
     if unseen.size:
         first = int(np.flatnonzero(test_y == unseen[0])[0])
-        raise DataError(f"{test_path}: label {unseen[0]} (first at index {first}) never occurs in {train_path}: the "
-                        "training and test files do not share their classes")
+        raise DataError(
+            f"{test_path}: label {unseen[0]} (first at index {first}) never occurs in {train_path}: the "
+            "training and test files do not share their classes"
+        )
 
 
 def decode_jpegs(path: str, key: str, buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Images i = buf[offsets[i]:offsets[i + 1]] decoded to uint8 RGB; a bad image names its index."""
-    if offsets.ndim != 1 or offsets.size < 2 or np.any(np.diff(offsets) <= 0) or offsets[0] < 0 or offsets[-1] > buf.size:
+    if (
+        offsets.ndim != 1
+        or offsets.size < 2
+        or np.any(np.diff(offsets) <= 0)
+        or offsets[0] < 0
+        or offsets[-1] > buf.size
+    ):
         raise DataError(f"{path}: the offsets of {key!r} are not increasing positions within its {buf.size} bytes")
     images = []
     for i in range(len(offsets) - 1):
         try:
-            images.append(np.asarray(Image.open(io.BytesIO(buf[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB")))
+            images.append(np.asarray(Image.open(io.BytesIO(buf[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB")))
         except (OSError, ValueError) as e:  # PIL: UnidentifiedImageError, truncated image
             raise DataError(f"{path}: image {i} of {key!r} cannot be decoded ({type(e).__name__})") from None
     if len({im.shape for im in images}) > 1:

@@ -1,4 +1,5 @@
 """torch.distributed helpers: a run launched by torchrun trains data-parallel; otherwise all no-ops."""
+
 from __future__ import annotations
 
 import os

@@ -8,11 +8,12 @@ a ~7 s QAT step, a float step ~140k and 0.5 s (it keeps fewer activation-size bu
 ``heap`` turns glibc's mmap path and heap trimming off (mallopt), so that freed blocks stay in the
 heap and the next steps take them: after a few steps no faults at all, for ~7% more resident
 memory (glibc keeps a few spare blocks of a size that posix_memalign's slack cannot reuse at
-once). docs/benchmarks.md has the measurements.
+once). docs/studies/benchmarks.md has the measurements.
 
 There is no torch setting for this, and tcmalloc or jemalloc would have to be preloaded before the
 process starts; mallopt acts at run time, on what is allocated after it.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -24,7 +25,7 @@ from ..errors import RecipeError
 MODES = ("auto", "heap", "system")
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's malloc.h
 _GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
-_HEAP = {_M_TRIM_THRESHOLD: 2 ** 31 - 1, _M_MMAP_MAX: 0}
+_HEAP = {_M_TRIM_THRESHOLD: 2**31 - 1, _M_MMAP_MAX: 0}
 _USER_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD")
 _state = {"mode": "system"}
 
@@ -48,7 +49,9 @@ def set_host_memory(mode: str) -> str:
         mode = "heap" if libc is not None and not any(os.environ.get(k) for k in _USER_ENV) else "system"
     if mode == "heap" and libc is None:
         raise RecipeError("host_memory: heap needs glibc's mallopt, which this platform lacks; use auto or system")
-    if libc is not None and mode != _state["mode"]:  # system after heap (same process): glibc's defaults, free pages returned
+    if (
+        libc is not None and mode != _state["mode"]
+    ):  # system after heap (same process): glibc's defaults, free pages returned
         for param, value in (_HEAP if mode == "heap" else _GLIBC_DEFAULTS).items():
             if not libc.mallopt(param, value):
                 raise OSError(f"mallopt({param}, {value}) failed")

@@ -1,4 +1,5 @@
 """Optimizers by name, as recipes and `compare` name them."""
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,19 @@ _ADAM = {"lr", "betas", "eps", "weight_decay", "scale_lr_ratio"}
 SCALE_LR_RATIO = 0.01  # learnable quantizer scales train at 1% of the weights' lr (see sadam_param_groups)
 KEYS = {
     "adamw": _ADAM,
-    "sadam": _ADAM | {"lgi", "k", "lam", "sigma", "probe_every", "rho_ema", "stabilize_eps", "radius_multiple", "probe_scale",
-                      "scale_lam"},
+    "sadam": _ADAM
+    | {
+        "lgi",
+        "k",
+        "lam",
+        "sigma",
+        "probe_every",
+        "rho_ema",
+        "stabilize_eps",
+        "radius_multiple",
+        "probe_scale",
+        "scale_lam",
+    },
     "prox_sgd": {"lr", "momentum", "l1"},
     "sgd": {"lr", "momentum", "weight_decay", "nesterov"},
 }
@@ -25,11 +37,15 @@ def check_optimizer(cfg: dict) -> None:
         raise RecipeError(f"unknown optimizer {name!r}; choose one of {', '.join(KEYS)}")
     unknown = sorted(set(cfg) - KEYS[name] - {"name"})
     if unknown:
-        raise RecipeError(f"unknown recipe key 'optimizer.{unknown[0]}' for {name} (known: {', '.join(sorted(KEYS[name]))})")
+        raise RecipeError(
+            f"unknown recipe key 'optimizer.{unknown[0]}' for {name} (known: {', '.join(sorted(KEYS[name]))})"
+        )
     for k, v in cfg.items():
         if k not in ("name", "lgi", "betas", "nesterov") and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise RecipeError(f"recipe key 'optimizer.{k}' must be a number, got {v!r}"
-                              + (" (YAML reads 5e-4 as text: write 5.0e-4)" if isinstance(v, str) else ""))
+            raise RecipeError(
+                f"recipe key 'optimizer.{k}' must be a number, got {v!r}"
+                + (" (YAML reads 5e-4 as text: write 5.0e-4)" if isinstance(v, str) else "")
+            )
     if "betas" in cfg:
         b = cfg["betas"]
         if not (isinstance(b, (list, tuple)) and len(b) == 2 and all(isinstance(x, (int, float)) for x in b)):
@@ -55,13 +71,19 @@ def build_optimizer(cfg: dict, model: nn.Module, seed: int = 0, probe_buffers=No
     radius = {k: kw[k] for k in ("probe_scale",) if k in kw}  # SAdam reads it too: for groups without a radius
     if "radius_multiple" in kw:
         if kw.get("lgi") == "reference":
-            raise ValueError("radius_multiple applies to lgi='residual' only (the reference estimator's probe step is sigma)")
+            raise ValueError(
+                "radius_multiple applies to lgi='residual' only (the reference estimator's probe step is sigma)"
+            )
         radius["radius_multiple"] = kw.pop("radius_multiple")
     scale_lr = kw.get("lr", 1e-3) * kw.pop("scale_lr_ratio", SCALE_LR_RATIO)
     groups = sadam_param_groups(model, weight_decay=wd, scale_lam=kw.pop("scale_lam", 0.0), scale_lr=scale_lr, **radius)
     if name == "adamw":
-        return torch.optim.AdamW([{k: v for k, v in g.items() if k in ("name", "params", "weight_decay", "lr")} for g in groups], **kw)
+        return torch.optim.AdamW(
+            [{k: v for k, v in g.items() if k in ("name", "params", "weight_decay", "lr")} for g in groups], **kw
+        )
     if kw.get("lgi") == "reference":  # the published method: one probed group (quantizer scales apart, as above)
         probed = [p for g in groups if g["name"] != "quant_scales" for p in g["params"]]
-        return SAdam([{"params": probed}] + [g for g in groups if g["name"] == "quant_scales"], weight_decay=wd, seed=seed, **kw)
+        return SAdam(
+            [{"params": probed}] + [g for g in groups if g["name"] == "quant_scales"], weight_decay=wd, seed=seed, **kw
+        )
     return SAdam(groups, seed=seed, probe_buffers=probe_buffers, **kw)

@@ -4,6 +4,7 @@ In the integer domain of each weight quantizer: a flip is a change of w_int betw
 oscillation is a flip whose sign is opposite to that weight's previous flip; the oscillation
 frequency of a weight is an EMA (momentum 0.01) of its oscillation indicator.
 """
+
 from __future__ import annotations
 
 import torch
@@ -60,8 +61,13 @@ class OscillationTracker:
             counts, freq_sum = counts + c, freq_sum + self.freq[i].sum()  # torch's pairwise sum, as before
         flips, oscs, above_5e3, above_1e2 = counts.float()
         n = max(sum(f.numel() for f in self.freq), 1)
-        return {"flips": flips, "oscillations": oscs, "osc_freq_mean": freq_sum / n,
-                "osc_frac_0.005": above_5e3 / n, "osc_frac_0.01": above_1e2 / n}
+        return {
+            "flips": flips,
+            "oscillations": oscs,
+            "osc_freq_mean": freq_sum / n,
+            "osc_frac_0.005": above_5e3 / n,
+            "osc_frac_0.01": above_1e2 / n,
+        }
 
     def state_dict(self) -> dict:
         return {"prev": self.prev, "last_dir": self.last_dir, "freq": self.freq}

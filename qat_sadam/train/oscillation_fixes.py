@@ -10,6 +10,7 @@ behaviour of its public code (Qualcomm-AI-research/oscillations-qat):
   the threshold is cosine-annealed from ``threshold`` to ``threshold_final``, and nothing freezes
   before the annealing starts.
 """
+
 from __future__ import annotations
 
 import math

@@ -3,6 +3,7 @@ build the recipe's model from its starting weights (scored as the float rung of 
 quantize it, calibrate it and re-estimate its BatchNorm (the PTQ model), and evaluate the numerics
 it deploys. The Trainer adds the training loop; ``ptq`` and ``eval`` use the stages alone and
 build no optimizer."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from ..quant import calibrate, fused_kernels_buildable, reestimate_batchnorm, us
 from .data import Loader, load_data
 from .host_memory import set_host_memory
 from .model import build_float_model, quantize_model
-from .recipe import quantized
+from .recipe import Recipe
 
 # The epochs the calibration and BatchNorm re-estimation batches are drawn from: never a training epoch's.
 CALIBRATION_EPOCH, BN_EPOCH = -1, -2
@@ -48,29 +49,34 @@ class Setup:
     test_loader: Loader
 
 
-def setup(recipe: dict, rank: int = 0, world: int = 1, local_rank: int = 0) -> Setup:
+def setup(recipe: Recipe, rank: int = 0, world: int = 1, local_rank: int = 0) -> Setup:
     """Seed, choose the fake-quant kernels and the host memory mode, read the data into loaders."""
-    device = resolve_device(recipe["device"], world, local_rank)
-    torch.manual_seed(recipe["seed"])
-    kernels = recipe["fake_quant_kernels"]
+    device = resolve_device(recipe.device, world, local_rank)
+    torch.manual_seed(recipe.seed)
+    kernels = recipe.fake_quant_kernels
     if kernels == "auto":
         kernels = "fused" if fused_kernels_buildable(device) else "eager"
     use_fused_kernels(kernels == "fused")
-    host_memory = set_host_memory(recipe["host_memory"])
-    data = load_data(recipe["data"])
-    info = {"num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": data.image_size,
-            "mean": list(data.mean), "std": list(data.std)}
-    d, aug = recipe["data"], recipe["data"]["augment"]
-    loader = dict(shuffle=True, seed=recipe["seed"], crop_padding=aug["crop_padding"], flip=aug["flip"], device=device)
+    host_memory = set_host_memory(recipe.host_memory)
+    data = load_data(recipe.data)
+    info = {
+        "num_classes": data.num_classes,
+        "in_channels": data.in_channels,
+        "image_size": data.image_size,
+        "mean": list(data.mean),
+        "std": list(data.std),
+    }
+    d, aug = recipe.data, recipe.data.augment
+    loader = dict(shuffle=True, seed=recipe.seed, crop_padding=aug.crop_padding, flip=aug.flip, device=device)
     # Every rank walks the same global batches and takes its share of each (DistributedSampler's
     # role, seeded by (seed, epoch) like its set_epoch): N ranks with B/N match one process with B.
-    train = Loader(data.train, d["batch_size"], data.mean, data.std, rank=rank, world=world, **loader)
-    calibration = Loader(data.train, d["batch_size"], data.mean, data.std, **loader)
-    test = Loader(data.test, d["eval_batch_size"], data.mean, data.std, shuffle=False, device=device)
+    train = Loader(data.train, d.batch_size, data.mean, data.std, rank=rank, world=world, **loader)
+    calibration = Loader(data.train, d.batch_size, data.mean, data.std, **loader)
+    test = Loader(data.test, d.eval_batch_size, data.mean, data.std, shuffle=False, device=device)
     return Setup(device, kernels, host_memory, info, train, calibration, test)
 
 
-def start_model(recipe: dict, s: Setup, load_start: bool = True) -> tuple[nn.Module, dict]:
+def start_model(recipe: Recipe, s: Setup, load_start: bool = True) -> tuple[nn.Module, dict]:
     """The recipe's model prepared for QAT (the float model for a float recipe), from its starting
     weights when ``load_start``; and what it started from, with the float model's test accuracy and
     loss (the top rung of the ladder, before any quantizer), or {} from random weights."""
@@ -81,25 +87,25 @@ def start_model(recipe: dict, s: Setup, load_start: bool = True) -> tuple[nn.Mod
     return quantize_model(recipe, float_model), start
 
 
-def post_training_quantize(model: nn.Module, recipe: dict, s: Setup, start: dict) -> None:
+def post_training_quantize(model: nn.Module, recipe: Recipe, s: Setup, start: dict) -> None:
     """Calibrate the activation scales; from trained weights (``start``) also re-estimate BatchNorm
     with the quantized weights, recorded in ``start["bn_reestimate"]``: the PTQ model that QAT
     starts from."""
-    if recipe["calibration_batches"]:
-        calibrate(model, s.calibration_loader.batches(epoch=CALIBRATION_EPOCH), recipe["calibration_batches"])
-    if start and recipe["bn_reestimate_batches"]:
+    if recipe.calibration_batches:
+        calibrate(model, s.calibration_loader.batches(epoch=CALIBRATION_EPOCH), recipe.calibration_batches)
+    if start and recipe.bn_reestimate_batches:
         start["bn_reestimate"] = reestimate_bn(model, recipe, s)
 
 
-def reestimate_bn(model: nn.Module, recipe: dict, s: Setup) -> dict:
-    return reestimate_batchnorm(model, s.calibration_loader.batches(epoch=BN_EPOCH), recipe["bn_reestimate_batches"])
+def reestimate_bn(model: nn.Module, recipe: Recipe, s: Setup) -> dict:
+    return reestimate_batchnorm(model, s.calibration_loader.batches(epoch=BN_EPOCH), recipe.bn_reestimate_batches)
 
 
-def deployed_weight_bits(recipe: dict) -> int | None:
+def deployed_weight_bits(recipe: Recipe) -> int | None:
     """The weight container of the target a run exports to (7 bits on cpu-x86), which changes the
     numbers the deployed model computes; None when the run does not export."""
-    ex = recipe["export"]
-    return load_target(ex["target"] or DEFAULT_TARGET).weight_bits_max if ex["enabled"] else None
+    ex = recipe.export
+    return load_target(ex.target or DEFAULT_TARGET).weight_bits_max if ex.enabled else None
 
 
 @torch.no_grad()
@@ -116,7 +122,7 @@ def score(net: nn.Module, loader: Loader) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def evaluate_deployed(model: nn.Module, recipe: dict, loader: Loader, weight_bits_max: int | None) -> dict:
+def evaluate_deployed(model: nn.Module, recipe: Recipe, loader: Loader, weight_bits_max: int | None) -> dict:
     """Test accuracy of the deployed numerics (the frozen graph's integer reference: BatchNorm
     folded, int32 bias, integer requantization, weights in the export target's container, what
     ONNX Runtime computes) and of the QAT graph as trained. A model that has no integer graph (the
@@ -124,7 +130,7 @@ def evaluate_deployed(model: nn.Module, recipe: dict, loader: Loader, weight_bit
     was = model.training
     model.eval()
     try:
-        if not quantized(recipe):
+        if not recipe.quantized:
             acc, loss = score(model, loader)
             return {"test_acc": acc, "test_loss": loss, "eval_graph": "float"}
         try:

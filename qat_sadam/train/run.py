@@ -2,6 +2,7 @@
 metrics.jsonl, checkpoints/, summary.json, curves.png, exports, and the lock that keeps a second
 writer out. Every workflow and tool finds a run's files through ``Run`` (and loads its model with
 ``model.load_run``)."""
+
 from __future__ import annotations
 
 import errno
@@ -41,8 +42,10 @@ class RunLock:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise UserError(f"run directory {self.run_dir} is in use by process {holder} (lock {self.path}); "
-                                "wait for it to finish or use another --out") from None
+                raise UserError(
+                    f"run directory {self.run_dir} is in use by process {holder} (lock {self.path}); "
+                    "wait for it to finish or use another --out"
+                ) from None
             raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -137,8 +140,10 @@ class Run:
             with open(self.summary_file) as f:
                 summary = json.load(f)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{self.summary_file}: not a readable summary ({type(e).__name__}); delete it to have "
-                            "the run summarised again") from None
+            raise UserError(
+                f"{self.summary_file}: not a readable summary ({type(e).__name__}); delete it to have "
+                "the run summarised again"
+            ) from None
         if not isinstance(summary, dict):
             raise UserError(f"{self.summary_file}: not a summary (a JSON object)")
         return summary

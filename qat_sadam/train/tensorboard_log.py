@@ -5,6 +5,7 @@ rungs; per quantizer its step size at the end of each epoch; the recipe as text.
 ``logging.tensorboard``: null (default) logs when the tensorboard package is installed and says in
 one line how to enable it when not; true requires it (a recipe error without it); false never logs.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -18,29 +19,44 @@ from ..errors import RecipeError
 from ..quant import FakeQuantize
 
 INSTALL = "pip install tensorboard (or: make venv)"
-STEP_KEYS = ("loss", "lr", "rho", "damping", "flips", "oscillations", "osc_freq_mean", "dampening_weight",
-             "freeze_threshold", "frozen_frac")
+STEP_KEYS = (
+    "loss",
+    "lr",
+    "rho",
+    "damping",
+    "flips",
+    "oscillations",
+    "osc_freq_mean",
+    "dampening_weight",
+    "freeze_threshold",
+    "frozen_frac",
+)
 EPOCH_KEYS = ("test_acc", "test_loss", "train_loss", "test_acc_before_bn_reestimate", "mean_damping")
 LADDER_KEYS = ("float_acc", "ptq_acc")
 
 
 class TensorBoardLog:
-    def __init__(self, run_dir: str, recipe: dict, first_step: int = 0, enabled: bool = True):
+    def __init__(self, run_dir: str, recipe, first_step: int = 0, enabled: bool = True):
         self.writer = None
-        setting = recipe["logging"]["tensorboard"]
+        setting = recipe.logging.tensorboard
         if not enabled or setting is False:
             return
         if importlib.util.find_spec("tensorboard") is None:
             if setting:
-                raise RecipeError(f"logging.tensorboard: true, but the tensorboard package is not installed ({INSTALL})")
-            print(f"note: TensorBoard logging is off: the tensorboard package is not installed ({INSTALL})", file=sys.stderr)
+                raise RecipeError(
+                    f"logging.tensorboard: true, but the tensorboard package is not installed ({INSTALL})"
+                )
+            print(
+                f"note: TensorBoard logging is off: the tensorboard package is not installed ({INSTALL})",
+                file=sys.stderr,
+            )
             return
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when it is there
 
         # purge_step: a resumed run overwrites what the interrupted one logged after its checkpoint
         self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=first_step or None)
         if not first_step:
-            self.writer.add_text("recipe", "```\n" + yaml.safe_dump(recipe, sort_keys=False) + "```")
+            self.writer.add_text("recipe", "```\n" + yaml.safe_dump(recipe.to_dict(), sort_keys=False) + "```")
 
     def record(self, rec: dict) -> None:
         if self.writer is None:

@@ -9,9 +9,11 @@ first S-Adam cell) of the same seed; ``adamw-effective@of=sadam`` names the sour
 comes last and takes the rest of the spec: ``adamw-effective@freezing.enabled=true@of=sadam@freezing.enabled=true``).
 Finished cells are reused, so an interrupted study resumes.
 """
+
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import statistics
@@ -21,7 +23,7 @@ import yaml
 from ..errors import ExportError, RecipeError
 from ..train.curves import plot_curves
 from ..train.optimizers import KEYS
-from ..train.recipe import SCHEMA, load_recipe, parse_override
+from ..train.recipe import Recipe, load_recipe, parse_override
 from ..train.run import LAST, PREVIOUS, Run
 from .export_run import export_finished_run
 from .train_run import check_resume, fit
@@ -37,7 +39,7 @@ PRESETS = {
 
 
 # Setting keys that name a recipe section (the recipe's own "name" and "optimizer" excepted).
-RECIPE_SECTIONS = set(SCHEMA) - {"name", "optimizer"}
+RECIPE_SECTIONS = {f.name for f in dataclasses.fields(Recipe)} - {"name", "optimizer"}
 
 
 def parse_cell(spec: str) -> tuple[str, str, dict, str | None, list[str]]:
@@ -47,8 +49,10 @@ def parse_cell(spec: str) -> tuple[str, str, dict, str | None, list[str]]:
     head, sep, of = spec.partition("@of=")
     preset, *settings = head.split("@")
     if preset not in PRESETS:
-        raise RecipeError(f"unknown optimizer {preset!r} in --optimizers; choose from {', '.join(PRESETS)} "
-                          "(settings as name@key=value)")
+        raise RecipeError(
+            f"unknown optimizer {preset!r} in --optimizers; choose from {', '.join(PRESETS)} "
+            "(settings as name@key=value)"
+        )
     if sep and preset != "adamw-effective":
         raise RecipeError(f"--optimizers: '@of=' applies to adamw-effective only, got {spec!r}")
     opt, sets = dict(PRESETS[preset]), []
@@ -77,7 +81,9 @@ def _source_cell(cells, i):
     return (ref or sadams)[0]
 
 
-def compare_cli(recipe_path: str, optimizers: str, seeds: int, out: str | None, overrides: list[str] = (), **kw) -> list[dict]:
+def compare_cli(
+    recipe_path: str, optimizers: str, seeds: int, out: str | None, overrides: list[str] = (), **kw
+) -> list[dict]:
     """``qat-sadam compare``: cells from a comma-separated list, tables printed when done."""
     specs = [s for s in optimizers.split(",") if s.strip()]
     if not specs:
@@ -89,9 +95,18 @@ def compare_cli(recipe_path: str, optimizers: str, seeds: int, out: str | None, 
     return rows
 
 
-def compare(recipe_path: str, specs: list[str], seeds: int, out: str, overrides: list[str] = (), bits: int | None = None,
-            progress: bool = True, first_seed: int = 0, export_target: str | None = None,
-            report_only: bool = False) -> list[dict]:
+def compare(
+    recipe_path: str,
+    specs: list[str],
+    seeds: int,
+    out: str,
+    overrides: list[str] = (),
+    bits: int | None = None,
+    progress: bool = True,
+    first_seed: int = 0,
+    export_target: str | None = None,
+    report_only: bool = False,
+) -> list[dict]:
     """Train every cell for every seed; with ``export_target`` also export each run to INT8 ONNX
     and record its ONNX Runtime test accuracy. ``report_only``: tabulate the finished runs, train
     nothing (a cell's seed count says how many finished); with ``export_target`` it exports the
@@ -108,7 +123,7 @@ def compare(recipe_path: str, specs: list[str], seeds: int, out: str, overrides:
     for i, (label, preset, opt, _, sets) in enumerate(cells):
         runs = []
         for seed in range(first_seed, first_seed + seeds):
-            run = _cell_run(out, label, seed)
+            run = cell_run(out, label, seed)
             if report_only:
                 if os.path.isfile(run.summary_file):
                     with run.lock():
@@ -117,15 +132,15 @@ def compare(recipe_path: str, specs: list[str], seeds: int, out: str, overrides:
             opt_s = dict(opt)
             if preset == "adamw-effective":
                 src = _source_cell(cells, i)
-                s = _cell_run(out, src[0], seed).read_summary()
-                nominal = _recipe(recipe_path, [*overrides, *src[4]], bits, src[2], seed)["optimizer"].get("lr", 1e-3)
+                s = cell_run(out, src[0], seed).read_summary()
+                nominal = _recipe(recipe_path, [*overrides, *src[4]], bits, src[2], seed).optimizer.get("lr", 1e-3)
                 opt_s["lr"] = nominal * s["mean_damping"]
             runs.append(_run(recipe_path, [*overrides, *sets], bits, opt_s, seed, run, progress, export_target))
         if runs:
             rows.append(_row(label, opt, runs, sets))
     if not rows:
         raise RecipeError(f"no finished runs under {out}")
-    split = _recipe(recipe_path, overrides, bits, cells[0][2], first_seed)["data"]["eval_on"]
+    split = _recipe(recipe_path, overrides, bits, cells[0][2], first_seed).data.eval_on
     write_tables(rows, out, split)
     plot_cells(out, [c[0] for c in cells], seeds, first_seed)
     return rows
@@ -135,12 +150,13 @@ def _dirname(label: str) -> str:
     return label.replace("@", "_").replace("=", "").replace("/", "_")
 
 
-def _cell_run(out: str, label: str, seed: int) -> Run:
+def cell_run(out: str, label: str, seed: int) -> Run:
+    """The run directory of one cell's seed in a comparison folder."""
     return Run(os.path.join(out, _dirname(label), f"seed{seed}"))
 
 
 def _recipe(path, overrides, bits, opt, seed):
-    base = load_recipe(path, overrides, bits=bits, seed=seed)["optimizer"]
+    base = load_recipe(path, overrides, bits=bits, seed=seed).optimizer
     # The recipe's optimizer settings carry over to a cell of the same optimizer and mode; other
     # cells keep only lr and weight decay (k=8 of the reference is not the residual's k).
     same = base["name"] == opt["name"] and base.get("lgi", "residual") == opt.get("lgi", "residual")
@@ -166,7 +182,7 @@ def _run(path, overrides, bits, opt, seed, run: Run, progress, export_target=Non
         result = fit(recipe, run, resume=resume, progress=progress)
         if result.get("interrupted"):
             raise KeyboardInterrupt
-        result["lr"] = recipe["optimizer"].get("lr")
+        result["lr"] = recipe.optimizer.get("lr")
         run.write_summary(result)
         return _exported(run, result, export_target)
 
@@ -184,8 +200,12 @@ def _export(run_dir: str, target: str) -> dict:
         rep = export_finished_run(run_dir, target)
     except ExportError as e:  # e.g. the paper's placement quantizes conv inputs only: no integer graph
         return {"ort_acc": None, "export_error": str(e)}
-    return {"ort_acc": rep["accuracy"]["ort_int8"], "integer_acc": rep["accuracy"].get("torch_integer"),
-            "ort_agreement": rep["parity"]["torch_integer_vs_ort"]["top1_agreement"], **rep.get("ladder", {})}
+    return {
+        "ort_acc": rep["accuracy"]["ort_int8"],
+        "integer_acc": rep["accuracy"].get("torch_integer"),
+        "ort_agreement": rep["parity"]["torch_integer_vs_ort"]["top1_agreement"],
+        **rep.get("ladder", {}),
+    }
 
 
 def _mean_std(values):
@@ -196,12 +216,25 @@ def _mean_std(values):
 
 
 # "torch": the integer reference of the frozen graph where the model has one, else the QAT graph.
-COLUMNS = [("float_acc", "float acc"), ("ptq_acc", "PTQ INT8 (ORT)"), ("qat_acc", "QAT INT8 (ORT)"), ("recovery", "recovery"),
-           ("final_acc", "test acc (torch)"), ("ort_acc", "test acc (ORT INT8)"), ("best_acc", "best acc"),
-           ("osc_freq_mean", "osc freq"), ("osc_frac_0.005", "osc > 0.005"), ("osc_frac_0.01", "osc > 0.01"),
-           ("frozen_frac", "frozen"), ("test_acc_before_bn_reestimate", "test acc before BN re-estimation (torch)"),
-           ("bn_reestimate.bn_mean_error", "BN mean error"), ("bn_reestimate.bn_var_error", "BN var error"),
-           ("loss_var50", "loss var (50 steps)"), ("mean_damping", "mean damping"), ("sec_per_epoch", "s / epoch")]
+COLUMNS = [
+    ("float_acc", "float acc"),
+    ("ptq_acc", "PTQ INT8 (ORT)"),
+    ("qat_acc", "QAT INT8 (ORT)"),
+    ("recovery", "recovery"),
+    ("final_acc", "test acc (torch)"),
+    ("ort_acc", "test acc (ORT INT8)"),
+    ("best_acc", "best acc"),
+    ("osc_freq_mean", "osc freq"),
+    ("osc_frac_0.005", "osc > 0.005"),
+    ("osc_frac_0.01", "osc > 0.01"),
+    ("frozen_frac", "frozen"),
+    ("test_acc_before_bn_reestimate", "test acc before BN re-estimation (torch)"),
+    ("bn_reestimate.bn_mean_error", "BN mean error"),
+    ("bn_reestimate.bn_var_error", "BN var error"),
+    ("loss_var50", "loss var (50 steps)"),
+    ("mean_damping", "mean damping"),
+    ("sec_per_epoch", "s / epoch"),
+]
 
 
 def _dotted(summary: dict, key: str):
@@ -214,8 +247,13 @@ def _dotted(summary: dict, key: str):
 
 
 def _row(label, opt, runs, sets=()) -> dict:
-    row = {"optimizer": label, "settings": json.dumps(opt, sort_keys=True), "recipe_overrides": " ".join(sets),
-           "seeds": len(runs), "lr": runs[0].get("lr")}
+    row = {
+        "optimizer": label,
+        "settings": json.dumps(opt, sort_keys=True),
+        "recipe_overrides": " ".join(sets),
+        "seeds": len(runs),
+        "lr": runs[0].get("lr"),
+    }
     for key, _ in COLUMNS:
         values = [_dotted(r, key) for r in runs]
         row[key + "_mean"], row[key + "_std"] = _mean_std(values)
@@ -238,8 +276,10 @@ def write_tables(rows: list[dict], out: str, split: str = "test") -> None:
         w.writeheader()
         w.writerows(rows)
     cols = [(k, n.replace("test", split)) for k, n in COLUMNS if any(r[k + "_mean"] is not None for r in rows)]
-    lines = ["| optimizer | lr | seeds | " + " | ".join(n for _, n in cols) + " |",
-             "|---|---|---|" + "---|" * len(cols)]
+    lines = [
+        "| optimizer | lr | seeds | " + " | ".join(n for _, n in cols) + " |",
+        "|---|---|---|" + "---|" * len(cols),
+    ]
     for r in rows:
         lr = f"{r['lr']:.3g}" if isinstance(r["lr"], (int, float)) else "-"
         lines.append(f"| {r['optimizer']} | {lr} | {r['seeds']} | " + " | ".join(_fmt(r, k) for k, _ in cols) + " |")
@@ -249,6 +289,8 @@ def write_tables(rows: list[dict], out: str, split: str = "test") -> None:
 
 def plot_cells(out: str, labels: list[str], seeds: int, first_seed: int = 0) -> list[str]:
     """loss, test accuracy, damping/rho and oscillation frequency over steps, seed-averaged per cell."""
-    runs = {label: [_cell_run(out, label, seed).metrics_file for seed in range(first_seed, first_seed + seeds)]
-            for label in labels}
+    runs = {
+        label: [cell_run(out, label, seed).metrics_file for seed in range(first_seed, first_seed + seeds)]
+        for label in labels
+    }
     return [plot_curves(runs, os.path.join(out, "curves.png"))]

@@ -1,4 +1,5 @@
 """Export a run's checkpoint for a deployment target and validate it; validate a model file."""
+
 from __future__ import annotations
 
 import os
@@ -6,10 +7,20 @@ import os
 import numpy as np
 import torch
 
-from ..export import (DEFAULT_TARGET, check_model_file, export_float_onnx, export_onnx, float_model, fold_check, format_report, load_target,
-                      validate)
+from ..export import (
+    DEFAULT_TARGET,
+    check_model_file,
+    export_float_onnx,
+    export_onnx,
+    float_model,
+    fold_check,
+    format_report,
+    load_target,
+    validate,
+)
 from ..train.data import Loader, load_data
 from ..train.model import load_run
+from ..train.recipe import Recipe
 from ..train.run import PTQ, Run
 
 
@@ -18,22 +29,30 @@ def run_export_dir(ref: str) -> str:
     return Run.locate(ref)[0].export_dir()
 
 
-def test_batches(recipe: dict, info: dict, samples: int | None, batch: int):
+def test_batches(recipe: Recipe, info: dict, samples: int | None, batch: int):
     """The first ``samples`` test images of a run's data (all when None), normalised, in batches."""
-    test = load_data(recipe["data"]).test
+    test = load_data(recipe.data).test
     if samples:
         test = type(test)(test.x[:samples], test.y[:samples])
     return Loader(test, batch, info["mean"], info["std"], shuffle=False).batches()
 
 
-def export_run(run: str, target: str | None, out_dir: str, samples: int | None = None, data_root: str | None = None,
-               ladder: dict | None = None, rung: str = "qat_acc", runtimes: list[str] | None = None) -> dict:
+def export_run(
+    run: str,
+    target: str | None,
+    out_dir: str,
+    samples: int | None = None,
+    data_root: str | None = None,
+    ladder: dict | None = None,
+    rung: str = "qat_acc",
+    runtimes: list[str] | None = None,
+) -> dict:
     """Export a run's deployed checkpoint (or the checkpoint file given) for ``target`` and validate
     it on ORT and on ``runtimes`` (default: the target's); returns the validation report (with the
     accuracy ladder when ``ladder`` gives the rungs below)."""
     loaded = load_run(run, data_root=data_root)
     recipe, info, model = loaded.recipe, loaded.info, loaded.model
-    tgt = load_target(target or recipe["export"].get("target") or DEFAULT_TARGET)
+    tgt = load_target(target or recipe.export.target or DEFAULT_TARGET)
     batch = tgt.fixed_batch or 64
     batches = [(x, y) for x, y in test_batches(recipe, info, samples, batch) if not tgt.fixed_batch or len(x) == batch]
     path = os.path.join(out_dir, "model.onnx")
@@ -43,17 +62,36 @@ def export_run(run: str, target: str | None, out_dir: str, samples: int | None =
         qat_out = np.concatenate([model(x).numpy() for x, _ in batches])
         frozen_out = np.concatenate([done["frozen"](x).numpy() for x, _ in batches])
         integer_out = np.concatenate([done["integer"](x).numpy() for x, _ in batches])
-    rep = validate(path, target=tgt, inputs=[x.numpy() for x, _ in batches], labels=np.concatenate([y.numpy() for _, y in batches]),
-                   torch_outputs=qat_out, frozen_outputs=frozen_out, integer_outputs=integer_out, float_path=float_path,
-                   out_dir=out_dir, ladder=ladder, rung=rung, runtimes=runtimes, frozen=done["frozen"],
-                   float_torch=float_model(model), fold=fold_check(model, batches[0][0]))
+    rep = validate(
+        path,
+        target=tgt,
+        inputs=[x.numpy() for x, _ in batches],
+        labels=np.concatenate([y.numpy() for _, y in batches]),
+        torch_outputs=qat_out,
+        frozen_outputs=frozen_out,
+        integer_outputs=integer_out,
+        float_path=float_path,
+        out_dir=out_dir,
+        ladder=ladder,
+        rung=rung,
+        runtimes=runtimes,
+        frozen=done["frozen"],
+        float_torch=float_model(model),
+        fold=fold_check(model, batches[0][0]),
+    )
     rep["requantized_to_max_bits"] = done["requantized_to_max_bits"]
     print(format_report(rep, out_dir))
     return rep
 
 
-def export_command(run: str, target: str | None, out_dir: str, samples: int | None = None,
-                   data_root: str | None = None, runtimes: list[str] | None = None) -> dict:
+def export_command(
+    run: str,
+    target: str | None,
+    out_dir: str,
+    samples: int | None = None,
+    data_root: str | None = None,
+    runtimes: list[str] | None = None,
+) -> dict:
     """`qat-sadam export`: export_run while holding the run directory's lock (a run still training
     there, or a second export, makes it exit 2 naming the holder)."""
     with Run.locate(run)[0].lock():
@@ -69,8 +107,9 @@ def export_finished_run(run_dir: str, target: str | None) -> dict:
     float_acc = summary.get("start", {}).get("float_acc")
     ladder = None
     if float_acc is not None and run.has_checkpoint(PTQ):
-        ptq = export_run(run.checkpoint(PTQ), target, run.export_dir("export-ptq"), ladder={"float_acc": float_acc},
-                         rung="ptq_acc")
+        ptq = export_run(
+            run.checkpoint(PTQ), target, run.export_dir("export-ptq"), ladder={"float_acc": float_acc}, rung="ptq_acc"
+        )
         ladder = {"float_acc": float_acc, "ptq_acc": ptq["accuracy"]["ort_int8"]}
     rep = export_run(run_dir, target, run.export_dir(), ladder=ladder)
     if "ladder" in rep:
@@ -78,8 +117,13 @@ def export_finished_run(run_dir: str, target: str | None) -> dict:
     return rep
 
 
-def validate_model(model: str, target: str | None = None, samples: int | None = None, run: str | None = None,
-                   runtimes: list[str] | None = None) -> dict:
+def validate_model(
+    model: str,
+    target: str | None = None,
+    samples: int | None = None,
+    run: str | None = None,
+    runtimes: list[str] | None = None,
+) -> dict:
     """Validate a model file; with ``run`` (the run it came from) re-export that run beside it for
     torch parity and accuracy on real data, else compare ORT with and without optimizations on
     random inputs."""
@@ -91,9 +135,16 @@ def validate_model(model: str, target: str | None = None, samples: int | None = 
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
     float_path = os.path.join(out_dir, "float.onnx")
-    rep = validate(model, target=target or DEFAULT_TARGET, inputs=inputs,
-                   float_path=float_path if os.path.isfile(float_path) else None, runtimes=runtimes)
-    print("no --run given: parity compares ORT with and without graph optimizations on random inputs; "
-          "pass --run RUN_DIR for torch parity and accuracy on real data")
+    rep = validate(
+        model,
+        target=target or DEFAULT_TARGET,
+        inputs=inputs,
+        float_path=float_path if os.path.isfile(float_path) else None,
+        runtimes=runtimes,
+    )
+    print(
+        "no --run given: parity compares ORT with and without graph optimizations on random inputs; "
+        "pass --run RUN_DIR for torch parity and accuracy on real data"
+    )
     print(format_report(rep, out_dir))
     return rep

@@ -1,4 +1,5 @@
 """Train a recipe into a run directory, resume it, evaluate it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,9 +10,9 @@ import sys
 from ..errors import UserError
 from ..train import distributed
 from ..train.curves import plot_curves
-from ..train.recipe import load_recipe, with_defaults
 from ..train.model import load_run
 from ..train.pipeline import deployed_weight_bits, evaluate_deployed, setup
+from ..train.recipe import Recipe, load_recipe
 from ..train.run import BEST, RUN_FILES, Run
 from ..train.trainer import Trainer
 from .export_run import export_finished_run
@@ -24,7 +25,9 @@ def prepare_out(run: Run, force: bool) -> None:
     files = run.files()
     if files:
         if not force:
-            raise UserError(f"output directory {run.dir} exists and is not empty; use --force to overwrite or --resume to continue")
+            raise UserError(
+                f"output directory {run.dir} exists and is not empty; use --force to overwrite or --resume to continue"
+            )
         if not RUN_FILES & set(files):
             raise UserError(f"--force: refusing to delete {run.dir}: it does not look like a qat-sadam run directory")
         run.clear()
@@ -41,43 +44,53 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def resumed_recipe(run: Run, overrides: list[str], bits: int | None, optimizer: str | None, seed: int | None,
-                   fragments: list[str] = ()) -> dict:
+def resumed_recipe(
+    run: Run, overrides: list[str], bits: int | None, optimizer: str | None, seed: int | None, fragments: list[str] = ()
+) -> dict:
     """The run's own recipe with the overrides a resumed run can take; any other change (model,
     quantizers, optimizer, data, seed) is refused, naming the key and both values. The changes go to
     RUN/recipe_history.jsonl. Keys the saved recipe lacks (added to the schema after the run began)
     take their defaults, with a note."""
     ck, _ = run.resume_checkpoint()
     saved = ck["recipe"]
-    old = with_defaults(saved)  # a run begun by an older version: the keys added since get their defaults
-    before = _flat(old)
+    old = Recipe.from_saved(saved)  # a run begun by an older version: the keys added since get their defaults
+    before = _flat(old.to_dict())
     added = sorted(set(before) - set(_flat(saved)))
     if added:
-        print(f"note: the run's recipe predates {', '.join(added)}; resuming with the default(s) "
-              f"{', '.join(repr(before[k]) for k in added)}", file=sys.stderr)
+        print(
+            f"note: the run's recipe predates {', '.join(added)}; resuming with the default(s) "
+            f"{', '.join(repr(before[k]) for k in added)}",
+            file=sys.stderr,
+        )
     if not (overrides or fragments or bits is not None or optimizer is not None or seed is not None):
         return old
-    new = load_recipe(None, overrides, bits=bits, optimizer=optimizer, seed=seed, base=old, fragments=fragments)
+    new = load_recipe(
+        None, overrides, bits=bits, optimizer=optimizer, seed=seed, base=old.to_dict(), fragments=fragments
+    )
     check_resume(run, ck, new)
     return new
 
 
-def check_resume(run: Run, ck: dict, new: dict) -> None:
+def check_resume(run: Run, ck: dict, new: Recipe) -> None:
     """Refuse to continue the run under ``new`` when it differs from the run's own recipe (that of
     its checkpoint ``ck``) in anything but RESUMABLE keys, naming the key and both values; the
     changes allowed go to RUN/recipe_history.jsonl."""
-    before, after = _flat(with_defaults(ck["recipe"])), _flat(new)
-    changes = {k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}
+    before, after = _flat(Recipe.from_saved(ck["recipe"]).to_dict()), _flat(new.to_dict())
+    changes = {
+        k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)
+    }
     for key, (was, now) in changes.items():
         if not key.startswith(RESUMABLE):
-            raise UserError(f"--resume cannot change {key} ({was!r} -> {now!r}): it changes the model, quantizers, "
-                            "optimizer or data of the run; start a new run instead")
+            raise UserError(
+                f"--resume cannot change {key} ({was!r} -> {now!r}): it changes the model, quantizers, "
+                "optimizer or data of the run; start a new run instead"
+            )
     if changes:
         with open(run.history_file, "a") as f:
             f.write(json.dumps({"step": ck["global_step"], "changes": changes}) + "\n")
 
 
-def fit(recipe: dict, run: Run, resume: bool = False, progress: bool = True) -> dict:
+def fit(recipe: Recipe, run: Run, resume: bool = False, progress: bool = True) -> dict:
     """Train ``recipe`` in ``run`` (the caller holds its lock), or with ``resume`` continue it from
     its last checkpoint; writes curves.png. Returns the summary, or ``{"interrupted": True, ...}``
     when SIGINT or SIGTERM stopped it after a save."""
@@ -89,16 +102,26 @@ def fit(recipe: dict, run: Run, resume: bool = False, progress: bool = True) -> 
     finally:
         distributed.shutdown()
     if trainer.rank == 0:
-        print(f"curves: {plot_curves({recipe['name']: [run.metrics_file]}, run.curves_file)}")
+        print(f"curves: {plot_curves({recipe.name: [run.metrics_file]}, run.curves_file)}")
     return summary
 
 
-def train_recipe(recipe_path: str, out: str | None = None, overrides: list[str] = (), bits: int | None = None,
-                 optimizer: str | None = None, seed: int | None = None, resume: bool = False, force: bool = False,
-                 progress: bool = True, fragments: list[str] = ()) -> dict:
+def train_recipe(
+    recipe_path: str,
+    out: str | None = None,
+    overrides: list[str] = (),
+    bits: int | None = None,
+    optimizer: str | None = None,
+    seed: int | None = None,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    fragments: list[str] = (),
+) -> dict:
     """Train (or with ``resume`` continue) a run while holding its lock; export and validate it when
-    the recipe says so (``fragments``: recipe files merged over the recipe, see ``load_recipe``). Returns the summary; ``{"interrupted": True, "signal": ...}`` when SIGINT or
-    SIGTERM stopped it after a save."""
+    the recipe says so (``fragments``: recipe files merged over the recipe, see ``load_recipe``).
+    Returns the summary; ``{"interrupted": True, "signal": ...}`` when SIGINT or SIGTERM stopped it
+    after a save."""
     out = out or os.path.join("runs", os.path.splitext(os.path.basename(recipe_path))[0])
     if not resume:
         recipe = load_recipe(recipe_path, overrides, bits=bits, optimizer=optimizer, seed=seed, fragments=fragments)
@@ -113,16 +136,23 @@ def train_recipe(recipe_path: str, out: str | None = None, overrides: list[str] 
         if not main_rank or summary.get("interrupted"):
             return summary
         print_summary(summary)
-        if recipe["export"]["enabled"]:
-            export_finished_run(out, recipe["export"]["target"])
+        if recipe.export.enabled:
+            export_finished_run(out, recipe.export.target)
     print(f"results: {out}")
     return summary
 
 
 def print_summary(s: dict) -> None:
-    rows = [("epochs", s["epochs"]), ("steps", s["steps"]), ("final test acc", s["final_acc"]),
-            ("best test acc", s["best_acc"]), ("s / epoch", s["sec_per_epoch"]), ("mean damping", s["mean_damping"]),
-            ("mean osc freq", s.get("osc_freq_mean")), ("skipped steps", s["skipped_steps"])]
+    rows = [
+        ("epochs", s["epochs"]),
+        ("steps", s["steps"]),
+        ("final test acc", s["final_acc"]),
+        ("best test acc", s["best_acc"]),
+        ("s / epoch", s["sec_per_epoch"]),
+        ("mean damping", s["mean_damping"]),
+        ("mean osc freq", s.get("osc_freq_mean")),
+        ("skipped steps", s["skipped_steps"]),
+    ]
     width = max(len(k) for k, _ in rows)
     print("\nsummary")
     for k, v in rows:
@@ -135,8 +165,10 @@ def evaluate_run(ref: str, data_root: str | None = None) -> dict:
     loaded = load_run(ref, checkpoint=None if given else run.find_checkpoint(BEST), data_root=data_root)
     s = setup(loaded.recipe)
     model = loaded.model.to(s.device)
-    result = {"checkpoint": loaded.checkpoint,
-              **evaluate_deployed(model, loaded.recipe, s.test_loader, deployed_weight_bits(loaded.recipe))}
+    result = {
+        "checkpoint": loaded.checkpoint,
+        **evaluate_deployed(model, loaded.recipe, s.test_loader, deployed_weight_bits(loaded.recipe)),
+    }
     if os.path.isfile(run.curves_file):
         result["curves"] = run.curves_file
     print(json.dumps(result, indent=2))

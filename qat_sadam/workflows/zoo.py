@@ -4,6 +4,7 @@ Random weights and random inputs: what is checked is that the model prepares, th
 linear and matmul runs as an integer kernel, which ops stay float and why, and that the integer
 reference equals ORT (max LSB, top-1 agreement), not accuracy.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,9 @@ def runnable_sizes(name: str, source: str):
         raise ValueError(f"no input size of {SIZES} runs: {str(error).splitlines()[0][:160]}")
 
 
-def zoo_row(name: str, source: str = "torchvision", bits: int = 8, images: int = 16, seed: int = 0,
-            attempts: int = 2) -> dict:
+def zoo_row(
+    name: str, source: str = "torchvision", bits: int = 8, images: int = 16, seed: int = 0, attempts: int = 2
+) -> dict:
     """Prepare, calibrate, export for the cpu-x86 profile and validate one model, at the smallest
     input size where that works (of the first ``attempts`` sizes the float model runs at); the row
     says where it stopped and why if it did."""
@@ -56,8 +58,14 @@ def zoo_row(name: str, source: str = "torchvision", bits: int = 8, images: int =
 
 def _row_at(model, name: str, source: str, size: int, bits: int, images: int, seed: int) -> dict:
     torch.manual_seed(seed)
-    row = {"model": name, "source": source, "bits": bits, "size": size,
-           "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "stage": "prepare"}
+    row = {
+        "model": name,
+        "source": source,
+        "bits": bits,
+        "size": size,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "stage": "prepare",
+    }
     t0 = time.perf_counter()
     try:
         qat = prepare_qat(model, {"bits": bits})
@@ -75,10 +83,17 @@ def _row_at(model, name: str, source: str, size: int, bits: int, images: int, se
             rep = validate(done["path"], target=TARGET, inputs=[x.numpy()], integer_outputs=integer, out_dir=tmp)
             size_ratio = os.path.getsize(done["path"]) / (4e6 * row["params_m"])
         fu, parity = rep["fusion"], rep["parity"]["torch_integer_vs_ort"]
-        row.update(stage="done", integer_kernels=fu["integer_kernels"], float_compute_left=fu["float_compute_left"],
-                   float_ops={k: v["count"] for k, v in fu["float_ops"].items()}, max_lsb=parity["max_lsb"],
-                   top1_agreement=parity["top1_agreement"], int8_over_float=size_ratio,
-                   fully_integer=fu["ok"], bit_exact=fu["ok"] and parity["max_lsb"] == 0)
+        row.update(
+            stage="done",
+            integer_kernels=fu["integer_kernels"],
+            float_compute_left=fu["float_compute_left"],
+            float_ops={k: v["count"] for k, v in fu["float_ops"].items()},
+            max_lsb=parity["max_lsb"],
+            top1_agreement=parity["top1_agreement"],
+            int8_over_float=size_ratio,
+            fully_integer=fu["ok"],
+            bit_exact=fu["ok"] and parity["max_lsb"] == 0,
+        )
     except (ValueError, UserError) as e:  # ExportError is a UserError; anything else is a bug to fix
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:240]}" if str(e) else type(e).__name__
     row["seconds"] = round(time.perf_counter() - t0, 1)

@@ -1,5 +1,6 @@
 """The runtimes a model ships to, one module each behind ``base.Runtime``, and the measurement of
 a model on each: parity with the integer reference, top-1 agreement, accuracy, latency ratio."""
+
 from __future__ import annotations
 
 import statistics
@@ -30,8 +31,12 @@ def check_names(names) -> list[str]:
 
 def lsb_stats(a: np.ndarray, b: np.ndarray, scale: float) -> dict:
     d = np.abs(a - b) / scale
-    return {"max_lsb": float(d.max()), "p99_lsb": float(np.percentile(d, 99)), "mismatch_frac": float((d > 0.5).mean()),
-            "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean())}
+    return {
+        "max_lsb": float(d.max()),
+        "p99_lsb": float(np.percentile(d, 99)),
+        "mismatch_frac": float((d > 0.5).mean()),
+        "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+    }
 
 
 def median_ms(session: Session, x: np.ndarray, rounds: int = 5, iters: int = 5) -> float:
@@ -47,8 +52,14 @@ def median_ms(session: Session, x: np.ndarray, rounds: int = 5, iters: int = 5) 
     return statistics.median(times)
 
 
-def measure(name: str, files: ModelFiles, inputs: np.ndarray, reference: np.ndarray, scale: float,
-            labels: np.ndarray | None = None) -> dict:
+def measure(
+    name: str,
+    files: ModelFiles,
+    inputs: np.ndarray,
+    reference: np.ndarray,
+    scale: float,
+    labels: np.ndarray | None = None,
+) -> dict:
     """Run ``inputs`` on one runtime: status (ran, not run, failed), placement, parity in output LSB
     against ``reference`` (the integer reference's logits), accuracy, and the batch-1 latency of the
     INT8 model over the float model on the same runtime."""
@@ -64,8 +75,14 @@ def measure(name: str, files: ModelFiles, inputs: np.ndarray, reference: np.ndar
         return {**row, "status": "failed", "reason": str(e)}
     parity = lsb_stats(reference, out, scale)
     ok = parity["max_lsb"] <= rt.tolerance.max_lsb + 1e-3 and parity["top1_agreement"] >= rt.tolerance.top1_agreement
-    row.update(status="ran", placement=session.placement, details=session.details, parity=parity, within_tolerance=ok,
-               samples=int(len(inputs)))
+    row.update(
+        status="ran",
+        placement=session.placement,
+        details=session.details,
+        parity=parity,
+        within_tolerance=ok,
+        samples=int(len(inputs)),
+    )
     if labels is not None:
         row["accuracy"] = float((out.argmax(1) == labels).mean())
     if rt.simulated:
@@ -81,5 +98,15 @@ def measure(name: str, files: ModelFiles, inputs: np.ndarray, reference: np.ndar
     return row
 
 
-__all__ = ["RUNTIMES", "ModelFiles", "Runtime", "Session", "Tolerance", "check_names", "lsb_stats", "measure",
-           "ort_session", "session_runner"]
+__all__ = [
+    "RUNTIMES",
+    "ModelFiles",
+    "Runtime",
+    "Session",
+    "Tolerance",
+    "check_names",
+    "lsb_stats",
+    "measure",
+    "ort_session",
+    "session_runner",
+]

@@ -6,6 +6,7 @@ the install command), ``load()`` turns the exported model into a ``Session`` (co
 the runtime has its own format), and the session runs float32 batches and reports the placement
 (which nodes the accelerator or delegate took) and the arithmetic it exposes (precision, kernels).
 """
+
 from __future__ import annotations
 
 import abc
@@ -20,6 +21,7 @@ from torch import nn
 class ModelFiles:
     """The exported model in the forms runtimes load: the INT8 QDQ ONNX file and its float twin,
     and the frozen torch graphs (for runtimes that lower torch programs, ExecuTorch)."""
+
     onnx: str
     float_onnx: str | None = None
     frozen: nn.Module | None = None
@@ -31,6 +33,7 @@ class ModelFiles:
 @dataclass
 class Tolerance:
     """How far a runtime's logits may sit from the integer reference, and why they differ at all."""
+
     max_lsb: float = 0.0
     top1_agreement: float = 1.0
     cause: str = "same integer arithmetic as the reference"
@@ -46,7 +49,9 @@ class Session:
     def run(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         step = self.batch or len(x)
-        return np.concatenate([np.asarray(self.run_batch(x[i:i + step]), dtype=np.float32) for i in range(0, len(x), step)])
+        return np.concatenate(
+            [np.asarray(self.run_batch(x[i : i + step]), dtype=np.float32) for i in range(0, len(x), step)]
+        )
 
 
 class Runtime(abc.ABC):

@@ -18,6 +18,7 @@ runtime. The rewrite maps, it does not re-quantize: the same scales, zero points
 - Weights: int8 per output channel (dequantize_per_channel); the bias as float, which XNNPACK
   quantizes to int32 with scale s_in * s_w, giving back our int32 bias.
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,6 +39,7 @@ INT8_SHIFT = 128  # uint8 container -> int8: q_int8 = q_uint8 - 128, zero point 
 
 def _ops():
     import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
+
     return torch.ops.quantized_decomposed
 
 
@@ -53,8 +55,9 @@ def _rewrite_quant_dequant(gm: fx.GraphModule, node: fx.Node, m: QuantDequant) -
         if m.hi < 255:  # keep the sub-8-bit range: clamp as a quantized op the producer absorbs
             zp = float(m.zero_point)
             lo, hi = float((0 - zp) * m.scale), float((m.hi - zp) * m.scale)
-            clamped = g.call_function(torch.ops.aten.clamp.default,
-                                      (g.call_function(qd.dequantize_per_tensor.default, (q, *args)), lo, hi))
+            clamped = g.call_function(
+                torch.ops.aten.clamp.default, (g.call_function(qd.dequantize_per_tensor.default, (q, *args)), lo, hi)
+            )
             q = g.call_function(qd.quantize_per_tensor.default, (clamped, *args))
     for user in list(node.users):
         with g.inserting_before(user):
@@ -71,9 +74,18 @@ def _rewrite_layer(gm: fx.GraphModule, node: fx.Node, m: QConv2d | QLinear) -> N
     gm.register_buffer(f"{prefix}_wz", m.weight_zero_point.long())
     gm.register_buffer(f"{prefix}_b", m.bias_int.float() * m.bias_scale)
     with g.inserting_before(node):
-        w = g.call_function(qd.dequantize_per_channel.default,
-                            (g.get_attr(f"{prefix}_w"), g.get_attr(f"{prefix}_ws"), g.get_attr(f"{prefix}_wz"), 0, -127,
-                             127, torch.int8))
+        w = g.call_function(
+            qd.dequantize_per_channel.default,
+            (
+                g.get_attr(f"{prefix}_w"),
+                g.get_attr(f"{prefix}_ws"),
+                g.get_attr(f"{prefix}_wz"),
+                0,
+                -127,
+                127,
+                torch.int8,
+            ),
+        )
         b = g.get_attr(f"{prefix}_b")
         if isinstance(m, QConv2d):
             out = g.call_function(F.conv2d, (node.args[0], w, b, m.stride, m.padding, m.dilation, m.groups))
@@ -123,9 +135,12 @@ class ExecutorchXnnpack(Runtime):
     install = "pip install executorch  (or: pip install -e '.[runtimes]')"
     what = "ExecuTorch with the XNNPACK delegate (Android/iOS CPU kernels), .pte program, batch 1"
     tolerance = Tolerance(
-        8.0, 0.95, "XNNPACK requantizes with its own fp32 arithmetic (not ORT's float32 scale ratio and "
+        8.0,
+        0.95,
+        "XNNPACK requantizes with its own fp32 arithmetic (not ORT's float32 scale ratio and "
         "rounding order): ties can round apart; measured within 1 LSB on ResNet-18 and MobileNetV2 "
-        "(docs/runtimes.md)")
+        "(docs/guide/runtimes.md)",
+    )
 
     def missing(self) -> str | None:
         return missing_modules("executorch")
@@ -137,8 +152,10 @@ class ExecutorchXnnpack(Runtime):
 
         model = files.frozen if int8 else files.float_torch
         if model is None or files.example is None:
-            raise ValidationError("executorch-xnnpack lowers the frozen torch graph: validate a run (--run RUN_DIR), "
-                                  "not a model file alone")
+            raise ValidationError(
+                "executorch-xnnpack lowers the frozen torch graph: validate a run (--run RUN_DIR), "
+                "not a model file alone"
+            )
         example = torch.from_numpy(np.ascontiguousarray(files.example[:1], dtype=np.float32))
         try:
             program = torch.export.export(pt2e_form(model) if int8 else copy.deepcopy(model).eval(), (example,))
@@ -151,7 +168,13 @@ class ExecutorchXnnpack(Runtime):
             raise ValidationError(f"ExecuTorch/XNNPACK cannot lower the model: {first_line(e)}") from None
 
         def run(x: np.ndarray) -> np.ndarray:
-            return np.concatenate([method.execute([torch.from_numpy(x[i:i + 1])])[0].numpy() for i in range(len(x))])
+            return np.concatenate([method.execute([torch.from_numpy(x[i : i + 1])])[0].numpy() for i in range(len(x))])
 
-        return Session(run, _placement(edge), {"precision": "int8 activations (zero point - 128), int8 weights"
-                                               if int8 else "float32", "pte_bytes": os.path.getsize(pte)})
+        return Session(
+            run,
+            _placement(edge),
+            {
+                "precision": "int8 activations (zero point - 128), int8 weights" if int8 else "float32",
+                "pte_bytes": os.path.getsize(pte),
+            },
+        )

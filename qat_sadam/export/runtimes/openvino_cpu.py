@@ -1,6 +1,7 @@
 """Intel's OpenVINO CPU plugin reading the QDQ ONNX model (the edge boxes' runtime). Inference
 precision is pinned to f32: its default on CPUs with AMX/AVX512-BF16 is bf16, which moves sub-8-bit
 outputs by tens of LSB; the report says what the plugin would have chosen."""
+
 from __future__ import annotations
 
 from ...errors import ValidationError
@@ -12,9 +13,12 @@ class OpenVinoCpu(Runtime):
     install = "pip install openvino  (or: pip install -e '.[runtimes]')"
     what = "OpenVINO CPU plugin (oneDNN): QDQ ONNX read as u8/i8 convolutions, INFERENCE_PRECISION_HINT f32"
     tolerance = Tolerance(
-        64.0, 0.95, "OpenVINO rewrites the QDQ graph into its own low-precision kernels (oneDNN) with their own "
+        64.0,
+        0.95,
+        "OpenVINO rewrites the QDQ graph into its own low-precision kernels (oneDNN) with their own "
         "requantization: MobileNetV2 W4A4 (PTQ) moved by up to 39 LSB (p99 17, top-1 97.3%) with the f32 "
-        "hint; not analysed site by site yet (docs/runtimes.md)")
+        "hint; not analysed site by site yet (docs/guide/runtimes.md)",
+    )
 
     def missing(self) -> str | None:
         return missing_modules("openvino")
@@ -25,8 +29,9 @@ class OpenVinoCpu(Runtime):
         core = ov.Core()
         default = core.get_property("CPU", "INFERENCE_PRECISION_HINT")
         try:
-            compiled = core.compile_model(files.onnx if int8 else files.float_onnx, "CPU",
-                                          {"INFERENCE_PRECISION_HINT": "f32"})
+            compiled = core.compile_model(
+                files.onnx if int8 else files.float_onnx, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+            )
         except Exception as e:  # OpenVINO raises RuntimeError with its own text
             raise ValidationError(f"OpenVINO cannot compile the model: {first_line(e)}") from None
         kinds = {}  # the executed graph's layers by type and the precision they run at (constants aside)
@@ -44,7 +49,14 @@ class OpenVinoCpu(Runtime):
                 raise ValidationError(f"OpenVINO failed to run the model: {first_line(e)}") from None
 
         first = compiled.input(0).get_partial_shape()[0]
-        return Session(run, {"CPU": "all nodes"}, batch=first.get_length() if first.is_static else None, details=
-                       {"precision": "f32 hint", "default_precision_on_this_cpu": str(default),
-                        "executed_layers": dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:12]),
-                        "openvino": ov.__version__})
+        return Session(
+            run,
+            {"CPU": "all nodes"},
+            batch=first.get_length() if first.is_static else None,
+            details={
+                "precision": "f32 hint",
+                "default_precision_on_this_cpu": str(default),
+                "executed_layers": dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:12]),
+                "openvino": ov.__version__,
+            },
+        )

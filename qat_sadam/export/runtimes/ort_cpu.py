@@ -1,4 +1,5 @@
 """ONNX Runtime's CPU provider: the reference deployment (QLinearConv/QGemm integer kernels)."""
+
 from __future__ import annotations
 
 import collections
@@ -10,8 +11,13 @@ from ...errors import ValidationError
 from .base import ModelFiles, Runtime, Session, Tolerance, first_line
 
 
-def ort_session(path: str, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, optimized_path: str | None = None,
-                options: ort.SessionOptions | None = None, providers=("CPUExecutionProvider",)):
+def ort_session(
+    path: str,
+    level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    optimized_path: str | None = None,
+    options: ort.SessionOptions | None = None,
+    providers=("CPUExecutionProvider",),
+):
     """An ORT session; ValidationError with ORT's first line when the model does not load."""
     so = options or ort.SessionOptions()
     so.graph_optimization_level = level
@@ -34,9 +40,10 @@ def session_runner(sess):
         try:
             if step is None:
                 return sess.run(None, {name: x})[0]
-            return np.concatenate([sess.run(None, {name: x[i:i + step]})[0] for i in range(0, len(x), step)])
+            return np.concatenate([sess.run(None, {name: x[i : i + step]})[0] for i in range(0, len(x), step)])
         except Exception as e:  # ORT's own exception types: a kernel refused the graph at run time
             raise ValidationError(f"ONNX Runtime failed to run the model: {first_line(e)}") from None
+
     return run
 
 
@@ -44,13 +51,20 @@ class OrtCpu(Runtime):
     name = "ort-cpu"
     install = "pip install onnxruntime"
     what = "ONNX Runtime CPU provider, x86-64: QLinearConv/QGemm integer kernels (MLAS)"
-    tolerance = Tolerance(0.0, 1.0, "the integer reference emulates these kernels op by op; on x86 without VNNI "
-                          "full-range 8-bit weights saturate the u8 x s8 pair sums (use 7-bit weights, cpu-x86.yaml)")
+    tolerance = Tolerance(
+        0.0,
+        1.0,
+        "the integer reference emulates these kernels op by op; on x86 without VNNI "
+        "full-range 8-bit weights saturate the u8 x s8 pair sums (use 7-bit weights, cpu-x86.yaml)",
+    )
 
     def load(self, files: ModelFiles, int8: bool = True) -> Session:
         sess = ort_session(files.onnx if int8 else files.float_onnx)
-        return Session(session_runner(sess), {"CPUExecutionProvider": "all nodes"},
-                       {"precision": "int8 x uint8 -> int32" if int8 else "float32", "ort_version": ort.__version__})
+        return Session(
+            session_runner(sess),
+            {"CPUExecutionProvider": "all nodes"},
+            {"precision": "int8 x uint8 -> int32" if int8 else "float32", "ort_version": ort.__version__},
+        )
 
 
 def op_histogram(model) -> dict:

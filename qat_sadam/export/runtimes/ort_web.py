@@ -3,6 +3,7 @@ compiled to WebAssembly (the npm build has no XNNPACK backend), so its integer a
 CPU's without the x86 SIMD paths. The npm package is pinned by web/package-lock.json and installed
 outside the package, in a cache folder (``qat-sadam runtimes --install-web``; `make venv`
 runs it): the package itself stays small and read-only."""
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,11 @@ INSTALL_COMMAND = "qat-sadam runtimes --install-web"
 
 
 def install_dir() -> str:
-    """Where npm installs onnxruntime-web: $QAT_SADAM_CACHE/ort-web, else $XDG_CACHE_HOME (or ~/.cache)/qat-sadam/ort-web."""
+    """Where npm installs onnxruntime-web: $QAT_SADAM_CACHE/ort-web, else
+    $XDG_CACHE_HOME (or ~/.cache)/qat-sadam/ort-web."""
     cache = os.environ.get("QAT_SADAM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qat-sadam")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qat-sadam"
+    )
     return os.path.join(cache, "ort-web")
 
 
@@ -46,8 +49,11 @@ class OrtWeb(Runtime):
     install = f"{INSTALL_COMMAND}  (npm ci into {install_dir()}; run by make venv; needs node >= 18)"
     what = "onnxruntime-web, wasm backend (ORT's kernels in WebAssembly), node, one thread"
     tolerance = Tolerance(
-        1.0, 0.99, "ORT's portable kernels: QLinearConv requantizes as on x86; QLinearAdd and the "
-        "u8 x s8 GEMM take the scalar path (no 16-bit pair sums), so a tie can round one LSB apart")
+        1.0,
+        0.99,
+        "ORT's portable kernels: QLinearConv requantizes as on x86; QLinearAdd and the "
+        "u8 x s8 GEMM take the scalar path (no 16-bit pair sums), so a tie can round one LSB apart",
+    )
 
     def missing(self) -> str | None:
         if shutil.which("node") is None:
@@ -67,14 +73,24 @@ class OrtWeb(Runtime):
             with tempfile.TemporaryDirectory(dir=files.work_dir) as tmp:
                 xin, yout = os.path.join(tmp, "x.bin"), os.path.join(tmp, "y.bin")
                 x.astype(np.float32).tofile(xin)
-                proc = subprocess.run(["node", os.path.join(WEB_DIR, "run.cjs"), os.path.abspath(path), xin,
-                                       ",".join(map(str, x.shape)), str(batch), yout, str(TIMING_ITERS)],
-                                      capture_output=True, text=True,
-                                      env={**os.environ, "NODE_PATH": os.path.join(install_dir(), "node_modules")})
+                proc = subprocess.run(
+                    [
+                        "node",
+                        os.path.join(WEB_DIR, "run.cjs"),
+                        os.path.abspath(path),
+                        xin,
+                        ",".join(map(str, x.shape)),
+                        str(batch),
+                        yout,
+                        str(TIMING_ITERS),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    env={**os.environ, "NODE_PATH": os.path.join(install_dir(), "node_modules")},
+                )
                 if proc.returncode:
                     raise ValidationError(f"onnxruntime-web failed: {(proc.stderr or proc.stdout).strip()[:300]}")
                 info.update(json.loads(proc.stdout.strip().splitlines()[-1]))
                 return np.fromfile(yout, dtype=np.float32).reshape(len(x), -1)
 
         return Session(run, {"wasm": "all nodes"}, info)
-

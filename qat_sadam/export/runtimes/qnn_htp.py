@@ -1,6 +1,7 @@
 """Qualcomm's Hexagon NPU through ONNX Runtime's QNN execution provider (the onnxruntime-qnn plugin),
 its HTP backend running as a simulator on x86. CPU fallback is disabled: a node QNN does not take
 fails the load instead of running quietly on the CPU."""
+
 from __future__ import annotations
 
 import os
@@ -53,9 +54,12 @@ class QnnHtp(Runtime):
     what = "Qualcomm Hexagon NPU (HTP) via the ORT QNN provider, x86 simulator, CPU fallback disabled"
     simulated = True
     tolerance = Tolerance(
-        64.0, 0.85, "HTP requantizes with less precision than ORT's float32 scale ratio: site by site, 1-5% of "
+        64.0,
+        0.85,
+        "HTP requantizes with less precision than ORT's float32 scale ratio: site by site, 1-5% of "
         "values land 1 LSB apart, all within 0.15 of a rounding tie; through 50 layers at 4 bits (a level "
-        "is a 16th of the range) these compound to tens of LSB at the logits (docs/runtimes.md)")
+        "is a 16th of the range) these compound to tens of LSB at the logits (docs/guide/runtimes.md)",
+    )
 
     def missing(self) -> str | None:
         return missing_modules("onnxruntime_qnn")
@@ -64,6 +68,13 @@ class QnnHtp(Runtime):
         import onnxruntime_qnn as oq
 
         sess = qnn_session(fixed_batch_copy(files.onnx if int8 else files.float_onnx, files.work_dir))
-        return Session(session_runner(sess), {"QNNExecutionProvider (HTP)": "all nodes (CPU fallback disabled)"},
-                       {"precision": "uint8 activations, int8 weights on HTP", "providers": sess.get_providers(),
-                        "batch_compiled": sess.get_inputs()[0].shape[0], "onnxruntime_qnn": getattr(oq, "__version__", "?")})
+        return Session(
+            session_runner(sess),
+            {"QNNExecutionProvider (HTP)": "all nodes (CPU fallback disabled)"},
+            {
+                "precision": "uint8 activations, int8 weights on HTP",
+                "providers": sess.get_providers(),
+                "batch_compiled": sess.get_inputs()[0].shape[0],
+                "onnxruntime_qnn": getattr(oq, "__version__", "?"),
+            },
+        )
