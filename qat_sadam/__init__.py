@@ -15,6 +15,10 @@ _API = {
     "ProxSGD": "optim",
     "sadam_param_groups": "optim",
     "export_onnx": "export",
+    "load_recipe": "train.recipe",
+    "Recipe": "train.recipe",
+    "load_run": "train.model",
+    "Run": "train.run",
 }
 __all__ = list(_API)
 

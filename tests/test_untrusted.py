@@ -58,19 +58,28 @@ def finished_run(tmp_path_factory):
 
 
 CRAFTED = [
-    ("recipe a string", lambda ck: ck.update(recipe="hello"), "its recipe is not valid (a saved recipe must be a mapping"),
+    (
+        "recipe a string",
+        lambda ck: ck.update(recipe="hello"),
+        "its recipe is not valid (a saved recipe must be a mapping",
+    ),
     ("recipe without data", lambda ck: ck["recipe"].pop("data"), "the saved recipe has no 'data' section"),
     ("unknown model", lambda ck: ck["recipe"]["model"].update(name="nosuchnet"), "nosuchnet"),
     ("no info", lambda ck: ck.pop("info"), "info.num_classes missing or of the wrong type"),
-    ("floats in the model state", lambda ck: ck.update(model={k: 1.0 for k in ck["model"]}), "is a float, not a tensor"),
+    (
+        "floats in the model state",
+        lambda ck: ck.update(model={k: 1.0 for k in ck["model"]}),
+        "is a float, not a tensor",
+    ),
     ("recipe key of the wrong type", lambda ck: ck["recipe"]["data"].update(batch_size="x"), "'data.batch_size'"),
 ]
 
 
 @pytest.mark.parametrize("name,craft,message", CRAFTED, ids=[c[0] for c in CRAFTED])
 @pytest.mark.parametrize("command", ["eval", "export"])
-def test_a_crafted_run_checkpoint_is_one_line_naming_the_field(finished_run, command, name, craft, message, tmp_path,
-                                                               capsys):
+def test_a_crafted_run_checkpoint_is_one_line_naming_the_field(
+    finished_run, command, name, craft, message, tmp_path, capsys
+):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     for which in ("best.pt", "last.pt"):

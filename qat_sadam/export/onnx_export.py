@@ -105,11 +105,25 @@ def _flatten_as_reshape(graph: onnx.GraphProto) -> None:
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str, target: "str | Target | None" = None) -> dict:
-    """Write the INT8 QDQ graph of a prepared QAT model to ``path``; returns what was done, with the
-    frozen torch graph (``frozen``, float QDQ semantics) and its integer reference (``integer``).
+    """Write the INT8 QDQ ONNX graph of a QAT model: BatchNorm folded, weights int8 per channel,
+    activations uint8 per tensor (sub-8-bit ranges kept inside the 8-bit container: int8 kernels,
+    not 4-bit storage).
 
-    BatchNorm is folded, weights are int8 per-channel, activations uint8 per-tensor (sub-8-bit
-    ranges kept by a Min in the 8-bit container: int8 kernels, not 4-bit storage)."""
+    Args:
+        model: a calibrated (and usually fine-tuned) model from ``prepare_qat``, in eval mode.
+        example_input: one input batch of the shape the file takes (a profile's ``fixed_batch`` wins).
+        path: the .onnx file to write.
+        target: a shipped profile's name (``cpu-x86``, ``mobile-arm``: ``qat-sadam targets``), a
+            profile YAML path or a ``Target``; None: the defaults.
+
+    Returns:
+        A dict: ``path``, ``target``, ``requantized_to_max_bits`` (layers narrowed to the target's
+        weight container), ``frozen`` (the folded torch graph, float QDQ semantics) and ``integer``
+        (its integer reference: what ORT's integer kernels compute, in torch).
+
+    Raises:
+        ExportError: a module that has no integer form.
+    """
     target = load_target(target)
     frozen, report = freeze(model, target.weight_bits_max, example_input.detach())
     frozen = frozen.cpu()

@@ -45,12 +45,23 @@ def sadam_param_groups(
     scale_lr: float | None = None,
     probe_scale: float = 0.01,
 ) -> list[dict]:
-    """Three groups: weights (decayed, probed and damped, radius = multiple x quant step, or
-    ``probe_scale`` x RMS for a weight without a quantizer); other
-    float params such as biases and BatchNorm (no decay, not damped); learnable quantizer scales
-    (no decay, damped only if ``scale_lam`` > 0, learning rate ``scale_lr`` if given). Adam moves
-    every parameter by about lr per step whatever its size, so scales of 1e-3 need a far smaller
-    lr than weights or they cross zero within a few steps. Empty groups are left out."""
+    """S-Adam's parameter groups for a QAT model (AdamW takes them too). Adam moves every parameter
+    by about lr per step whatever its size, so scales of 1e-3 need a far smaller lr than weights or
+    they cross zero within a few steps.
+
+    Args:
+        model: a model from ``prepare_qat`` (or any module).
+        weight_decay: decoupled decay of the weights; biases, BatchNorm and scales get none.
+        radius_multiple: the residual estimator's probe radius, in quantization steps of each weight.
+        lam: the damping strength of the weights' group; None: the optimizer's default.
+        scale_lam: damping of the quantizer scales (0: not damped).
+        scale_lr: the scales' learning rate; None: the optimizer's.
+        probe_scale: the radius, in RMS of the tensor, of a weight without a quantizer.
+
+    Returns:
+        Up to three groups (empty ones left out): ``weights`` (decayed, probed, damped), ``other``
+        (biases, BatchNorm: no decay, not damped), ``quant_scales`` (learnable scales).
+    """
     scale_ids = {
         id(m.scale) for m in model.modules() if isinstance(m, FakeQuantize) and isinstance(m.scale, nn.Parameter)
     }

@@ -34,8 +34,15 @@ def calibrate(model: nn.Module, batches: Iterable, max_batches: int | None = Non
 
     The model runs in train mode (BatchNorm normalises with batch statistics, as in QAT; in eval
     mode an untrained network's activations can vanish with depth), and the BatchNorm running
-    statistics are restored afterwards. ``batches`` yields inputs or (input, target) pairs.
-    Returns the number of batches used.
+    statistics are restored afterwards.
+
+    Args:
+        model: a model from ``prepare_qat``.
+        batches: an iterable of input tensors or (input, target) pairs.
+        max_batches: stop after this many; None: all of them.
+
+    Returns:
+        The number of batches used.
     """
     acts = [q for _, q in quantizers(model, "activation")]
     was_training = model.training

@@ -60,7 +60,8 @@ class QATConfig:
     (model input, the output of every conv/linear/BN/activation chain, adds, pooling); placement
     "conv_inputs" quantizes only the inputs of convolutions (the paper's scheme).
     first_last_bits: bit width of the first and last layer (weights, their inputs, the logits);
-    None keeps them at the model's bits.
+    None keeps them at the model's bits. ``QATConfig.from_dict({"bits": 4})`` builds one from a
+    recipe's ``quant`` section.
     """
 
     weight: QuantSpec = field(default_factory=default_weight_spec)

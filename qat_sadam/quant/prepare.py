@@ -19,7 +19,22 @@ from .modules import QUANT_MODULES
 
 
 def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None) -> fx.GraphModule:
-    """Return a fake-quantized copy of ``model`` (a torch.fx.GraphModule), ready for QAT."""
+    """A fake-quantized copy of ``model``, ready for QAT: weight quantizers on every conv and linear
+    layer (per channel), activation quantizers where an integer graph needs them (per tensor),
+    straight-through gradients, BatchNorm kept for training (it is folded at export).
+
+    Args:
+        model: any module torch.fx can trace (torchvision and timm classifiers, your own); not changed.
+        config: a ``QATConfig``, or the mapping ``QATConfig.from_dict`` takes (``{"bits": 4}``: W4A4
+            with 8-bit first and last layers); None: W8A8.
+
+    Returns:
+        A torch.fx.GraphModule computing the model with fake quantization; calibrate it before training.
+
+    Raises:
+        ValueError: the model has no conv or linear layer, a module cannot be quantized, or an
+            override pattern matches nothing.
+    """
     config = config if isinstance(config, QATConfig) else QATConfig.from_dict(config)
     gm = trace(model)
     g = QuantGraph(gm)

@@ -106,10 +106,23 @@ class LoadedRun:
 
 
 def load_run(ref: str, checkpoint: str | None = None, data_root: str | None = None) -> LoadedRun:
-    """The one way to load a run: ``ref`` a run directory (its ``checkpoint``, default the one it
-    deploys: ``Run.deployed_checkpoint``) or a checkpoint file. The model is built from the
-    checkpoint's own recipe, every key and shape checked; ``data_root`` replaces where the recipe
-    found its data."""
+    """The one way to load a run's model: built from the checkpoint's own recipe, every key and
+    shape checked.
+
+    Args:
+        ref: a run directory, or one of its checkpoint files (RUN/checkpoints/X.pt).
+        checkpoint: with a run directory, the checkpoint file to load; None: the one the run
+            deploys (``Run.deployed_checkpoint``: its recipe's ``export.checkpoint``).
+        data_root: where the run's data now is, if not where the recipe found it.
+
+    Returns:
+        A ``LoadedRun``: ``run`` (the ``Run``), ``checkpoint`` (the file), ``recipe`` (a ``Recipe``),
+        ``info`` (classes, channels, image size, normalisation), ``model`` (in eval mode), ``state``
+        (the whole checkpoint).
+
+    Raises:
+        CheckpointError: no such run or checkpoint, or one that holds something else.
+    """
     run, given = Run.locate(ref)
     path = given or checkpoint or run.deployed_checkpoint()
     ck = load_checkpoint(path)

@@ -190,6 +190,10 @@ class ExportSection:
 
 @dataclass
 class Recipe:
+    """A validated recipe: one field per section (``recipe.data.batch_size``; ``recipe.quant.config()``
+    is its ``QATConfig``). Build one with ``load_recipe``; ``to_dict``/``from_saved`` are what run
+    directories store and read back; every key is in docs/guide/recipes.md."""
+
     name: str = key("run", "the run's name (default: the recipe file's)")
     model: ModelSection = section(ModelSection, "the network and what it starts from")
     data: DataSection = section(DataSection, "the dataset and its loaders")
@@ -495,10 +499,26 @@ def load_recipe(
     base: dict | None = None,
     fragments: list[str] = (),
 ) -> Recipe:
-    """Read a recipe (a shipped one by name, ``quickstart``, or a YAML file by path; or start from
-    the mapping ``base``), merge the recipe ``fragments`` over it in order (e.g. the quant.overrides
-    that ``qat-sadam sensitivity`` proposes), apply --bits/--optimizer/--seed, then the --set
-    overrides (which win), fill defaults and validate. Raises RecipeError."""
+    """Read, override and validate a recipe, in this order: the file, the ``fragments`` merged over
+    it, ``bits``/``optimizer``/``seed``, then the ``overrides`` (which win); defaults fill the rest.
+
+    Args:
+        path: a shipped recipe's name (``quickstart``: ``qat-sadam recipes``) or a YAML file's path;
+            None: start from ``base``.
+        overrides: ``key.path=value`` strings, the value read as YAML (``optimizer.lr=3e-4``).
+        bits: W{bits}A{bits} (``quant.bits``).
+        optimizer: the optimizer's name; settings only another optimizer takes are dropped.
+        seed: the run's seed.
+        base: a recipe mapping to start from (a run's own recipe, when resuming).
+        fragments: recipe files merged over the recipe (e.g. the ``mixed_precision.yaml`` that
+            ``qat-sadam sensitivity`` proposes).
+
+    Returns:
+        The validated ``Recipe``.
+
+    Raises:
+        RecipeError: one line naming the key, the file or the value.
+    """
     raw: dict = copy.deepcopy(base) if base is not None else {}
     if path is not None:
         path = configs.resolve("recipe", path)

@@ -60,7 +60,10 @@ class RunLock:
 
 
 class Run:
-    """A run directory (``Run(path)``, or ``Run.locate(path)`` for a run or one of its checkpoints)."""
+    """A run directory and its layout: ``recipe_file``, ``metrics_file``, ``summary_file``,
+    ``curves_file``, ``checkpoint(name)`` (``LAST``, ``BEST``, ``PTQ``), ``export_dir()``, ``lock()``.
+    ``Run(path)``, or ``Run.locate(path)`` for a run or one of its checkpoint files; its model loads
+    with ``load_run``."""
 
     def __init__(self, path: str):
         self.dir = path
