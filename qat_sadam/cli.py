@@ -202,6 +202,13 @@ RECIPE_HELP = "a shipped recipe by name (`qat-sadam recipes` lists them) or a re
 TARGET_HELP = "a shipped target profile by name (`qat-sadam targets` lists them) or a profile YAML file"
 
 
+def _recipe_options(parser: argparse.ArgumentParser) -> None:
+    """What changes a recipe on the command line, in the order load_recipe applies it (--set wins)."""
+    parser.add_argument("--bits", type=_bits, help="W{bits}A{bits} with 8-bit first/last layers")
+    parser.add_argument("--merge", action="append", default=[], metavar="FRAGMENT.yaml", help=MERGE_HELP)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qat-sadam", description="Quantization-aware training with S-Adam, and INT8 ONNX export.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -213,10 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(docs/guide/recipes.md); a recipe with every default filled in: `qat-sadam recipe show NAME`.",
     )
     t.add_argument("recipe", help=RECIPE_HELP + " (ignored with --resume: the run's own recipe is used)")
-    t.add_argument("--bits", type=_bits, help="W{bits}A{bits} with 8-bit first/last layers")
+    _recipe_options(t)
     t.add_argument("--optimizer", help="adamw, sadam, prox_sgd or sgd")
-    t.add_argument("--merge", action="append", default=[], metavar="FRAGMENT.yaml", help=MERGE_HELP)
-    t.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
     t.add_argument("--out", help="run directory (default runs/<recipe name>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--force", action="store_true", help="overwrite an existing run directory")
@@ -231,9 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export it to INT8 and validate it: the baseline a QAT fine-tune must beat.",
     )
     q.add_argument("recipe", help=RECIPE_HELP + ", with model.checkpoint or model.weights")
-    q.add_argument("--bits", type=_bits, help="W{bits}A{bits} with 8-bit first/last layers")
-    q.add_argument("--merge", action="append", default=[], metavar="FRAGMENT.yaml", help=MERGE_HELP)
-    q.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
+    _recipe_options(q)
     q.add_argument("--out", help="run directory (default runs/<recipe name>-ptq)")
     q.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -354,9 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = r.add_subparsers(dest="action", required=True, parser_class=_Parser)
     show = rsub.add_parser("show", help="print the recipe with its defaults and overrides applied")
     show.add_argument("recipe", help=RECIPE_HELP)
-    show.add_argument("--bits", type=_bits)
-    show.add_argument("--merge", action="append", default=[], metavar="FRAGMENT.yaml", help=MERGE_HELP)
-    show.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
+    _recipe_options(show)
     show.set_defaults(func=cmd_recipe_show)
     ref = rsub.add_parser(
         "reference", help="print every recipe key with its type, default, values and meaning (markdown)"
