@@ -16,14 +16,14 @@ from .errors import RecipeError, TrainingStopped, UserError
 EXIT_USER_ERROR = 2
 
 
-def _bits(v: str) -> int:
+def _bits(v: str) -> str:
+    from .train.recipe import parse_bits
+
     try:
-        b = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--bits must be an integer from 2 to 8, got {v!r}") from None
-    if not 2 <= b <= 8:
-        raise argparse.ArgumentTypeError(f"--bits must be an integer from 2 to 8, got {b}")
-    return b
+        parse_bits(v)
+    except RecipeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return v
 
 
 def _runtimes(v: str) -> list[str]:
@@ -198,13 +198,14 @@ def cmd_runtimes(a) -> int:
     return 0
 
 
+BITS_HELP = "4: W4A4; W4A8: 4-bit weights, 8-bit activations (2 to 8 bits each); first/last layers stay 8-bit"
 RECIPE_HELP = "a shipped recipe by name (`qat-sadam recipes` lists them) or a recipe YAML file"
 TARGET_HELP = "a shipped target profile by name (`qat-sadam targets` lists them) or a profile YAML file"
 
 
 def _recipe_options(parser: argparse.ArgumentParser) -> None:
     """What changes a recipe on the command line, in the order load_recipe applies it (--set wins)."""
-    parser.add_argument("--bits", type=_bits, help="W{bits}A{bits} with 8-bit first/last layers")
+    parser.add_argument("--bits", type=_bits, help=BITS_HELP)
     parser.add_argument("--merge", action="append", default=[], metavar="FRAGMENT.yaml", help=MERGE_HELP)
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
 
@@ -260,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--seeds", type=int, default=3)
     c.add_argument("--first-seed", type=int, default=0)
-    c.add_argument("--bits", type=_bits)
+    c.add_argument("--bits", type=_bits, help=BITS_HELP)
     c.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     c.add_argument("--out")
     c.add_argument(

@@ -68,3 +68,12 @@ def test_every_key_has_a_meaning_for_the_reference():
                 keys(f.default_factory)
 
     keys(Recipe)
+
+
+def test_bits_set_weights_and_activations_together_or_apart():
+    w4a4 = load_recipe("quickstart_float", ["quant.enabled=true"], bits="4").quant.config()
+    w4a8 = load_recipe("quickstart_float", ["quant.enabled=true"], bits="W4A8").quant.config()
+    assert (w4a4.weight.bits, w4a4.activation.bits) == (4, 4)
+    assert (w4a8.weight.bits, w4a8.activation.bits, w4a8.first_last_bits) == (4, 8, 8)
+    # over a recipe's own quant.bits, W{w}A{a} wins on both sides
+    assert load_recipe("quickstart", bits="W8A4").quant.config().weight.bits == 8

@@ -143,8 +143,11 @@ BAD = [
     (["train", "quickstart", "--set", "data.batchsize=3"], "unknown recipe key 'data.batchsize'"),
     (["train", "quickstart", "--set", "epochs=ten"], "recipe key 'epochs' must be an integer"),
     (["train", "quickstart", "--optimizer", "lion"], "unknown optimizer 'lion'"),
-    (["train", "quickstart", "--bits", "9"], "--bits must be an integer from 2 to 8"),
-    (["train", "quickstart", "--bits", "1"], "--bits must be an integer from 2 to 8"),
+    (["train", "quickstart", "--bits", "9"], "--bits 9: weights take 2 to 8 bits, got 9"),
+    (["train", "quickstart", "--bits", "1"], "--bits 1: weights take 2 to 8 bits, got 1"),
+    (["train", "quickstart", "--bits", "W9A8"], "--bits W9A8: weights take 2 to 8 bits, got 9"),
+    (["train", "quickstart", "--bits", "W4A16"], "--bits W4A16: activations take 2 to 8 bits, got 16"),
+    (["train", "quickstart", "--bits", "4bit"], "--bits takes a bit width (4: W4A4) or weight and activation bits"),
     (["train", "quickstart", "--set", "optimizer.lr=-1"], "Invalid learning rate"),
     (
         ["train", "quickstart", "--set", "data.name=imagenet"],

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -482,6 +483,22 @@ def _looks_numeric(s: str) -> bool:
         return False
 
 
+BIT_WIDTHS = range(2, 9)  # activations above 8 bits wait for a 16-bit integer reference
+
+
+def parse_bits(text: "str | int") -> dict:
+    """The quant keys a --bits value sets: ``4`` is W4A4 (``quant.bits``), ``W4A8`` sets
+    ``quant.weight_bits`` and ``quant.act_bits``. RecipeError, one line, otherwise."""
+    m = re.fullmatch(r"(?:[Ww](\d+)[Aa](\d+)|(\d+))", str(text).strip())
+    if not m:
+        raise RecipeError(f"--bits takes a bit width (4: W4A4) or weight and activation bits (W4A8), got {text!r}")
+    w, a = (int(m[3]), int(m[3])) if m[3] else (int(m[1]), int(m[2]))
+    for what, b in (("weights", w), ("activations", a)):
+        if b not in BIT_WIDTHS:
+            raise RecipeError(f"--bits {text}: {what} take {BIT_WIDTHS[0]} to {BIT_WIDTHS[-1]} bits, got {b}")
+    return {"bits": w} if m[3] else {"weight_bits": w, "act_bits": a}
+
+
 def merge(base: dict, over: dict) -> dict:
     """``over`` merged into a copy of ``base``, mapping by mapping."""
     out = copy.deepcopy(base)
@@ -493,7 +510,7 @@ def merge(base: dict, over: dict) -> dict:
 def load_recipe(
     path: str | None = None,
     overrides: list[str] = (),
-    bits: int | None = None,
+    bits: str | int | None = None,
     optimizer: str | None = None,
     seed: int | None = None,
     base: dict | None = None,
@@ -506,7 +523,7 @@ def load_recipe(
         path: a shipped recipe's name (``quickstart``: ``qat-sadam recipes``) or a YAML file's path;
             None: start from ``base``.
         overrides: ``key.path=value`` strings, the value read as YAML (``optimizer.lr=3e-4``).
-        bits: W{bits}A{bits} (``quant.bits``).
+        bits: ``4`` (W4A4, ``quant.bits``) or ``"W4A8"`` (``quant.weight_bits`` and ``quant.act_bits``).
         optimizer: the optimizer's name; settings only another optimizer takes are dropped.
         seed: the run's seed.
         base: a recipe mapping to start from (a run's own recipe, when resuming).
@@ -530,7 +547,7 @@ def load_recipe(
         raw.setdefault("quant", {})
         if not isinstance(raw["quant"], dict):
             raise RecipeError("recipe key 'quant' must be a mapping")
-        raw["quant"]["bits"] = bits
+        raw["quant"].update(parse_bits(bits))
     if optimizer is not None:
         current = raw.get("optimizer") if isinstance(raw.get("optimizer"), dict) else {}
         if current.get("name") != optimizer:  # keep only what every optimizer understands

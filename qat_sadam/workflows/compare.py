@@ -18,8 +18,6 @@ import json
 import os
 import statistics
 
-import yaml
-
 from ..errors import ExportError, RecipeError
 from ..train.curves import plot_curves
 from ..train.optimizers import KEYS
@@ -155,16 +153,16 @@ def cell_run(out: str, label: str, seed: int) -> Run:
     return Run(os.path.join(out, _dirname(label), f"seed{seed}"))
 
 
-def _recipe(path, overrides, bits, opt, seed):
-    base = load_recipe(path, overrides, bits=bits, seed=seed).optimizer
+def _recipe(path, overrides, bits, opt, seed) -> Recipe:
+    """The cell's recipe: the recipe with its overrides, and the cell's optimizer settings over its own."""
+    recipe = load_recipe(path, overrides, bits=bits, seed=seed)
+    base = recipe.optimizer
     # The recipe's optimizer settings carry over to a cell of the same optimizer and mode; other
     # cells keep only lr and weight decay (k=8 of the reference is not the residual's k).
     same = base["name"] == opt["name"] and base.get("lgi", "residual") == opt.get("lgi", "residual")
     shared = {k: v for k, v in base.items() if k in ("lr", "weight_decay") and k in KEYS[opt["name"]]}
     merged = {**base, **opt} if same else {**shared, **opt}
-    # YAML, not JSON: json writes 5e-05, which YAML reads back as text (its floats need a dot)
-    flow = yaml.safe_dump(merged, default_flow_style=True, width=float("inf")).strip()
-    return load_recipe(path, list(overrides) + [f"optimizer={flow}"], bits=bits, seed=seed)
+    return Recipe.from_dict({**recipe.to_dict(), "optimizer": merged})
 
 
 def _run(path, overrides, bits, opt, seed, run: Run, progress, export_target=None) -> dict:
