@@ -4,6 +4,7 @@ A runtime whose package is absent is skipped here with the reason (and reported 
 validator, never passed); `make venv` installs them all."""
 
 import collections
+import os
 
 import numpy as np
 import onnx
@@ -14,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qat_sadam import calibrate, prepare_qat
 from qat_sadam.errors import ValidationError
 from qat_sadam.export import RUNTIMES, ModelFiles, export_float_onnx, export_onnx, float_model, ort_session
-from qat_sadam.export.runtimes import check_names, measure
+from qat_sadam.export.runtimes import check_names, measure, native_output_to
 from qat_sadam.export.runtimes.executorch_xnnpack import pt2e_form
 from qat_sadam.export.target import Target
 from qat_sadam.export.validate import fusion, output_scale, validate
@@ -274,3 +275,18 @@ def test_a_fixed_batch_model_runs_in_chunks_on_every_runtime(tmp_path):
         assert row["status"] == "ran" and row["samples"] == 8, (name, row.get("reason"))
         ran += 1
     assert ran >= 1
+
+
+def test_native_log_lines_go_to_the_runtimes_log_not_above_the_verdict(tmp_path, capfd):
+    """What a native library writes on the process's file descriptors 1 and 2 (ExecuTorch's cpuinfo
+    lines) lands in the log; Python's own output around the block still reaches the console."""
+    log = tmp_path / "runtimes.log"
+    print("before")
+    with native_output_to(str(log)):
+        os.write(1, b"[cpuinfo_utils.cpp:87] Failed to open midr file\n")
+        os.write(2, b"native warning\n")
+    print("after")
+    out, err = capfd.readouterr()
+    assert "cpuinfo" not in out + err and "native warning" not in out + err
+    assert "before" in out and "after" in out
+    assert log.read_text() == "[cpuinfo_utils.cpp:87] Failed to open midr file\nnative warning\n"

@@ -327,7 +327,10 @@ def validate(
             x = np.concatenate(inputs)[:runtime_samples]
             ref = integer_outputs[: len(x)] if integer_outputs is not None else _run(ort_session(path), [x])
             y = labels[: len(x)] if labels is not None else None
-            rep["runtimes"] = {n: measure(n, files, x, ref, scale, y) for n in runtimes}
+            log = os.path.join(out_dir, "runtimes.log")  # the runtimes' native log lines, not the console's
+            with open(log, "w"):
+                pass
+            rep["runtimes"] = {n: measure(n, files, x, ref, scale, y, log=log) for n in runtimes}
             rep["runtimes_reference"] = "torch integer reference" if integer_outputs is not None else "ORT CPU"
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -607,4 +610,6 @@ def format_report(rep: dict, out_dir: str) -> str:
         )
     L += [f"  FAIL: {f}" for f in rep["failures"]]
     L.append(f"  report: {os.path.join(out_dir, 'validation.md')}")
+    logs = {r["log"] for r in rep.get("runtimes", {}).values() if "log" in r}
+    L += [f"  runtimes' own log: {log}" for log in sorted(logs) if os.path.getsize(log)]
     return "\n".join(L)

@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from ...errors import ValidationError
-from .base import ModelFiles, Runtime, Session, Tolerance
+from .base import ModelFiles, Runtime, Session, Tolerance, native_output_to
 from .executorch_xnnpack import ExecutorchXnnpack
 from .openvino_cpu import OpenVinoCpu
 from .ort_cpu import OrtCpu, ort_session, session_runner
@@ -59,15 +59,26 @@ def measure(
     reference: np.ndarray,
     scale: float,
     labels: np.ndarray | None = None,
+    log: str | None = None,
 ) -> dict:
     """Run ``inputs`` on one runtime: status (ran, not run, failed), placement, parity in output LSB
     against ``reference`` (the integer reference's logits), accuracy, and the batch-1 latency of the
-    INT8 model over the float model on the same runtime."""
+    INT8 model over the float model on the same runtime. With ``log``, what the runtime's native
+    libraries print goes to that file (appended), not to the console."""
     rt = RUNTIMES[name]
     row: dict = {"runtime": name, "what": rt.what, "tolerance": vars(rt.tolerance)}
     reason = rt.missing()
     if reason:
         return {**row, "status": "not run", "reason": reason, "install": rt.install}
+    if log is None:
+        return _measure(rt, row, files, inputs, reference, scale, labels)
+    with open(log, "a") as f:
+        f.write(f"== {name} ==\n")
+    with native_output_to(log):
+        return {**_measure(rt, row, files, inputs, reference, scale, labels), "log": log}
+
+
+def _measure(rt: Runtime, row: dict, files, inputs, reference, scale, labels) -> dict:
     try:
         session = rt.load(files)
         out = session.run(inputs)
@@ -107,6 +118,7 @@ __all__ = [
     "check_names",
     "lsb_stats",
     "measure",
+    "native_output_to",
     "ort_session",
     "session_runner",
 ]

@@ -10,11 +10,35 @@ the runtime has its own format), and the session runs float32 batches and report
 from __future__ import annotations
 
 import abc
+import contextlib
 import importlib.util
+import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 from torch import nn
+
+
+@contextlib.contextmanager
+def native_output_to(path: str):
+    """What native libraries print while the block runs (file descriptors 1 and 2, which Python's
+    sys.stdout never sees: ExecuTorch's cpuinfo lines, QNN's and OpenVINO's logs) goes to ``path``,
+    appended: the runtimes' log belongs beside the report, not above its verdict."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            yield path
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, target in zip(saved, (1, 2)):
+            os.dup2(fd, target)
+            os.close(fd)
 
 
 @dataclass
