@@ -116,13 +116,24 @@ def _budget(flag: str, what: str):
             b = float(v)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{flag} must be a size ratio such as 1.1, got {v!r}") from None
-        if b < 1:
+        if not b >= 1 or b == float("inf"):  # NaN fails every comparison
             raise argparse.ArgumentTypeError(
                 f"{flag} is a ratio to uniform low-bit {what} storage and must be >= 1, got {b}"
             )
         return b
 
     return parse
+
+
+def _count(v: str) -> int:
+    """A positive whole number (images, seeds)."""
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {n}")
+    return n
 
 
 def cmd_compare(a) -> int:
@@ -259,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="comma-separated cells, e.g. adamw,sadam,sadam-reference@k=8,adamw-effective",
     )
-    c.add_argument("--seeds", type=int, default=3)
+    c.add_argument("--seeds", type=_count, default=3)
     c.add_argument("--first-seed", type=int, default=0)
     c.add_argument("--bits", type=_bits, help=BITS_HELP)
     c.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
@@ -292,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bits", type=_bits, help="the low bit width (default: the recipe's quant.bits)")
     s.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
     s.add_argument(
-        "--samples", type=int, default=1000, help="validation images held out from the end of the training set"
+        "--samples", type=_count, default=1000, help="validation images held out from the end of the training set"
     )
     s.add_argument(
         "--budget",
@@ -318,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run", help="run directory or checkpoint")
     x.add_argument("--target", help=TARGET_HELP + " (default: the recipe's, else cpu-x86)")
     x.add_argument("-o", "--output", help="output directory (default RUN/export)")
-    x.add_argument("--samples", type=int, help="test samples for parity and accuracy (default: the whole test set)")
+    x.add_argument("--samples", type=_count, help="test samples for parity and accuracy (default: the whole test set)")
     x.add_argument("--data-root", help="where the dataset lives, if not where the run found it")
     x.add_argument("--runtimes", type=_runtimes, help=RUNTIMES_HELP)
     x.set_defaults(func=cmd_export)
@@ -331,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("model", help="model.onnx")
     v.add_argument("--run", help="the run it came from: adds torch parity and test accuracy")
     v.add_argument("--target", help=TARGET_HELP + " (default cpu-x86)")
-    v.add_argument("--samples", type=int)
+    v.add_argument("--samples", type=_count, help="test samples (default: all)")
     v.add_argument("--runtimes", type=_runtimes, help=RUNTIMES_HELP)
     v.set_defaults(func=cmd_validate)
 

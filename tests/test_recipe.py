@@ -77,3 +77,23 @@ def test_bits_set_weights_and_activations_together_or_apart():
     assert (w4a8.weight.bits, w4a8.activation.bits, w4a8.first_last_bits) == (4, 8, 8)
     # over a recipe's own quant.bits, W{w}A{a} wins on both sides
     assert load_recipe("quickstart", bits="W8A4").quant.config().weight.bits == 8
+
+
+OPTIONS = [
+    (
+        ["sensitivity", "quickstart_finetune", "--samples", "0"],
+        "argument --samples: expected a positive whole number, got 0",
+    ),
+    (["sensitivity", "quickstart_finetune", "--budget", "nan"], "must be >= 1, got nan"),
+    (["sensitivity", "quickstart_finetune", "--budget", "inf"], "must be >= 1, got inf"),
+    (["export", "runs/x", "--samples", "-1"], "argument --samples: expected a positive whole number, got -1"),
+    (["validate", "m.onnx", "--samples", "ten"], "argument --samples: expected a positive whole number, got 'ten'"),
+    (["compare", "quickstart", "--optimizers", "adamw", "--seeds", "0"], "argument --seeds: expected a positive"),
+]
+
+
+@pytest.mark.parametrize("argv,message", OPTIONS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in OPTIONS])
+def test_each_bad_command_option_is_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
