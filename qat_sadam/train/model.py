@@ -102,7 +102,6 @@ class LoadedRun:
     recipe: Recipe
     info: dict  # num_classes, in_channels, image_size, mean, std
     model: nn.Module  # in eval mode
-    state: dict  # the whole checkpoint (start, bn_report, global_step, ...)
 
 
 def load_run(ref: str, checkpoint: str | None = None, data_root: str | None = None) -> LoadedRun:
@@ -117,8 +116,7 @@ def load_run(ref: str, checkpoint: str | None = None, data_root: str | None = No
 
     Returns:
         A ``LoadedRun``: ``run`` (the ``Run``), ``checkpoint`` (the file), ``recipe`` (a ``Recipe``),
-        ``info`` (classes, channels, image size, normalisation), ``model`` (in eval mode), ``state``
-        (the whole checkpoint).
+        ``info`` (classes, channels, image size, normalisation), ``model`` (in eval mode).
 
     Raises:
         CheckpointError: no such run or checkpoint, or one that holds something else.
@@ -131,4 +129,4 @@ def load_run(ref: str, checkpoint: str | None = None, data_root: str | None = No
         recipe.data.root = data_root
     model = build_qat_model(recipe, info)
     load_run_state(model, ck["model"], path, info)
-    return LoadedRun(run, path, recipe, info, model.eval(), ck)
+    return LoadedRun(run, path, recipe, info, model.eval())
