@@ -55,7 +55,7 @@ def test_runtime_matches_the_integer_reference_within_its_tolerance(tmp_path, na
     files, x, ref, scale = _exported(tmp_path, bits)
     row = measure(name, files, x, ref, scale)
     assert row["status"] == "ran", row.get("reason")
-    tol = RUNTIMES[name].tolerance
+    tol = RUNTIMES[name].tolerances["uint8"]
     assert row["parity"]["max_lsb"] <= tol.max_lsb and row["parity"]["top1_agreement"] >= tol.top1_agreement
     assert row["within_tolerance"] and row["placement"]
     if name in (

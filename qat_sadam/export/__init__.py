@@ -5,13 +5,14 @@ imports only the quantizers (``qat_sadam.quant``): training uses it, it never re
 from ..errors import ExportError, ValidationError
 from .freeze import fold_check, freeze
 from .integer_reference import integer_reference
-from .onnx_export import export_float_onnx, export_onnx, float_model
+from .onnx_export import check_target_fits, export_float_onnx, export_onnx, float_model
 from .runtimes import RUNTIMES, ModelFiles
 from .target import DEFAULT_TARGET, Target, load_target
 from .validate import ACCURACY_KEYS, check_model_file, format_report, ort_session, validate
 
 __all__ = [
     "export_onnx",
+    "check_target_fits",
     "export_float_onnx",
     "float_model",
     "freeze",

@@ -240,7 +240,7 @@ def _absorb_clips(gm, modules: dict, qdq_of: dict) -> None:
             continue
         (user,) = node.users
         qdq = qdq_of.get(user)
-        if qdq is None or int(qdq.zero_point) != 0:
+        if qdq is None or int(qdq.zero_point) != 0 or qdq.container != "uint8":  # a uint16 range has no Min form
             continue
         qdq.hi = min(qdq.hi, int(torch.round(torch.tensor(float(m.max_val)) / qdq.scale)))
         with gm.graph.inserting_after(node):

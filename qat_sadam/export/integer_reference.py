@@ -10,6 +10,12 @@ layer's outputs differing in isolation grew to 7% top-1 disagreement at the logi
 accumulation, ORT's requantization order), so what still differs from ORT is a fault of the
 exporter or the kernel, not float noise.
 
+16-bit activations (uint16): ORT CPU has no integer kernel for them and computes each conv in float
+between DequantizeLinear and QuantizeLinear; this reference keeps the exact accumulation (what an
+NPU's integer kernels compute), so the two can differ by one 16-bit LSB at a site where float
+rounding lands on the other side of a tie (docs/guide/export.md). Adds, softmaxes and matmuls of
+16-bit tensors keep the frozen graph's float QDQ semantics, as ORT runs them.
+
 Emulated: conv/linear requantization, the element-wise add of two quantized tensors
 (QLinearAdd, with ORT's AVX2 arithmetic on x86: float32 scale ratios, fused multiply-adds, one
 rounding), QLinearSoftmax, and the float LayerNormalization and L2 normalization between DQ and Q
@@ -231,6 +237,13 @@ def _arguments(fn, args, kwargs) -> dict:
     return bound.arguments
 
 
+def _uint8(*quantizers: QuantDequant | None) -> bool:
+    """All present and 8-bit: ORT's QLinearAdd, QLinearSoftmax and QLinearMatMul take uint8 only;
+    with a 16-bit tensor ORT runs the op in float between DequantizeLinear and QuantizeLinear, which
+    the frozen graph computes."""
+    return all(q is not None and q.container == "uint8" for q in quantizers)
+
+
 def _integers(x: torch.Tensor, q: QuantDequant) -> torch.Tensor:
     """x - zero point in integers: exact, since x = (q - zp) * scale lies on q's grid."""
     return torch.round(x / q.scale)
@@ -280,10 +293,10 @@ class IntegerReference(fx.Interpreter):
             q = self._quantizer(after)
             if q is None or int(q.zero_point) != 0:
                 return None
-        elif self._quantizer(user) is None:
-            return None
+        else:
+            q = self._quantizer(user)
         qa, qb = (self._quantizer(self.roles.source(a)) for a in n.args)  # the grids the inputs lie on
-        if qa is None or qb is None or any(isinstance(a, _Pending) for a in args):
+        if not _uint8(q, qa, qb) or any(isinstance(a, _Pending) for a in args):
             return None
         return _PendingAdd(args[0], qa, args[1], qb)
 
@@ -307,10 +320,10 @@ class IntegerReference(fx.Interpreter):
         is_softmax = (n.op == "call_function" and n.target in _SOFTMAXES) or (
             n.op == "call_method" and n.target == "softmax"
         )
-        if not is_softmax or len(n.users) != 1 or self._quantizer(next(iter(n.users))) is None:
+        if not is_softmax or len(n.users) != 1:
             return None
         q = self._quantizer(self.roles.source(n.args[0]))
-        if q is None or isinstance(args[0], _Pending):
+        if not _uint8(q, self._quantizer(next(iter(n.users)))) or isinstance(args[0], _Pending):
             return None
         dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
         return _PendingSoftmax(args[0], q, dim)
@@ -321,10 +334,10 @@ class IntegerReference(fx.Interpreter):
         is_matmul = (n.op == "call_function" and n.target in _MATMULS) or (
             n.op == "call_method" and n.target == "matmul"
         )
-        if not is_matmul or len(n.users) != 1 or self._quantizer(next(iter(n.users))) is None:
+        if not is_matmul or len(n.users) != 1:
             return None
         qa, qb = (self._quantizer(self.roles.source(a)) for a in n.args[:2])
-        if qa is None or qb is None or any(isinstance(a, _Pending) for a in args):
+        if not _uint8(qa, qb, self._quantizer(next(iter(n.users)))) or any(isinstance(a, _Pending) for a in args):
             return None
         a, b = _integers(args[0], qa), _integers(args[1], qb)
         bound = a.abs().amax() * b.abs().amax() * a.shape[-1]

@@ -15,10 +15,12 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import ExportError
-from ..quant import FakeQuantize
+from ..quant import FakeQuantize, QATConfig
 from ..quant.graph import failing_module, set_module
 from .freeze import freeze
 from .integer_reference import integer_reference
+from .qdq import QuantDequant
+from .retype import TORCHSCRIPT_MAX_OPSET, drop_unused_initializers, int4_weights, to_opset, uint16_activations
 from .target import Target, load_target
 
 
@@ -71,7 +73,7 @@ def _onnx_export(model: nn.Module, example: torch.Tensor, path: str, target: Tar
                 (example,),
                 path,
                 dynamo=False,
-                opset_version=target.opset,
+                opset_version=min(target.opset, TORCHSCRIPT_MAX_OPSET),
                 input_names=["input"],
                 output_names=["logits"],
                 dynamic_axes=dynamic,
@@ -84,8 +86,43 @@ def _onnx_export(model: nn.Module, example: torch.Tensor, path: str, target: Tar
             ) from None
     m = onnx.load(path)
     _flatten_as_reshape(m.graph)
-    onnx.checker.check_model(m)
+    m = to_opset(m, target.opset)
+    if uint16_activations(m):
+        drop_unused_initializers(m.graph)
+    onnx.checker.check_model(m, full_check=True)
     onnx.save(m, path)
+
+
+def _int4_copy(path: str) -> tuple[str, list[str]]:
+    """``path`` with its 4-bit weights stored as INT4, written beside it as NAME.int4.onnx."""
+    m = onnx.load(path)
+    converted = int4_weights(m)
+    drop_unused_initializers(m.graph)
+    onnx.checker.check_model(m, full_check=True)
+    out = os.path.splitext(path)[0] + ".int4.onnx"
+    onnx.save(m, out)
+    return out, converted
+
+
+def check_target_fits(config: QATConfig, target: Target) -> None:
+    """A QAT configuration's bit widths against what the target's files hold: one-line ExportErrors
+    (checked before training a recipe that exports, and again at export)."""
+    wide = [b for b in [config.activation.bits] + [o.bits_for("activation") for o in config.overrides] if b == 16]
+    if wide and target.activation_type == "uint8":
+        raise ExportError(
+            f"16-bit activations and target {target.name} runs uint8 activations only; export to a profile "
+            "with activation_type: uint16 (qnn-htp)"
+        )
+    bits = config.weight.bits
+    if target.weight_storage == "int4" and 4 < bits < 8:
+        raise ExportError(
+            f"target {target.name} stores weights as INT4 and this model's have {bits} bits, which INT4 cannot "
+            "hold: train at 4 bits (--bits W4A8), or export to a profile with weight_storage: int8"
+        )
+
+
+def _stores_int4(model: nn.Module, target: Target) -> bool:
+    return target.weight_storage == "int4" and model.qat_config.weight.bits <= 4
 
 
 def _flatten_as_reshape(graph: onnx.GraphProto) -> None:
@@ -105,9 +142,12 @@ def _flatten_as_reshape(graph: onnx.GraphProto) -> None:
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str, target: "str | Target | None" = None) -> dict:
-    """Write the INT8 QDQ ONNX graph of a QAT model: BatchNorm folded, weights int8 per channel,
-    activations uint8 per tensor (sub-8-bit ranges kept inside the 8-bit container: int8 kernels,
-    not 4-bit storage).
+    """Write the QDQ ONNX graph of a QAT model: BatchNorm folded, weights int8 per channel,
+    activations per tensor in uint8 (2-8 bits: sub-8-bit ranges kept inside the 8-bit container) or,
+    for 16-bit activations on a profile with ``activation_type: uint16``, uint16 at opset 21. A
+    profile with ``weight_storage: int4`` also gets NAME.int4.onnx: the same graph with every weight
+    of 4 bits or fewer stored as INT4, for runtimes that compute with it (ORT CPU's integer kernels
+    take the int8 file).
 
     Args:
         model: a calibrated (and usually fine-tuned) model from ``prepare_qat``, in eval mode.
@@ -117,25 +157,36 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str, target
             profile YAML path or a ``Target``; None: the defaults.
 
     Returns:
-        A dict: ``path``, ``target``, ``requantized_to_max_bits`` (layers narrowed to the target's
-        weight container), ``frozen`` (the folded torch graph, float QDQ semantics) and ``integer``
-        (its integer reference: what ORT's integer kernels compute, in torch).
+        A dict: ``path``, ``int4_path`` (None without INT4 storage), ``int4_weights`` (the weights
+        stored as INT4), ``activation_type`` (uint8 or uint16), ``target``, ``requantized_to_max_bits``
+        (layers narrowed to the target's weight container), ``frozen`` (the folded torch graph, float
+        QDQ semantics) and ``integer`` (its integer reference: what the integer kernels compute, in torch).
 
     Raises:
-        ExportError: a module that has no integer form.
+        ExportError: a module that has no integer form; bit widths the target's files cannot hold.
     """
     target = load_target(target)
     frozen, report = freeze(model, target.weight_bits_max, example_input.detach())
     frozen = frozen.cpu()
+    check_target_fits(model.qat_config, target)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     _onnx_export(frozen, example_input.detach().cpu(), path, target)
+    int4_path, int4 = _int4_copy(path) if _stores_int4(model, target) else (None, [])
     return {
         "path": path,
+        "int4_path": int4_path,
+        "int4_weights": int4,
+        "activation_type": _activation_type(frozen),
         "target": target.name,
         "requantized_to_max_bits": report["requantized"],
         "frozen": frozen,
         "integer": integer_reference(frozen),
     }
+
+
+def _activation_type(frozen: fx.GraphModule) -> str:
+    """The widest activation container in the frozen graph: uint8 or uint16."""
+    return max((m.container for m in frozen.modules() if isinstance(m, QuantDequant)), default="uint8")
 
 
 def float_model(model: nn.Module) -> nn.Module:

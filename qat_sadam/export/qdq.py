@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ExportError
 from ..quant import FakeQuantize
+
+UINT8_MAX, UINT16_MAX = 255, 65535
 
 
 class _QuantDequantFn(torch.autograd.Function):
@@ -32,7 +35,7 @@ class _QuantDequantFn(torch.autograd.Function):
         DQ without a quantization encoding and rejects it; a float Clip between DQ and Q, QNN HTP
         accepts and then ignores (its outputs run past the bound: docs/guide/runtimes.md)."""
         q = g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero_point), scale, zero_point)
-        if hi == 255:
+        if hi in (UINT8_MAX, UINT16_MAX):
             return q
         bound = g.op(
             "DequantizeLinear", g.op("Constant", value_t=torch.tensor(hi, dtype=torch.uint8)), scale, zero_point
@@ -54,13 +57,22 @@ class _DequantFn(torch.autograd.Function):
 
 
 class QuantDequant(nn.Module):
-    """Per-tensor quantize-dequantize in a uint8 container with integer range [0, hi]."""
+    """Per-tensor quantize-dequantize in a uint8 container with integer range [0, hi], or for 16-bit
+    activations (hi = 65535) a uint16 one: its zero point is written as int32 (torch's ONNX exporter
+    has no uint16) and retyped in the ONNX file (``retype.uint16_activations``)."""
 
     def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, hi: int):
         super().__init__()
+        if not (0 < hi <= UINT8_MAX or hi == UINT16_MAX):
+            raise ExportError(f"an activation range [0, {hi}] has no container: 2 to 8 bits (uint8) or 16 (uint16)")
         self.register_buffer("scale", scale.detach().float().reshape(()).clone())
-        self.register_buffer("zero_point", zero_point.detach().reshape(()).to(torch.uint8).clone())
+        dtype = torch.uint8 if hi <= UINT8_MAX else torch.int32
+        self.register_buffer("zero_point", zero_point.detach().reshape(()).to(dtype).clone())
         self.hi = int(hi)
+
+    @property
+    def container(self) -> str:
+        return "uint8" if self.hi <= UINT8_MAX else "uint16"
 
     @classmethod
     def from_quantizer(cls, q: FakeQuantize) -> "QuantDequant":

@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import ValidationError
-from .runtimes import ModelFiles, check_names, lsb_stats, measure, ort_session, session_runner
+from .runtimes import ModelFiles, check_formats, check_names, lsb_stats, measure, ort_session, session_runner
 from .target import Target, load_target
 
 FLOAT_COMPUTE = {"Conv", "Gemm", "MatMul", "ConvTranspose", "Einsum"}
@@ -169,6 +169,16 @@ def output_scale(model: onnx.ModelProto) -> float | None:
     return None if scale is None else float(scale.reshape(-1)[0])
 
 
+def activation_container(model: onnx.ModelProto) -> str:
+    """uint16 when a QuantizeLinear of the graph writes 16-bit integers, else uint8."""
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    wide = any(
+        n.op_type == "QuantizeLinear" and len(n.input) > 2 and types.get(n.input[2]) == onnx.TensorProto.UINT16
+        for n in model.graph.node
+    )
+    return "uint16" if wide else "uint8"
+
+
 def _run(sess, batches):
     run = session_runner(sess)
     return np.concatenate([run(x) for x in batches])
@@ -246,6 +256,7 @@ def validate(
     float_torch=None,
     runtime_samples: int = 256,
     fold: dict | None = None,
+    int4_path: str | None = None,
 ) -> dict:
     """Validate an INT8 ONNX model on real input batches ``inputs`` with classes ``labels``.
 
@@ -260,7 +271,9 @@ def validate(
     cascade through deep networks, docs/guide/export.md).
     ``runtimes``: the runtimes to run the model on (default: the target's), each measured against
     the integer reference (ORT CPU's logits when there is none) on the first ``runtime_samples``
-    inputs; ``frozen``/``float_torch``: the torch graphs, for runtimes that lower torch programs.
+    inputs; ``frozen``/``float_torch``: the torch graphs, for runtimes that lower torch programs;
+    ``int4_path``: the same graph with INT4 weights, run by the runtimes that compute with them (a
+    runtime that cannot run the file's activation type is a ValidationError before anything runs).
     The file is checked against the trained model too: ``fold`` (``freeze.fold_check``) must pass,
     and the deployed accuracy must be within ACCURACY_GAP_MAX of the QAT graph's on the same data."""
     target = load_target(target)
@@ -269,9 +282,14 @@ def validate(
     os.makedirs(out_dir, exist_ok=True)
     work = tempfile.mkdtemp(prefix="validate-", dir=out_dir)
     runtimes = check_names(target.runtimes if runtimes is None else runtimes)
+    activation_type = activation_container(model)
+    check_formats(runtimes, activation_type)
     rep: dict = {
         "model": path,
+        "int4_model": int4_path,
+        "activation_type": activation_type,
         "target": target.name,
+        "checks": list(target.checks),
         "providers_available": ort.get_available_providers(),
         "providers_run": ["CPUExecutionProvider"],
         "note": "Fusion, parity and accuracy below are ORT's CPU provider; the runtimes section runs the "
@@ -288,8 +306,11 @@ def validate(
             )
         rep["output_lsb"] = scale
         if inputs is not None and ("parity" in target.checks or "accuracy" in target.checks):
-            full = _run(ort_session(path), inputs)
-            plain = _run(ort_session(path, ort.GraphOptimizationLevel.ORT_DISABLE_ALL), inputs)
+            # The file the device runs: with INT4 storage ORT CPU computes it in float after the INT4
+            # DequantizeLinear, a check of the packed weights (and no u8 x s8 saturation on x86 without VNNI).
+            rep["parity_file"] = int4_path or path
+            full = _run(ort_session(rep["parity_file"]), inputs)
+            plain = _run(ort_session(rep["parity_file"], ort.GraphOptimizationLevel.ORT_DISABLE_ALL), inputs)
             parity = {"ort_all_vs_ort_no_opt": lsb_stats(full, plain, scale)}
             refs = {
                 k: v for k, v in zip(ACCURACY_KEYS, (integer_outputs, frozen_outputs, torch_outputs)) if v is not None
@@ -304,9 +325,14 @@ def validate(
                 }
         if "size" in target.checks:
             rep["size"] = {"int8_bytes": os.path.getsize(path)}
+            if int4_path:
+                rep["size"]["int4_bytes"] = os.path.getsize(int4_path)
+                rep["size"]["int4_over_int8"] = os.path.getsize(int4_path) / os.path.getsize(path)
             if float_path:
                 rep["size"]["float_bytes"] = os.path.getsize(float_path)
                 rep["size"]["int8_over_float"] = os.path.getsize(path) / os.path.getsize(float_path)
+                if int4_path:
+                    rep["size"]["int4_over_float"] = os.path.getsize(int4_path) / os.path.getsize(float_path)
         if "latency" in target.checks and float_path:
             shape = tuple(d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim)
             rep["latency"] = latency(path, float_path, shape, batches=(1,) if target.fixed_batch else (1, 32))
@@ -323,14 +349,17 @@ def validate(
                     _run(ort_session(ort_file), inputs), _run(ort_session(path), inputs), scale
                 )
         if inputs is not None and runtimes:
-            files = ModelFiles(path, float_path, frozen, float_torch, inputs[0][:1], work)
+            files = ModelFiles(path, float_path, frozen, float_torch, inputs[0][:1], work, int4_path, activation_type)
             x = np.concatenate(inputs)[:runtime_samples]
             ref = integer_outputs[: len(x)] if integer_outputs is not None else _run(ort_session(path), [x])
             y = labels[: len(x)] if labels is not None else None
             log = os.path.join(out_dir, "runtimes.log")  # the runtimes' native log lines, not the console's
             with open(log, "w"):
                 pass
-            rep["runtimes"] = {n: measure(n, files, x, ref, scale, y, log=log) for n in runtimes}
+            rep["runtimes"] = {
+                n: measure(n, files, x, ref, scale, y, log=log, tolerance=target.tolerance(n, activation_type))
+                for n in runtimes
+            }
             rep["runtimes_reference"] = "torch integer reference" if integer_outputs is not None else "ORT CPU"
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -388,7 +417,7 @@ def _verdict(rep: dict) -> tuple[bool, list[str]]:
         fails.append(
             f"not every conv/linear became an integer kernel: float ops left {rep['fusion']['float_compute_left']}"
         )
-    tq = rep.get("parity", {}).get("torch_integer_vs_ort")
+    tq = rep.get("parity", {}).get("torch_integer_vs_ort") if "parity" in rep["checks"] else None
     if tq and tq["top1_agreement"] < 0.995:
         fails.append(f"top-1 agreement torch (integer reference) vs ORT is {tq['top1_agreement']:.4f} < 0.995")
     if "mobile" in rep and not rep["mobile"]["ort_conversion_ok"]:
@@ -503,12 +532,7 @@ def to_markdown(rep: dict) -> str:
         L += [
             "## File size",
             "",
-            f"INT8 {s['int8_bytes'] / 1e6:.2f} MB"
-            + (
-                f", float {s['float_bytes'] / 1e6:.2f} MB, ratio {s['int8_over_float']:.3f}"
-                if "float_bytes" in s
-                else ""
-            ),
+            "; ".join(_size_lines(s)),
             "",
         ]
     if "mobile" in rep:
@@ -528,6 +552,19 @@ def to_markdown(rep: dict) -> str:
             L.append(f"; .ort vs .onnx: max {p['max_lsb']:.2f} LSB, top-1 agreement {100 * p['top1_agreement']:.2f}%")
         L.append("")
     return "\n".join(L)
+
+
+def _size_lines(s: dict) -> list[str]:
+    """The file sizes, with their ratios to the float file and of the INT4 file to the int8 one."""
+    out = [
+        f"INT8 {s['int8_bytes'] / 1e6:.3f} MB" + (f" ({s['int8_over_float']:.3f}x float)" if "float_bytes" in s else "")
+    ]
+    if "int4_bytes" in s:
+        ratio = f"{s['int4_over_float']:.3f}x float, " if "int4_over_float" in s else ""
+        out.append(f"INT4 weights {s['int4_bytes'] / 1e6:.3f} MB ({ratio}{s['int4_over_int8']:.3f}x the int8 file)")
+    if "float_bytes" in s:
+        out.append(f"float {s['float_bytes'] / 1e6:.3f} MB")
+    return out
 
 
 def runtime_cells(r: dict) -> list[str]:
@@ -572,6 +609,11 @@ def format_report(rep: dict, out_dir: str) -> str:
             L.append(
                 "  float ops between DQ and Q: " + ", ".join(f"{k} x{v['count']}" for k, v in fu["float_ops"].items())
             )
+    if "parity" in rep:
+        gated = (
+            "" if "parity" in rep["checks"] else f"; reported, not gated: parity is not among {rep['target']}'s checks"
+        )
+        L.append(f"  ORT CPU ran {os.path.basename(rep['parity_file'])}, {rep['activation_type']} activations{gated}")
     for key, name in (
         ("torch_integer_vs_ort", "torch integer reference"),
         ("torch_frozen_vs_ort", "torch frozen graph"),
@@ -597,7 +639,7 @@ def format_report(rep: dict, out_dir: str) -> str:
     if "ladder" in rep:
         L.append("  ladder: float {}, PTQ INT8 {}, QAT INT8 {}, recovery {}".format(*format_ladder(rep["ladder"])))
     if "size" in rep and "int8_over_float" in rep["size"]:
-        L.append(f"  size INT8/float: {rep['size']['int8_over_float']:.3f}")
+        L.append(f"  size: {'; '.join(_size_lines(rep['size']))}")
     for k, v in rep.get("latency", {}).items():
         L.append(
             f"  latency {k}: float {v['float_ms']:.2f} ms, INT8 {v['int8_ms']:.2f} ms, ratio {v['int8_over_float']:.2f}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
-from .spec import QuantSpec
+from .spec import WEIGHT_BITS, QuantSpec
 
 PLACEMENTS = ("integer_graph", "conv_inputs")
 _OVERRIDE_KEYS = {"pattern", "bits", "weight_bits", "act_bits", "enabled"}
@@ -39,6 +39,17 @@ def default_activation_spec(bits: int = 8) -> QuantSpec:
     )
 
 
+WIDE_BITS = 16
+
+
+def activation_spec_at(spec: QuantSpec, bits: int) -> QuantSpec:
+    """``spec`` at ``bits``; a 16-bit quantizer follows the data (scale_mode observer) where ``spec``
+    learns its step (LSQ): Adam moves a step size by about its lr at every step, which at 16 bits
+    (a step 256 times an 8-bit one's) drives it through zero within a few steps."""
+    spec = spec.with_(bits=bits)
+    return spec.with_(scale_mode="observer") if bits == WIDE_BITS and spec.scale_mode == "lsq" else spec
+
+
 @dataclass
 class Override:
     pattern: str
@@ -59,9 +70,10 @@ class QATConfig:
     placement "integer_graph" puts activation quantizers where an integer-only graph needs them
     (model input, the output of every conv/linear/BN/activation chain, adds, pooling); placement
     "conv_inputs" quantizes only the inputs of convolutions (the paper's scheme).
-    first_last_bits: bit width of the first and last layer (weights, their inputs, the logits);
-    None keeps them at the model's bits. ``QATConfig.from_dict({"bits": 4})`` builds one from a
-    recipe's ``quant`` section.
+    first_last_bits: the least bit width of the first and last layer (weights, their inputs, the
+    logits): W4A8 keeps them at 8 bits, W8A16 their activations at 16; None keeps the model's bits.
+    ``QATConfig.from_dict({"bits": 4})`` builds one from a recipe's ``quant`` section. Activations
+    take 2 to 8 bits or 16 (uint16), weights 2 to 8.
     """
 
     weight: QuantSpec = field(default_factory=default_weight_spec)
@@ -73,8 +85,9 @@ class QATConfig:
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
             raise ValueError(f"unknown placement {self.placement!r}; choose one of {', '.join(PLACEMENTS)}")
-        if self.first_last_bits is not None:
-            QuantSpec(bits=self.first_last_bits)  # validates the range
+        for what, b in (("weight bits", self.weight.bits), ("first_last_bits", self.first_last_bits)):
+            if b is not None and b not in WEIGHT_BITS:
+                raise ValueError(f"quant: {what} must be from 2 to 8 (integer kernels take int8 weights), got {b!r}")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "QATConfig":
@@ -96,7 +109,12 @@ class QATConfig:
         if wbits is not None:
             weight = weight.with_(bits=wbits)
         if abits is not None:
-            activation = activation.with_(bits=abits)
+            if abits == WIDE_BITS and (d.get("activation") or {}).get("scale_mode") == "lsq":
+                raise ValueError(
+                    "quant.activation.scale_mode: lsq cannot train 16-bit step sizes (Adam's lr-sized steps "
+                    "exceed them); leave it unset (16-bit activations follow the data) or choose observer or frozen"
+                )
+            activation = activation_spec_at(activation, abits)
         if not weight.symmetric:
             raise ValueError(
                 "quant.weight: asymmetric weights are not supported (integer kernels take symmetric weights)"
@@ -109,9 +127,12 @@ class QATConfig:
                     f"{', '.join(sorted(_OVERRIDE_KEYS - {'pattern'}))}"
                 )
             ov = Override(**o)
-            for b in (ov.bits, ov.weight_bits, ov.act_bits):
+            for b in (ov.bits, ov.act_bits):
                 if b is not None:
                     QuantSpec(bits=b)
+            for b in (ov.bits, ov.weight_bits):
+                if b is not None and b not in WEIGHT_BITS:
+                    raise ValueError(f"quant.overrides[{i}]: weight bits must be from 2 to 8, got {b!r}")
             overrides.append(ov)
         return cls(
             weight=weight,

@@ -12,7 +12,7 @@ import warnings
 
 from torch import fx, nn
 
-from .config import QATConfig
+from .config import QATConfig, activation_spec_at
 from .fake_quant import FakeQuantize
 from .graph import QuantGraph, set_module, site_name, trace
 from .modules import QUANT_MODULES
@@ -54,7 +54,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None) -> fx.
         edge_sites = {g.source(first.args[0]), g.source(last.args[0]), g.chain_end(last), *g.output_sources()}
 
     def bits(name: str, kind: str, default: int, is_edge: bool) -> int | None:
-        b = config.first_last_bits if is_edge and config.first_last_bits is not None else default
+        b = max(default, config.first_last_bits) if is_edge and config.first_last_bits is not None else default
         for o in config.matching(name):
             if not o.enabled:
                 return None
@@ -85,7 +85,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None) -> fx.
         key = name.replace(".", "_")
         if hasattr(nn.ModuleDict, key):  # a node named after a Module method (x.to(dtype) is node 'to')
             key += "_site"
-        spec = config.activation.with_(bits=b)
+        spec = activation_spec_at(config.activation, b)
         if g.is_unit_range(n):
             spec = spec.with_(scale_mode="frozen", fixed_scale=2.0**-b)
         gm.activation_quantizers[key] = FakeQuantize(spec, "activation")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 SCALE_MODES = ("lsq", "observer", "frozen")
+WEIGHT_BITS = tuple(range(2, 9))  # integer kernels take int8 weights (4-bit ones stored as INT4 at export)
+BITS = WEIGHT_BITS + (16,)  # activations: the uint8 container below 8 bits, or uint16 (NPUs' A16)
 INITS = ("minmax", "percentile", "mse")
 
 
@@ -38,8 +40,8 @@ class QuantSpec:
     fixed_scale: float | None = None
 
     def __post_init__(self):
-        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
-            raise ValueError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or self.bits not in BITS:
+            raise ValueError(f"bits must be an integer from 2 to 8, or 16, got {self.bits!r}")
         if self.init not in INITS:
             raise ValueError(f"unknown scale init {self.init!r}; choose one of {', '.join(INITS)}")
         if self.scale_mode not in SCALE_MODES:

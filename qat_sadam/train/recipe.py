@@ -23,6 +23,7 @@ from ..errors import RecipeError
 from ..models import CIFAR_STEM_MODELS, SOURCES, check_model, weight_names
 from ..quant import QATConfig
 from ..quant.config import PLACEMENTS
+from ..quant.spec import BITS, WEIGHT_BITS
 from .data import DATASETS
 from .host_memory import MODES as HOST_MEMORY_MODES
 from .optimizers import check_optimizer
@@ -111,14 +112,18 @@ class DataSection:
 @dataclass
 class QuantSection:
     enabled: bool = key(True, "false: train the float model itself (no quantizers)")
-    bits: int | None = key(None, "weights and activations at this many bits (W{bits}A{bits}); null: 8", low=2, high=8)
-    weight_bits: int | None = key(None, "weight bits, over `bits`", low=2, high=8)
-    act_bits: int | None = key(None, "activation bits, over `bits`", low=2, high=8)
+    bits: int | None = key(
+        None, "weights and activations at this many bits (W{bits}A{bits}); null: 8", choices=WEIGHT_BITS
+    )
+    weight_bits: int | None = key(None, "weight bits, over `bits`", choices=WEIGHT_BITS)
+    act_bits: int | None = key(None, "activation bits, over `bits` (16: uint16 activations, W8A16)", choices=BITS)
     weight: dict | None = key(None, "weight QuantSpec fields over the default (symmetric per-channel, MSE init, LSQ)")
     activation: dict | None = key(
         None, "activation QuantSpec fields over the default (uint8 per-tensor, percentile init, LSQ)"
     )
-    first_last_bits: int | None = key(8, "bits of the first and last layer; null: the model's bits", low=2, high=8)
+    first_last_bits: int | None = key(
+        8, "the least bits of the first and last layer; null: the model's bits", choices=WEIGHT_BITS
+    )
     placement: str = key("integer_graph", "where activation quantizers go", choices=PLACEMENTS)
     overrides: list = key(
         [], "per-layer bits: a list of {pattern, bits|weight_bits|act_bits|enabled} (fnmatch patterns)"
@@ -410,7 +415,7 @@ def _checked(key_: str, v, allowed: tuple, meta: dict):
     if isinstance(v, float) and not math.isfinite(v):
         raise RecipeError(f"recipe key '{key_}' must be a finite number, got {v}")
     if meta["choices"] and v not in meta["choices"]:
-        raise RecipeError(f"recipe key '{key_}' must be one of {', '.join(meta['choices'])}, got {v!r}")
+        raise RecipeError(f"recipe key '{key_}' must be one of {', '.join(map(str, meta['choices']))}, got {v!r}")
     low, high = meta["low"], meta["high"]
     if isinstance(v, (int, float)) and not isinstance(v, bool) and (low is not None or high is not None):
         below = low is not None and (v <= low if meta["low_open"] else v < low)
@@ -483,9 +488,6 @@ def _looks_numeric(s: str) -> bool:
         return False
 
 
-BIT_WIDTHS = range(2, 9)  # activations above 8 bits wait for a 16-bit integer reference
-
-
 def parse_bits(text: "str | int") -> dict:
     """The quant keys a --bits value sets: ``4`` is W4A4 (``quant.bits``), ``W4A8`` sets
     ``quant.weight_bits`` and ``quant.act_bits``. RecipeError, one line, otherwise."""
@@ -493,9 +495,10 @@ def parse_bits(text: "str | int") -> dict:
     if not m:
         raise RecipeError(f"--bits takes a bit width (4: W4A4) or weight and activation bits (W4A8), got {text!r}")
     w, a = (int(m[3]), int(m[3])) if m[3] else (int(m[1]), int(m[2]))
-    for what, b in (("weights", w), ("activations", a)):
-        if b not in BIT_WIDTHS:
-            raise RecipeError(f"--bits {text}: {what} take {BIT_WIDTHS[0]} to {BIT_WIDTHS[-1]} bits, got {b}")
+    if w not in WEIGHT_BITS:
+        raise RecipeError(f"--bits {text}: weights take 2 to 8 bits, got {w}")
+    if a not in BITS:
+        raise RecipeError(f"--bits {text}: activations take 2 to 8 bits or 16, got {a}")
     return {"bits": w} if m[3] else {"weight_bits": w, "act_bits": a}
 
 

@@ -78,6 +78,7 @@ def export_run(
         frozen=done["frozen"],
         float_torch=float_model(model),
         fold=fold_check(model, batches[0][0]),
+        int4_path=done["int4_path"],
     )
     rep["requantized_to_max_bits"] = done["requantized_to_max_bits"]
     print(format_report(rep, out_dir))
@@ -134,13 +135,14 @@ def validate_model(
     shape = [d.dim_value or 8 for d in m.graph.input[0].type.tensor_type.shape.dim]
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
-    float_path = os.path.join(out_dir, "float.onnx")
+    float_path, int4_path = os.path.join(out_dir, "float.onnx"), os.path.splitext(model)[0] + ".int4.onnx"
     rep = validate(
         model,
         target=target or DEFAULT_TARGET,
         inputs=inputs,
         float_path=float_path if os.path.isfile(float_path) else None,
         runtimes=runtimes,
+        int4_path=int4_path if os.path.isfile(int4_path) else None,
     )
     print(
         "no --run given: parity compares ORT with and without graph optimizations on random inputs; "

@@ -8,6 +8,7 @@ import os
 import sys
 
 from ..errors import UserError
+from ..export import DEFAULT_TARGET, check_target_fits, load_target
 from ..train import distributed
 from ..train.curves import plot_curves
 from ..train.model import load_run
@@ -132,6 +133,8 @@ def train_recipe(
             recipe = resumed_recipe(run, overrides, bits, optimizer, seed, fragments)
         elif main_rank:
             prepare_out(run, force)
+        if recipe.export.enabled and recipe.quantized:  # a format the target cannot hold fails now, not after training
+            check_target_fits(recipe.quant.config(), load_target(recipe.export.target or DEFAULT_TARGET))
         summary = fit(recipe, run, resume, progress)
         if not main_rank or summary.get("interrupted"):
             return summary

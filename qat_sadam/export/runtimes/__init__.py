@@ -29,6 +29,15 @@ def check_names(names) -> list[str]:
     return list(names)
 
 
+def check_formats(names, activation_type: str) -> None:
+    """ValidationError, one line, when a runtime named cannot run ``activation_type`` activations as
+    written (OpenVINO and XNNPACK with uint16): refused, never run in another form."""
+    for n in names:
+        reason = RUNTIMES[n].refuses.get(activation_type)
+        if reason:
+            raise ValidationError(f"runtime {n} cannot run {activation_type} activations: {reason}")
+
+
 def lsb_stats(a: np.ndarray, b: np.ndarray, scale: float) -> dict:
     d = np.abs(a - b) / scale
     return {
@@ -60,32 +69,36 @@ def measure(
     scale: float,
     labels: np.ndarray | None = None,
     log: str | None = None,
+    tolerance: Tolerance | None = None,
 ) -> dict:
     """Run ``inputs`` on one runtime: status (ran, not run, failed), placement, parity in output LSB
     against ``reference`` (the integer reference's logits), accuracy, and the batch-1 latency of the
-    INT8 model over the float model on the same runtime. With ``log``, what the runtime's native
-    libraries print goes to that file (appended), not to the console."""
+    INT8 model over the float model on the same runtime. The tolerance is ``tolerance`` (a target
+    profile's) or the runtime's own for the files' activation container. With ``log``, what the
+    runtime's native libraries print goes to that file (appended), not to the console."""
     rt = RUNTIMES[name]
-    row: dict = {"runtime": name, "what": rt.what, "tolerance": vars(rt.tolerance)}
+    check_formats([name], files.activation_type)
+    tolerance = tolerance or rt.tolerances[files.activation_type]
+    row: dict = {"runtime": name, "what": rt.what, "tolerance": vars(tolerance)}
     reason = rt.missing()
     if reason:
         return {**row, "status": "not run", "reason": reason, "install": rt.install}
     if log is None:
-        return _measure(rt, row, files, inputs, reference, scale, labels)
+        return _measure(rt, row, files, inputs, reference, scale, labels, tolerance)
     with open(log, "a") as f:
         f.write(f"== {name} ==\n")
     with native_output_to(log):
-        return {**_measure(rt, row, files, inputs, reference, scale, labels), "log": log}
+        return {**_measure(rt, row, files, inputs, reference, scale, labels, tolerance), "log": log}
 
 
-def _measure(rt: Runtime, row: dict, files, inputs, reference, scale, labels) -> dict:
+def _measure(rt: Runtime, row: dict, files, inputs, reference, scale, labels, tolerance: Tolerance) -> dict:
     try:
         session = rt.load(files)
         out = session.run(inputs)
     except ValidationError as e:
         return {**row, "status": "failed", "reason": str(e)}
     parity = lsb_stats(reference, out, scale)
-    ok = parity["max_lsb"] <= rt.tolerance.max_lsb + 1e-3 and parity["top1_agreement"] >= rt.tolerance.top1_agreement
+    ok = parity["max_lsb"] <= tolerance.max_lsb + 1e-3 and parity["top1_agreement"] >= tolerance.top1_agreement
     row.update(
         status="ran",
         placement=session.placement,
@@ -115,6 +128,7 @@ __all__ = [
     "Runtime",
     "Session",
     "Tolerance",
+    "check_formats",
     "check_names",
     "lsb_stats",
     "measure",

@@ -52,6 +52,8 @@ class ModelFiles:
     float_torch: nn.Module | None = None
     example: np.ndarray | None = None
     work_dir: str = "."
+    int4_onnx: str | None = None  # the same graph with 4-bit weights stored as INT4 (weight_storage: int4)
+    activation_type: str = "uint8"  # the widest activation container: uint8 or uint16
 
 
 @dataclass
@@ -82,12 +84,21 @@ class Runtime(abc.ABC):
     name = ""
     install = ""  # the command that makes it available
     what = ""  # one line: the engine, the kernels, the device it stands for
-    tolerance = Tolerance()
+    tolerances: dict[str, Tolerance] = {"uint8": Tolerance()}  # by activation container (uint8, uint16)
+    refuses: dict[str, str] = {}  # activation containers it cannot run as written, and why
+    int4_storage = False  # computes with INT4 weights: runs NAME.int4.onnx where the export wrote one
     simulated = False  # an emulator of the device: its timings say nothing about the device
 
     def missing(self) -> str | None:
         """None when the runtime can run here, else the reason."""
         return None
+
+    def onnx_path(self, files: ModelFiles, int8: bool = True) -> str:
+        """The file this runtime runs: the float twin, the INT4-stored graph where it computes with
+        INT4 weights and the export wrote one, else the int8 container."""
+        if not int8:
+            return files.float_onnx
+        return files.int4_onnx if self.int4_storage and files.int4_onnx else files.onnx
 
     @abc.abstractmethod
     def load(self, files: ModelFiles, int8: bool = True) -> Session:

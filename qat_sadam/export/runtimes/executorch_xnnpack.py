@@ -66,8 +66,12 @@ def _rewrite_quant_dequant(gm: fx.GraphModule, node: fx.Node, m: QuantDequant) -
     g.erase_node(node)
 
 
-def _rewrite_layer(gm: fx.GraphModule, node: fx.Node, m: QConv2d | QLinear) -> None:
+def _rewrite_layer(gm: fx.GraphModule, node: fx.Node, m: QConv2d | QLinear, int4_linear: bool) -> None:
     qd, g = _ops(), gm.graph
+    # XNNPACK lowers 4-bit per-channel weights (range [-8, 7], its qc4w) for Linear only: a 4-bit conv
+    # fails to lower ("convert_to_qc4w: expecting input tensor to be 2d"), so convs keep the int8 container.
+    four = int4_linear and isinstance(m, QLinear) and -8 <= int(m.weight_int.min()) and int(m.weight_int.max()) <= 7
+    lo, hi = (-8, 7) if four else (-127, 127)
     prefix = node.target.replace(".", "_")
     gm.register_buffer(f"{prefix}_w", m.weight_int.clone())
     gm.register_buffer(f"{prefix}_ws", m.weight_scale.clone())
@@ -81,8 +85,8 @@ def _rewrite_layer(gm: fx.GraphModule, node: fx.Node, m: QConv2d | QLinear) -> N
                 g.get_attr(f"{prefix}_ws"),
                 g.get_attr(f"{prefix}_wz"),
                 0,
-                -127,
-                127,
+                lo,
+                hi,
                 torch.int8,
             ),
         )
@@ -95,8 +99,9 @@ def _rewrite_layer(gm: fx.GraphModule, node: fx.Node, m: QConv2d | QLinear) -> N
     g.erase_node(node)
 
 
-def pt2e_form(frozen: fx.GraphModule) -> fx.GraphModule:
-    """The frozen graph with our Q/DQ modules and integer layers as quantized_decomposed ops."""
+def pt2e_form(frozen: fx.GraphModule, int4_linear: bool = False) -> fx.GraphModule:
+    """The frozen graph with our Q/DQ modules and integer layers as quantized_decomposed ops; with
+    ``int4_linear``, linear layers whose integers fit [-8, 7] as 4-bit weights."""
     gm = copy.deepcopy(frozen).eval()
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
@@ -108,7 +113,7 @@ def pt2e_form(frozen: fx.GraphModule) -> fx.GraphModule:
         if isinstance(m, QuantDequant):
             _rewrite_quant_dequant(gm, node, m)
         elif isinstance(m, (QConv2d, QLinear)):
-            _rewrite_layer(gm, node, m)
+            _rewrite_layer(gm, node, m, int4_linear)
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
@@ -134,13 +139,16 @@ class ExecutorchXnnpack(Runtime):
     name = "executorch-xnnpack"
     install = "pip install executorch  (or: pip install -e '.[runtimes]')"
     what = "ExecuTorch with the XNNPACK delegate (Android/iOS CPU kernels), .pte program, batch 1"
-    tolerance = Tolerance(
-        8.0,
-        0.95,
-        "XNNPACK requantizes with its own fp32 arithmetic (not ORT's float32 scale ratio and "
-        "rounding order): ties can round apart; measured within 1 LSB on ResNet-18 and MobileNetV2 "
-        "(docs/guide/runtimes.md)",
-    )
+    tolerances = {
+        "uint8": Tolerance(
+            8.0,
+            0.95,
+            "XNNPACK requantizes with its own fp32 arithmetic (not ORT's float32 scale ratio and "
+            "rounding order): ties can round apart; measured within 1 LSB on ResNet-18 and MobileNetV2 "
+            "(docs/guide/runtimes.md)",
+        )
+    }
+    refuses = {"uint16": "XNNPACK's quantized operators take 8-bit activations"}
 
     def missing(self) -> str | None:
         return missing_modules("executorch")
@@ -158,7 +166,8 @@ class ExecutorchXnnpack(Runtime):
             )
         example = torch.from_numpy(np.ascontiguousarray(files.example[:1], dtype=np.float32))
         try:
-            program = torch.export.export(pt2e_form(model) if int8 else copy.deepcopy(model).eval(), (example,))
+            int4 = files.int4_onnx is not None  # the target stores 4-bit weights as 4 bits
+            program = torch.export.export(pt2e_form(model, int4) if int8 else copy.deepcopy(model).eval(), (example,))
             edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
             pte = os.path.join(files.work_dir, "model.pte" if int8 else "float.pte")
             with open(pte, "wb") as f:
@@ -174,7 +183,11 @@ class ExecutorchXnnpack(Runtime):
             run,
             _placement(edge),
             {
-                "precision": "int8 activations (zero point - 128), int8 weights" if int8 else "float32",
+                "precision": (
+                    f"int8 activations (zero point - 128), int8 weights{', 4-bit Linear weights' if int4 else ''}"
+                    if int8
+                    else "float32"
+                ),
                 "pte_bytes": os.path.getsize(pte),
             },
         )

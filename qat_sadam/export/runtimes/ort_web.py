@@ -17,6 +17,7 @@ import onnx
 
 from ...errors import ValidationError
 from .base import ModelFiles, Runtime, Session, Tolerance
+from .ort_cpu import UINT16_FLOAT_CAUSE, UINT16_FLOAT_LSB
 
 WEB_DIR = os.path.join(os.path.dirname(__file__), "web")  # package.json, its lock and run.cjs (package data)
 TIMING_ITERS = 10
@@ -48,12 +49,16 @@ class OrtWeb(Runtime):
     name = "ort-web"
     install = f"{INSTALL_COMMAND}  (npm ci into {install_dir()}; run by make venv; needs node >= 18)"
     what = "onnxruntime-web, wasm backend (ORT's kernels in WebAssembly), node, one thread"
-    tolerance = Tolerance(
-        1.0,
-        0.99,
-        "ORT's portable kernels: QLinearConv requantizes as on x86; QLinearAdd and the "
-        "u8 x s8 GEMM take the scalar path (no 16-bit pair sums), so a tie can round one LSB apart",
-    )
+    tolerances = {
+        "uint8": Tolerance(
+            1.0,
+            0.99,
+            "ORT's portable kernels: QLinearConv requantizes as on x86; QLinearAdd and the "
+            "u8 x s8 GEMM take the scalar path (no 16-bit pair sums), so a tie can round one LSB apart",
+        ),
+        "uint16": Tolerance(UINT16_FLOAT_LSB, 0.99, UINT16_FLOAT_CAUSE),
+    }
+    int4_storage = True
 
     def missing(self) -> str | None:
         if shutil.which("node") is None:
@@ -63,7 +68,7 @@ class OrtWeb(Runtime):
         return None
 
     def load(self, files: ModelFiles, int8: bool = True) -> Session:
-        path = files.onnx if int8 else files.float_onnx
+        path = self.onnx_path(files, int8)
         dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
         fixed = dims[0].dim_value or None
         info: dict = {}

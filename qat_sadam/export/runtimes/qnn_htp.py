@@ -53,13 +53,22 @@ class QnnHtp(Runtime):
     install = "pip install onnxruntime-qnn  (or: pip install -e '.[runtimes]')"
     what = "Qualcomm Hexagon NPU (HTP) via the ORT QNN provider, x86 simulator, CPU fallback disabled"
     simulated = True
-    tolerance = Tolerance(
-        64.0,
-        0.85,
-        "HTP requantizes with less precision than ORT's float32 scale ratio: site by site, 1-5% of "
-        "values land 1 LSB apart, all within 0.15 of a rounding tie; through 50 layers at 4 bits (a level "
-        "is a 16th of the range) these compound to tens of LSB at the logits (docs/guide/runtimes.md)",
-    )
+    tolerances = {
+        "uint8": Tolerance(
+            64.0,
+            0.85,
+            "HTP requantizes with less precision than ORT's float32 scale ratio: site by site, 1-5% of "
+            "values land 1 LSB apart, all within 0.15 of a rounding tie; through 50 layers at 4 bits (a level "
+            "is a 16th of the range) these compound to tens of LSB at the logits (docs/guide/runtimes.md)",
+        ),
+        "uint16": Tolerance(
+            256.0,
+            0.99,
+            "HTP computes 16-bit activations with an error that grows with the value, about 2^-11 relative "
+            "(tens of 16-bit LSB, a tenth of an 8-bit LSB, at the logits: docs/guide/runtimes.md)",
+        ),
+    }
+    int4_storage = True  # signed INT4 weights become bw=4 fixed point on HTP (UINT4 is refused: never written)
 
     def missing(self) -> str | None:
         return missing_modules("onnxruntime_qnn")
@@ -67,12 +76,13 @@ class QnnHtp(Runtime):
     def load(self, files: ModelFiles, int8: bool = True) -> Session:
         import onnxruntime_qnn as oq
 
-        sess = qnn_session(fixed_batch_copy(files.onnx if int8 else files.float_onnx, files.work_dir))
+        sess = qnn_session(fixed_batch_copy(self.onnx_path(files, int8), files.work_dir))
         return Session(
             session_runner(sess),
             {"QNNExecutionProvider (HTP)": "all nodes (CPU fallback disabled)"},
             {
-                "precision": "uint8 activations, int8 weights on HTP",
+                "precision": f"{files.activation_type} activations, "
+                f"{'int4' if self.int4_storage and files.int4_onnx else 'int8'} weights on HTP",
                 "providers": sess.get_providers(),
                 "batch_compiled": sess.get_inputs()[0].shape[0],
                 "onnxruntime_qnn": getattr(oq, "__version__", "?"),
