@@ -209,7 +209,10 @@ def cmd_runtimes(a) -> int:
     return 0
 
 
-BITS_HELP = "4: W4A4; W4A8: 4-bit weights, 8-bit activations (2 to 8 bits each); first/last layers stay 8-bit"
+BITS_HELP = (
+    "4: W4A4; W4A8: 4-bit weights, 8-bit activations; weights 2 to 8 bits, activations 2 to 8 or 16 (W8A16); "
+    "first/last layers at least 8-bit"
+)
 RECIPE_HELP = "a shipped recipe by name (`qat-sadam recipes` lists them) or a recipe YAML file"
 TARGET_HELP = "a shipped target profile by name (`qat-sadam targets` lists them) or a profile YAML file"
 

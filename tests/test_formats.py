@@ -1,6 +1,7 @@
 """The edge formats: W4A8 with 4-bit weights stored as INT4, W8A16 with uint16 activations (opset 21),
 each on the runtimes that run it, and one-line refusals where a runtime or a profile cannot."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -103,7 +104,14 @@ def test_each_runtime_runs_the_format_it_takes_and_refuses_the_others(tmp_path, 
     model, x = _trained(bits)
     done = export_onnx(model, x[:1], str(tmp_path / "m.onnx"), HTP)
     files = ModelFiles(
-        done["path"], None, done["frozen"], None, x[:1].numpy(), str(tmp_path), done["int4_path"], done["activation_type"]
+        done["path"],
+        None,
+        done["frozen"],
+        None,
+        x[:1].numpy(),
+        str(tmp_path),
+        done["int4_path"],
+        done["activation_type"],
     )
     with torch.no_grad():
         ref = done["integer"](x).numpy()
@@ -157,3 +165,21 @@ def test_validating_a_uint16_file_on_openvino_is_refused(tmp_path):
     done = export_onnx(model, x[:1], str(tmp_path / "m.onnx"), HTP)
     with pytest.raises(ValidationError, match="runtime openvino cannot run uint16 activations: OpenVINO drops"):
         validate(done["path"], target=HTP, inputs=[x.numpy()], runtimes=["openvino"])
+
+
+def test_a_profile_without_ort_parity_gates_and_ranks_on_the_integer_reference(tmp_path):
+    """qnn-htp leaves ORT CPU's parity out (its u8 x s8 kernels saturate full-range 8-bit weights on x86
+    without VNNI): the deployed accuracy is then the integer reference's, which the runtimes are gated
+    against, and ORT's disagreement is reported, not failed."""
+    model, x = _trained("W4A8")
+    done = export_onnx(model, x[:1], str(tmp_path / "m.onnx"), HTP)
+    with torch.no_grad():
+        integer = done["integer"](x).numpy()
+    shifted = np.roll(integer, 1, axis=1)  # a reference that disagrees with ORT on every sample
+    labels = shifted.argmax(1)
+    args = dict(inputs=[x.numpy()], labels=labels, integer_outputs=shifted, torch_outputs=shifted)
+    ungated = validate(done["path"], target=dataclasses.replace(HTP, checks=["accuracy"]), **args)
+    assert ungated["accuracy"]["deployed_by"] == "integer reference" and ungated["accuracy"]["deployed"] == 1.0
+    assert ungated["passed"] and ungated["parity"]["torch_integer_vs_ort"]["top1_agreement"] < 0.5
+    gated = validate(done["path"], target=HTP, **args)
+    assert gated["accuracy"]["deployed_by"] == "ORT CPU" and not gated["passed"]

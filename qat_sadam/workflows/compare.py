@@ -199,7 +199,7 @@ def _export(run_dir: str, target: str) -> dict:
     except ExportError as e:  # e.g. the paper's placement quantizes conv inputs only: no integer graph
         return {"ort_acc": None, "export_error": str(e)}
     return {
-        "ort_acc": rep["accuracy"]["ort_int8"],
+        "ort_acc": rep["accuracy"]["deployed"],
         "integer_acc": rep["accuracy"].get("torch_integer"),
         "ort_agreement": rep["parity"]["torch_integer_vs_ort"]["top1_agreement"],
         **rep.get("ladder", {}),

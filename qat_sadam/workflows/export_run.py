@@ -111,7 +111,7 @@ def export_finished_run(run_dir: str, target: str | None) -> dict:
         ptq = export_run(
             run.checkpoint(PTQ), target, run.export_dir("export-ptq"), ladder={"float_acc": float_acc}, rung="ptq_acc"
         )
-        ladder = {"float_acc": float_acc, "ptq_acc": ptq["accuracy"]["ort_int8"]}
+        ladder = {"float_acc": float_acc, "ptq_acc": ptq["accuracy"]["deployed"]}
     rep = export_run(run_dir, target, run.export_dir(), ladder=ladder)
     if "ladder" in rep:
         run.write_summary({**summary, **rep["ladder"], "qat_checkpoint": os.path.basename(run.deployed_checkpoint())})

@@ -60,7 +60,7 @@ def ptq(
             "run_dir": out,
             "start": start,
             "float_acc": start["float_acc"],
-            "ptq_acc": rep["accuracy"]["ort_int8"],
+            "ptq_acc": rep["accuracy"]["deployed"],
             "validation_passed": rep["passed"],
         }
         run.write_summary(summary)

@@ -305,7 +305,7 @@ def _ours_row(run: str) -> dict:
     rep = json.load(open(os.path.join(run, "export", "validation.json")))
     p = rep["parity"]["torch_integer_vs_ort"]
     return {
-        "int8_acc": rep["accuracy"]["ort_int8"],
+        "int8_acc": rep["accuracy"]["deployed"],
         "onnx": os.path.join(run, "export", "model.onnx"),
         "float_onnx": os.path.join(run, "export", "float.onnx"),
         "checked": f"yes: integer reference vs ORT max {p['max_lsb']:.0f} LSB, top-1 {100 * p['top1_agreement']:.1f}%",

@@ -10,6 +10,9 @@
 # The fine-tune lr, chosen on a validation split (10% of the training images, data.eval_on: val,
 # no export), then the chosen lr's cell on the test set with export and the ladder:
 #   QAT_SADAM_DATA=../shared/data bash tools/studies/finetune_study.sh lrsweep resnet18 8 "5e-5 1.5e-4 5e-4"
+# The edge formats (docs/guide/runtimes.md): each fine-tune exported to the qnn-htp profile (INT4 weight
+# storage, uint16 activations) with the ladder, then run on every runtime that takes its format:
+#   QAT_SADAM_DATA=../shared/data bash tools/studies/finetune_study.sh edge mobilenet_v2 "W8A8 W4A8 W8A16 W4A4" "0"
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -28,6 +31,17 @@ case "$1" in
           $Q ptq "$2_finetune" --bits "$bits" --set seed="$seed" --out "runs/finetune/$2/ptq-w$bits-s$seed" --force --quiet
         [ -f "runs/finetune/$2/qat-w$bits-s$seed/export/validation.json" ] || \
           $Q train "$2_finetune" --bits "$bits" --seed "$seed" --out "runs/finetune/$2/qat-w$bits-s$seed" --force --quiet
+      done
+    done ;;
+  edge)
+    for bits in $3; do
+      for seed in $4; do
+        run="runs/finetune/$2/edge-$bits-s$seed"
+        [ -f "$run/export/validation.json" ] || \
+          $Q train "$2_finetune" --bits "$bits" --seed "$seed" --out "$run" --force --quiet --set export.target=qnn-htp
+        case "$bits" in *A16) rts="qnn-htp,ort-web" ;; *) rts="qnn-htp,ort-web,openvino,executorch-xnnpack" ;; esac
+        [ -f "$run/export-runtimes/validation.json" ] || \
+          $Q export "$run" --target qnn-htp --runtimes "$rts" --out "$run/export-runtimes" || true  # a failed gate is a result
       done
     done ;;
   lrsweep)
