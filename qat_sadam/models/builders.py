@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+
 import torch
 import torchvision
 from torch import nn
 
+from ..errors import RecipeError
+
 OWN_MODELS = ("paper_cnn", "small_cnn")
-SOURCES = ("torchvision", "timm")
+SOURCES = ("torchvision", "timm", "python")
 # Builder arguments that make a torchvision model trainable as any other: one output in train mode.
 _TORCHVISION_KW = {
     "googlenet": {"aux_logits": False, "init_weights": True},
@@ -78,11 +83,47 @@ def timm_module():
     return timm
 
 
+def python_factory(name: str):
+    """The callable ``package.module:factory`` names (``model.source: python``), imported from
+    Python's path (an installed package or PYTHONPATH); RecipeError, one line, when it is not one."""
+    module_name, sep, attr = name.partition(":")
+    if not (sep and module_name and attr):
+        raise RecipeError(f"model.source 'python' takes model.name as package.module:factory, got {name!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or whatever the user's module raises while it loads
+        raise RecipeError(
+            f"model.name {name!r}: cannot import {module_name} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            "is it installed or on PYTHONPATH?"
+        ) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise RecipeError(f"model.name {name!r}: {module_name} has no callable {attr!r}")
+    return factory
+
+
+def _own_model(name: str, num_classes: int, kwargs: dict) -> nn.Module:
+    """The user's model: ``factory(**kwargs)``, with ``num_classes`` when the factory takes that parameter."""
+    factory = python_factory(name)
+    params = inspect.signature(factory).parameters
+    if "num_classes" in params and "num_classes" not in kwargs:
+        kwargs = {**kwargs, "num_classes": num_classes}
+    try:
+        model = factory(**kwargs)
+    except Exception as e:  # the user's code: its error, in one line
+        raise RecipeError(f"model.name {name!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(model, nn.Module):
+        raise RecipeError(f"model.name {name!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
 def check_model(name: str, source: str = "torchvision") -> None:
     """ValueError naming the problem when ``name`` is not a model of ``source``."""
     if source not in SOURCES:
         raise ValueError(f"unknown model source {source!r}; choose one of {', '.join(SOURCES)}")
-    if source == "timm":
+    if source == "python":
+        python_factory(name)
+    elif source == "timm":
         if not timm_module().is_model(name):
             raise ValueError(f"unknown timm model {name!r} (timm.list_models() lists them)")
     elif name not in OWN_MODELS and name not in torchvision.models.list_models(module=torchvision.models):
@@ -102,11 +143,15 @@ def build_model(
     width: int = 16,
     dropout: float = 0.25,
     source: str = "torchvision",
+    kwargs: dict | None = None,
 ) -> nn.Module:
     """Build a model by name, with random weights (``weights.py`` loads trained ones): qat-sadam's own
-    small networks, any torchvision classifier (ViTs at ``image_size``), or with ``source="timm"``
-    any timm model. ``cifar_stem`` adapts ResNets and MobileNetV2 to 32x32 inputs (``_cifar_stem``)."""
+    small networks, any torchvision classifier (ViTs at ``image_size``), with ``source="timm"`` any
+    timm model, with ``source="python"`` the user's ``package.module:factory`` called with ``kwargs``.
+    ``cifar_stem`` adapts ResNets and MobileNetV2 to 32x32 inputs (``_cifar_stem``)."""
     check_model(name, source)
+    if source == "python":
+        return _own_model(name, num_classes, dict(kwargs or {}))
     if source == "timm":
         return timm_module().create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
     if name == "paper_cnn":

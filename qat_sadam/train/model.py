@@ -21,7 +21,11 @@ def build_float_model(recipe: Recipe, info: dict, load_start: bool = True) -> tu
     loaded: {"source": ..., "reset_classifier": [keys left at a fresh init]} or {}.
     ``info``: num_classes, in_channels, image_size."""
     m = recipe.model
-    kw = {k: getattr(m, k) for k in ("cifar_stem", "widths", "width", "dropout", "source") if getattr(m, k) is not None}
+    kw = {
+        k: getattr(m, k)
+        for k in ("cifar_stem", "widths", "width", "dropout", "source", "kwargs")
+        if getattr(m, k) is not None
+    }
     model = build_model(
         m.name, info["num_classes"], image_size=info["image_size"], in_channels=info["in_channels"], **kw
     )

@@ -57,7 +57,9 @@ def section(cls: type, doc: str) -> Any:
 @dataclass
 class ModelSection:
     name: str = key(
-        "small_cnn", "a torchvision or timm model name, or one of the built-in small nets (small_cnn, paper_cnn, ...)"
+        "small_cnn",
+        "a torchvision or timm model name, one of the built-in small nets (small_cnn, paper_cnn), or with "
+        "source python your own `package.module:factory`",
     )
     source: str = key("torchvision", "where `name` comes from", choices=SOURCES)
     cifar_stem: bool | None = key(
@@ -71,6 +73,10 @@ class ModelSection:
     width: int | None = key(None, "channel width of small_cnn; null: its default", low=1)
     dropout: float | None = key(
         None, "dropout of the built-in paper nets; null: their default", low=0, high=1, high_open=True
+    )
+    kwargs: dict | None = key(
+        None,
+        "keyword arguments of a source-python factory (it also gets num_classes when it takes that parameter)",
     )
     sync_bn: bool = key(False, "synchronise BatchNorm statistics across data-parallel ranks")
     checkpoint: str | None = key(
@@ -334,6 +340,8 @@ class Recipe:
             raise RecipeError(f"recipe key 'model.cifar_stem' applies to {', '.join(CIFAR_STEM_MODELS)}, not {m.name}")
         if m.widths is not None and not (m.widths and all(_is_int(w) and w >= 1 for w in m.widths)):
             raise RecipeError(f"recipe key 'model.widths' must be a list of positive integers, got {m.widths!r}")
+        if m.kwargs is not None and m.source != "python":
+            raise RecipeError("recipe key 'model.kwargs' applies to model.source: python (your own factory)")
         if m.checkpoint and m.weights:
             raise RecipeError("recipe keys 'model.checkpoint' and 'model.weights' both name a starting point; give one")
         if m.checkpoint and not os.path.exists(m.checkpoint):
