@@ -14,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qat_sadam import calibrate, prepare_qat
 from qat_sadam.errors import ValidationError
-from qat_sadam.export import RUNTIMES, ModelFiles, export_float_onnx, export_onnx, float_model, ort_session
+from qat_sadam.export import RUNTIMES, ModelFiles, export_float_onnx, export_onnx, float_model, host, ort_session
+from qat_sadam.export.host import u8s8_saturates
 from qat_sadam.export.runtimes import check_names, measure, native_output_to
 from qat_sadam.export.runtimes.executorch_xnnpack import pt2e_form
 from qat_sadam.export.target import Target
@@ -24,7 +25,7 @@ from qat_sadam.models import build_model
 CPU = Target(name="test", weight_bits_max=7, checks=["fusion", "parity"], runtimes=[])
 
 
-def _exported(tmp_path, bits, name="small_cnn"):
+def _exported(tmp_path, bits, name="small_cnn", target=CPU):
     torch.manual_seed(0)
     model = prepare_qat(build_model(name, 10) if isinstance(name, str) else name, {"bits": bits})
     x = torch.randn(32, 3, 32, 32)
@@ -34,8 +35,8 @@ def _exported(tmp_path, bits, name="small_cnn"):
         for _ in range(3):
             model(x)
     model.eval()
-    done = export_onnx(model, x[:1], str(tmp_path / "m.onnx"), CPU)
-    float_path = export_float_onnx(model, x[:1], str(tmp_path / "f.onnx"), CPU)
+    done = export_onnx(model, x[:1], str(tmp_path / "m.onnx"), target)
+    float_path = export_float_onnx(model, x[:1], str(tmp_path / "f.onnx"), target)
     files = ModelFiles(done["path"], float_path, done["frozen"], float_model(model), x[:1].numpy(), str(tmp_path))
     with torch.no_grad():
         ref = done["integer"](x).numpy()
@@ -290,3 +291,29 @@ def test_native_log_lines_go_to_the_runtimes_log_not_above_the_verdict(tmp_path,
     assert "cpuinfo" not in out + err and "native warning" not in out + err
     assert "before" in out and "after" in out
     assert log.read_text() == "[cpuinfo_utils.cpp:87] Failed to open midr file\nnative warning\n"
+
+
+def test_host_features_decide_whether_ort_cpu_saturates():
+    assert u8s8_saturates(frozenset({"avx2"}), "x86_64") and u8s8_saturates(frozenset({"avx512bw"}), "AMD64")
+    assert not u8s8_saturates(frozenset({"avx2", "avx_vnni"}), "x86_64")
+    assert not u8s8_saturates(frozenset({"avx512f", "avx512_vnni"}), "x86_64")
+    assert not u8s8_saturates(frozenset({"asimddp"}), "aarch64")
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_ort_cpu_differences_on_a_saturating_host_are_the_hosts_not_failures(tmp_path, monkeypatch, saturates):
+    """8-bit weights (|w| up to 127) on a host whose u8 x s8 kernels saturate: ORT CPU's differences go
+    under HOST, the verdict stands on the other checks; on an exact host the same differences fail."""
+    monkeypatch.setattr(host, "u8s8_saturates", lambda: saturates)
+    full8 = Target(name="t8", checks=["parity", "accuracy"], runtimes=["ort-cpu"])
+    files, x, ref, scale = _exported(tmp_path, 8, target=full8)
+    shifted = ref + 3 * scale * (np.arange(ref.shape[1]) == 0)
+    rep = validate(files.onnx, target=full8, inputs=[x], integer_outputs=shifted, out_dir=str(tmp_path))
+    cpu = rep["runtimes"]["ort-cpu"]
+    assert rep["host"]["widest_weight"] > 63 and rep["host"]["limits_ort"] is saturates
+    assert not cpu["within_tolerance"] and cpu["host_limited"] is saturates
+    assert (
+        rep["passed"] is saturates and bool(rep["host_limited"]) is saturates and bool(rep["failures"]) is not saturates
+    )
+    if saturates:
+        assert rep["host_limited"][0].startswith("ort-cpu: ") and "no VNNI" in rep["host"]["note"]

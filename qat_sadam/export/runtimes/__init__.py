@@ -79,7 +79,7 @@ def measure(
     rt = RUNTIMES[name]
     check_formats([name], files.activation_type)
     tolerance = tolerance or rt.tolerances[files.activation_type]
-    row: dict = {"runtime": name, "what": rt.what, "tolerance": vars(tolerance)}
+    row: dict = {"runtime": name, "what": rt.what, "tolerance": vars(tolerance), "host_u8s8": rt.host_u8s8}
     reason = rt.missing()
     if reason:
         return {**row, "status": "not run", "reason": reason, "install": rt.install}

@@ -88,6 +88,7 @@ class Runtime(abc.ABC):
     refuses: dict[str, str] = {}  # activation containers it cannot run as written, and why
     int4_storage = False  # computes with INT4 weights: runs NAME.int4.onnx where the export wrote one
     simulated = False  # an emulator of the device: its timings say nothing about the device
+    host_u8s8 = False  # runs the host's x86 u8 x s8 kernels (host.py: they saturate 8-bit weights without VNNI)
 
     def missing(self) -> str | None:
         """None when the runtime can run here, else the reason."""

@@ -10,6 +10,7 @@ from .base import ModelFiles, Runtime, Session, Tolerance, first_line, missing_m
 
 class OpenVinoCpu(Runtime):
     name = "openvino"
+    host_u8s8 = True
     install = "pip install openvino  (or: pip install -e '.[runtimes]')"
     what = "OpenVINO CPU plugin (oneDNN): QDQ ONNX read as u8/i8 convolutions, INFERENCE_PRECISION_HINT f32"
     tolerances = {

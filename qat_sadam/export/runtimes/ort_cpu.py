@@ -58,6 +58,7 @@ def session_runner(sess):
 
 class OrtCpu(Runtime):
     name = "ort-cpu"
+    host_u8s8 = True
     install = "pip install onnxruntime"
     what = "ONNX Runtime CPU provider, x86-64: QLinearConv/QGemm integer kernels (MLAS)"
     tolerances = {
