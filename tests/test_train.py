@@ -146,7 +146,7 @@ BAD = [
     (["train", "quickstart", "--bits", "9"], "--bits 9: weights take 2 to 8 bits, got 9"),
     (["train", "quickstart", "--bits", "1"], "--bits 1: weights take 2 to 8 bits, got 1"),
     (["train", "quickstart", "--bits", "W9A8"], "--bits W9A8: weights take 2 to 8 bits, got 9"),
-    (["train", "quickstart", "--bits", "W4A16"], "--bits W4A16: activations take 2 to 8 bits, got 16"),
+    (["train", "quickstart", "--bits", "W4A12"], "--bits W4A12: activations take 2 to 8 bits or 16, got 12"),
     (["train", "quickstart", "--bits", "4bit"], "--bits takes a bit width (4: W4A4) or weight and activation bits"),
     (["train", "quickstart", "--set", "optimizer.lr=-1"], "Invalid learning rate"),
     (
