@@ -139,6 +139,9 @@ def test_profiles_and_bits_refuse_what_they_cannot_hold_in_one_line(tmp_path):
     w5 = prepare_qat(build_model("small_cnn", 10), {"weight_bits": 5, "act_bits": 8})
     with pytest.raises(ExportError, match="stores weights as INT4 and this model's have 5 bits"):
         export_onnx(w5.eval(), torch.zeros(1, 3, 16, 16), str(tmp_path / "b.onnx"), HTP)
+    w4a4 = prepare_qat(build_model("small_cnn", 10), {"bits": 4})
+    with pytest.raises(ExportError, match="target qnn-htp takes activations of 8 or 16 bits; this model has 4-bit"):
+        export_onnx(w4a4.eval(), torch.zeros(1, 3, 16, 16), str(tmp_path / "c.onnx"), "qnn-htp")
     assert not os.listdir(tmp_path)  # nothing written
     with pytest.raises(ValidationError, match="need opset 21"):
         Target(name="t", weight_storage="int4")
@@ -158,6 +161,8 @@ def test_training_w8a16_for_a_uint8_target_is_refused_before_the_first_step(tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "target cpu-x86 runs uint8 activations only" in err[0]
     assert not (out / "checkpoints").exists()
+    assert main(["train", "quickstart", "--bits", "W4A3", "--set", "export.target=qnn-htp", "--out", str(out)]) == 2
+    assert "takes activations of 8 or 16 bits; this model has 3-bit ones" in capsys.readouterr().err
 
 
 def test_validating_a_uint16_file_on_openvino_is_refused(tmp_path):

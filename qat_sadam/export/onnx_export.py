@@ -107,8 +107,14 @@ def _int4_copy(path: str) -> tuple[str, list[str]]:
 def check_target_fits(config: QATConfig, target: Target) -> None:
     """A QAT configuration's bit widths against what the target's files hold: one-line ExportErrors
     (checked before training a recipe that exports, and again at export)."""
-    wide = [b for b in [config.activation.bits] + [o.bits_for("activation") for o in config.overrides] if b == 16]
-    if wide and target.activation_type == "uint8":
+    act_bits = {config.activation.bits} | {o.bits_for("activation") for o in config.overrides} - {None}
+    refused = sorted(act_bits - set(target.activation_bits or act_bits))
+    if refused:
+        raise ExportError(
+            f"target {target.name} takes activations of {' or '.join(map(str, target.activation_bits))} bits; "
+            f"this model has {refused[0]}-bit ones"
+        )
+    if 16 in act_bits and target.activation_type == "uint8":
         raise ExportError(
             f"16-bit activations and target {target.name} runs uint8 activations only; export to a profile "
             "with activation_type: uint16 (qnn-htp)"

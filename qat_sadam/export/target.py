@@ -11,6 +11,7 @@ import yaml
 
 from .. import configs
 from ..errors import ValidationError
+from ..quant.spec import BITS
 from .runtimes import Tolerance, check_names
 
 CHECKS = ("fusion", "parity", "accuracy", "latency", "size", "mobile")
@@ -28,6 +29,7 @@ class Target:
     weight_type: str = "int8"
     weight_storage: str = "int8"
     weight_bits_max: int | None = None
+    activation_bits: list | None = None  # the activation widths the device takes (qnn-htp: 8, 16); None: any
     fixed_batch: int | None = None
     formats: list = field(default_factory=lambda: ["onnx"])
     checks: list = field(default_factory=lambda: list(CHECKS[:5]))
@@ -51,6 +53,8 @@ class Target:
                 f"target {self.name}: {self.activation_type} activations and {self.weight_storage} weight storage "
                 f"need opset {SUB_BYTE_OPSET} or later, got {self.opset}"
             )
+        if self.activation_bits is not None and not all(b in BITS for b in self.activation_bits):
+            raise ValidationError(f"target {self.name}: activation_bits take 2 to 8 and 16, got {self.activation_bits}")
         if self.weight_bits_max is not None and not 2 <= self.weight_bits_max <= 8:
             raise ValidationError(f"target {self.name}: weight_bits_max must be from 2 to 8")
         for c in self.checks:
@@ -127,6 +131,9 @@ def _check_type(path: str, key: str, annotation: str, value) -> None:
         want = "a positive integer" if key == "fixed_batch" else "an integer"
     elif "dict" in annotation:
         ok, want = isinstance(value, dict), "a mapping"
+    elif key == "activation_bits":
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        want = "a list of bit widths"
     elif "list" in annotation:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         want = "a list of names"

@@ -37,11 +37,16 @@ case "$1" in
     for bits in $3; do
       for seed in $4; do
         run="runs/finetune/$2/edge-$bits-s$seed"
+        # qnn-htp takes 8- and 16-bit activations; a sub-8-bit cell (W4A4) goes to mobile-arm, HTP among its runtimes
+        case "$bits" in
+          *A16) tgt=qnn-htp; rts="qnn-htp,ort-web" ;;
+          *A8) tgt=qnn-htp; rts="qnn-htp,ort-web,openvino,executorch-xnnpack" ;;
+          *) tgt=mobile-arm; rts="qnn-htp,ort-web,openvino,executorch-xnnpack" ;;
+        esac
         [ -f "$run/export/validation.json" ] || \
-          $Q train "$2_finetune" --bits "$bits" --seed "$seed" --out "$run" --force --quiet --set export.target=qnn-htp
-        case "$bits" in *A16) rts="qnn-htp,ort-web" ;; *) rts="qnn-htp,ort-web,openvino,executorch-xnnpack" ;; esac
+          $Q train "$2_finetune" --bits "$bits" --seed "$seed" --out "$run" --force --quiet --set export.target=$tgt
         [ -f "$run/export-runtimes/validation.json" ] || \
-          $Q export "$run" --target qnn-htp --runtimes "$rts" --out "$run/export-runtimes" || true  # a failed gate is a result
+          $Q export "$run" --target $tgt --runtimes "$rts" --out "$run/export-runtimes" || true  # a failed gate is a result
       done
     done ;;
   lrsweep)
