@@ -14,7 +14,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qat_sadam import calibrate, prepare_qat
 from qat_sadam.errors import ValidationError
-from qat_sadam.export import RUNTIMES, ModelFiles, export_float_onnx, export_onnx, float_model, host, ort_session
+from qat_sadam.export import (
+    RUNTIMES,
+    ModelFiles,
+    export_float_onnx,
+    export_onnx,
+    float_model,
+    freeze,
+    host,
+    ort_session,
+)
 from qat_sadam.export.host import u8s8_saturates
 from qat_sadam.export.runtimes import check_names, measure, native_output_to
 from qat_sadam.export.runtimes.executorch_xnnpack import pt2e_form
@@ -318,3 +327,29 @@ def test_ort_cpu_differences_on_a_saturating_host_are_the_hosts_not_failures(tmp
     )
     if saturates:
         assert rep["host_limited"][0].startswith("ort-cpu: ") and "no VNNI" in rep["host"]["note"]
+
+
+def test_executorch_takes_4bit_linear_weights_as_4bit_and_keeps_convs_in_int8():
+    """With INT4 storage, a linear layer whose integers fit [-8, 7] is lowered as XNNPACK's 4-bit
+    weights (qc4w); convs and 8-bit layers keep the int8 container (a 4-bit conv does not lower)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 4 * 4, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, 10),
+    )
+    model = prepare_qat(net, {"weight_bits": 4, "act_bits": 8})
+    calibrate(model, [torch.randn(8, 3, 8, 8)])
+    frozen, _ = freeze(model.eval())
+    qd = torch.ops.quantized_decomposed
+    ranges = {
+        n.args[0].target: (n.args[4], n.args[5])
+        for n in pt2e_form(frozen, int4_linear=True).graph.nodes
+        if n.target == qd.dequantize_per_channel.default
+    }
+    # first conv and last linear 8-bit, the middle conv 4-bit values in int8, the middle linear 4-bit
+    assert ranges == {"0_w": (-127, 127), "2_w": (-127, 127), "4_w": (-8, 7), "6_w": (-127, 127)}
