@@ -58,7 +58,9 @@ class OrtWeb(Runtime):
         ),
         "uint16": Tolerance(UINT16_FLOAT_LSB, 0.99, UINT16_FLOAT_CAUSE),
     }
-    int4_storage = True
+    # Its wasm build loads INT4 weights but dequantizes them and convolves in float (no INT4 kernel): 3 LSB
+    # from the reference on MobileNetV2 W4A8, where its integer kernels on the int8 container give 0.
+    int4_storage = False
 
     def missing(self) -> str | None:
         if shutil.which("node") is None:
