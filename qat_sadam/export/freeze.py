@@ -277,10 +277,14 @@ def _requantize_after_pass_ops(gm, g: QuantGraph, qdq_of: dict) -> None:
 
 
 FOLD_TOLERANCE_LSB = 1.0  # int32 bias rounding and float summation order: well under one output LSB
+# A 16-bit output LSB is 256 times finer than the 8-bit one the int32 bias (rounded at s_in * s_w) is
+# sized for: there the same tolerance is 256 LSB16, one 8-bit LSB of the same range (MobileNetV2
+# W8A16: 18.7 LSB16 from the bias rounding alone).
+WIDE_FOLD_FACTOR = 256
 
 
-def _output_lsb(gm: fx.GraphModule, node: fx.Node) -> float | None:
-    """The scale of the first QuantDequant downstream of ``node`` (the LSB its output lands in)."""
+def _output_quantizer(gm: fx.GraphModule, node: fx.Node) -> QuantDequant | None:
+    """The first QuantDequant downstream of ``node`` (its scale: the LSB the output lands in)."""
     seen, frontier = set(), list(node.users)
     while frontier:
         n = frontier.pop(0)
@@ -289,7 +293,7 @@ def _output_lsb(gm: fx.GraphModule, node: fx.Node) -> float | None:
         seen.add(n)
         m = gm.get_submodule(n.target) if n.op == "call_module" else None
         if isinstance(m, QuantDequant):
-            return float(m.scale)
+            return m
         frontier += list(n.users)
     return None
 
@@ -329,11 +333,20 @@ def fold_check(qat_model: fx.GraphModule, x: torch.Tensor) -> dict:
         for h in hooks:
             h.remove()
     nodes = {n.target: n for n in frozen.graph.nodes if n.op == "call_module"}
-    layers = {}
+    layers, tolerance = {}, {}
     for name, c in captured.items():
-        lsb = _output_lsb(frozen, nodes[name])
+        q = _output_quantizer(frozen, nodes[name])
         diff = (frozen.get_submodule(name)(c["input"]) - c["output"]).abs().max().item()
-        layers[name] = diff / lsb if lsb else None
+        layers[name] = diff / float(q.scale) if q is not None else None
+        tolerance[name] = FOLD_TOLERANCE_LSB * (WIDE_FOLD_FACTOR if q is not None and q.container == "uint16" else 1)
     worst = max((v for v in layers.values() if v is not None), default=0.0)
-    bad = sorted(k for k, v in layers.items() if v is not None and v > FOLD_TOLERANCE_LSB)
-    return {"ok": not bad, "max_lsb": worst, "tolerance_lsb": FOLD_TOLERANCE_LSB, "layers": layers, "failing": bad}
+    bad = sorted(k for k, v in layers.items() if v is not None and v > tolerance[k])
+    wide = any(t > FOLD_TOLERANCE_LSB for t in tolerance.values())
+    return {
+        "ok": not bad,
+        "max_lsb": worst,
+        "tolerance_lsb": FOLD_TOLERANCE_LSB,
+        "tolerance_note": f"x{WIDE_FOLD_FACTOR} for 16-bit outputs" if wide else "",
+        "layers": layers,
+        "failing": bad,
+    }

@@ -429,9 +429,10 @@ def _verdict(rep: dict) -> tuple[bool, list[str], list[str]]:
         )
     fc = rep.get("fold_check")
     if fc and not fc["ok"]:
+        tol = " ".join(filter(None, (f"{fc['tolerance_lsb']:g}", fc.get("tolerance_note"))))
         fails.append(
             f"BatchNorm fold check: layers {', '.join(fc['failing'][:5])} differ from the QAT conv+BN by up to "
-            f"{fc['max_lsb']:.1f} output LSB (tolerance {fc['tolerance_lsb']:g})"
+            f"{fc['max_lsb']:.1f} output LSB (tolerance {tol})"
         )
     if "fusion" in rep and not rep["fusion"]["ok"]:
         fails.append(
