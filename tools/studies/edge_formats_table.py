@@ -48,10 +48,11 @@ def runtime_rows(run: str) -> list[str]:
             rows.append(f"| {os.path.basename(run)} | {name} | {r['status']}: {r.get('reason', '')[:80]} | | | |")
             continue
         p, t = r["parity"], r["tolerance"]
+        verdict = "within" if r["within_tolerance"] else "host" if r.get("host_limited") else "OUT"
         rows.append(
             f"| {os.path.basename(run)} | {name} | {p['max_lsb']:.0f} / {p['p99_lsb']:.0f} | "
             f"{100 * p['top1_agreement']:.1f}% | {_pct(r.get('accuracy'))} | "
-            f"{t['max_lsb']:g} LSB, {100 * t['top1_agreement']:.0f}%: {'within' if r['within_tolerance'] else 'OUT'} |"
+            f"{t['max_lsb']:g} LSB, {100 * t['top1_agreement']:.0f}%: {verdict} |"
         )
     return rows
 
