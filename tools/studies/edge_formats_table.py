@@ -39,8 +39,8 @@ def ladder_row(run: str) -> str:
 
 def runtime_rows(run: str) -> list[str]:
     path = os.path.join(run, "export-runtimes", "validation.json")
-    if not os.path.isfile(path):
-        return [f"| {os.path.basename(run)} | (no export-runtimes report) | | | | |"]
+    if not os.path.isfile(path):  # the training's export: the profile's own runtimes
+        path = os.path.join(run, "export", "validation.json")
     rep = json.load(open(path))
     rows = []
     for name, r in rep["runtimes"].items():
