@@ -34,7 +34,7 @@ def to_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         raise ExportError(f"ONNX's version converter cannot take the graph to opset {opset}: {e}") from None
 
 
-def _initializers(graph: onnx.GraphProto) -> dict:
+def _inline_constant_aliases(graph: onnx.GraphProto) -> dict:
     """The graph's initializers by name, after inlining the Identity nodes the exporter writes where
     two modules hold equal constants (deduplicated: a zero point, a requantizer's copied scale)."""
     inits = {t.name: t for t in graph.initializer}
@@ -52,7 +52,7 @@ def uint16_activations(model: onnx.ModelProto) -> int:
     """Retype the int32 zero points of QuantizeLinear nodes, and of the DequantizeLinear nodes that
     read those quantizers, as UINT16 (a copy per quantizer, so nothing else that shares the
     initializer changes). Returns the number of 16-bit quantizers."""
-    graph, inits = model.graph, _initializers(model.graph)
+    graph, inits = model.graph, _inline_constant_aliases(model.graph)
     readers: dict[str, list] = {}
     for n in graph.node:
         for name in n.input:
@@ -82,7 +82,7 @@ def uint16_activations(model: onnx.ModelProto) -> int:
 def int4_weights(model: onnx.ModelProto) -> list[str]:
     """Store every int8 weight initializer that a per-channel DequantizeLinear reads and whose
     integers lie in [-8, 7] as INT4, with an INT4 zero point (0). Returns the weights converted."""
-    graph, inits = model.graph, _initializers(model.graph)
+    graph, inits = model.graph, _inline_constant_aliases(model.graph)
     converted = []
     for n in graph.node:
         if n.op_type != "DequantizeLinear" or len(n.input) < 3:
