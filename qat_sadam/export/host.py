@@ -51,13 +51,14 @@ def widest_weight(model: onnx.ModelProto) -> int:
     return widest
 
 
-def host_limits(model: onnx.ModelProto) -> dict:
+def host_limits(model: onnx.ModelProto, activation_type: str = "uint8") -> dict:
     """What this host means for ORT CPU's results on ``model``: the features read, and ``limits_ort``
-    with the reason when its u8 x s8 kernels can saturate on the file's weights."""
+    with the reason when its u8 x s8 kernels can saturate on the file's weights (uint16 activations
+    run in float kernels: never)."""
     flags = cpu_flags()
     features = sorted(f for f in flags if f in {"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "asimddp"})
     widest = widest_weight(model)
-    limited = u8s8_saturates() and widest > SEVEN_BIT_MAX
+    limited = activation_type == "uint8" and u8s8_saturates() and widest > SEVEN_BIT_MAX
     out = {"machine": platform.machine(), "cpu_features": features, "widest_weight": widest, "limits_ort": limited}
     if limited:
         out["note"] = (

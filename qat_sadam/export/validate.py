@@ -300,7 +300,7 @@ def validate(
         "activation_type": activation_type,
         "target": target.name,
         "checks": list(target.checks),
-        "host": host_limits(onnx.load(int4_path or path)),  # the file ORT CPU runs for parity
+        "host": host_limits(onnx.load(int4_path or path), activation_type),  # the file ORT CPU runs for parity
         "providers_available": ort.get_available_providers(),
         "providers_run": ["CPUExecutionProvider"],
         "note": "Fusion, parity and accuracy below are ORT's CPU provider; the runtimes section runs the "
