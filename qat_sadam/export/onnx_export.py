@@ -19,8 +19,14 @@ from ..quant import FakeQuantize, QATConfig
 from ..quant.graph import failing_module, set_module
 from .freeze import freeze
 from .integer_reference import integer_reference
-from .qdq import QuantDequant
-from .retype import TORCHSCRIPT_MAX_OPSET, drop_unused_initializers, int4_weights, to_opset, uint16_activations
+from .retype import (
+    TORCHSCRIPT_MAX_OPSET,
+    activation_container,
+    drop_unused_initializers,
+    int4_weights,
+    to_opset,
+    uint16_activations,
+)
 from .target import Target, load_target
 
 
@@ -58,7 +64,8 @@ def _exportable_pooling(model: nn.Module, example: torch.Tensor) -> None:
         set_module(model, node.target, Replicate((oh // h, ow // w)))
 
 
-def _onnx_export(model: nn.Module, example: torch.Tensor, path: str, target: Target) -> None:
+def _onnx_export(model: nn.Module, example: torch.Tensor, path: str, target: Target) -> str:
+    """Write ``model`` as ONNX for ``target``; returns its activation container (uint8 or uint16)."""
     dynamic = None if target.fixed_batch else {"input": {0: "batch"}, "logits": {0: "batch"}}
     if target.fixed_batch:
         example = example[:1].expand(target.fixed_batch, *example.shape[1:]).contiguous()
@@ -91,6 +98,7 @@ def _onnx_export(model: nn.Module, example: torch.Tensor, path: str, target: Tar
         drop_unused_initializers(m.graph)
     onnx.checker.check_model(m, full_check=True)
     onnx.save(m, path)
+    return activation_container(m)
 
 
 def _int4_copy(path: str) -> tuple[str, list[str]]:
@@ -176,23 +184,18 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str, target
     frozen = frozen.cpu()
     check_target_fits(model.qat_config, target)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _onnx_export(frozen, example_input.detach().cpu(), path, target)
+    activation_type = _onnx_export(frozen, example_input.detach().cpu(), path, target)
     int4_path, int4 = _int4_copy(path) if _stores_int4(model, target) else (None, [])
     return {
         "path": path,
         "int4_path": int4_path,
         "int4_weights": int4,
-        "activation_type": _activation_type(frozen),
+        "activation_type": activation_type,
         "target": target.name,
         "requantized_to_max_bits": report["requantized"],
         "frozen": frozen,
         "integer": integer_reference(frozen),
     }
-
-
-def _activation_type(frozen: fx.GraphModule) -> str:
-    """The widest activation container in the frozen graph: uint8 or uint16."""
-    return max((m.container for m in frozen.modules() if isinstance(m, QuantDequant)), default="uint8")
 
 
 def float_model(model: nn.Module) -> nn.Module:

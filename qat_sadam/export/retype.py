@@ -112,6 +112,16 @@ def _replace(graph: onnx.GraphProto, old: onnx.TensorProto, new: onnx.TensorProt
             return
 
 
+def activation_container(model: onnx.ModelProto) -> str:
+    """uint16 when a QuantizeLinear of the graph writes 16-bit integers, else uint8."""
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    wide = any(
+        n.op_type == "QuantizeLinear" and len(n.input) > 2 and types.get(n.input[2]) == onnx.TensorProto.UINT16
+        for n in model.graph.node
+    )
+    return "uint16" if wide else "uint8"
+
+
 def drop_unused_initializers(graph: onnx.GraphProto) -> None:
     used = {name for n in graph.node for name in n.input}
     keep = [t for t in graph.initializer if t.name in used]

@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from ..errors import ValidationError
 from .host import host_limits
+from .retype import activation_container
 from .runtimes import ModelFiles, check_formats, check_names, lsb_stats, measure, ort_session, session_runner
 from .target import Target, load_target
 
@@ -177,16 +178,6 @@ def _deployed(acc: dict, ort_trusted: bool) -> dict:
     if ort_trusted or "torch_integer" not in acc:
         return {"deployed": acc["ort_int8"], "deployed_by": "ORT CPU"}
     return {"deployed": acc["torch_integer"], "deployed_by": "integer reference"}
-
-
-def activation_container(model: onnx.ModelProto) -> str:
-    """uint16 when a QuantizeLinear of the graph writes 16-bit integers, else uint8."""
-    types = {t.name: t.data_type for t in model.graph.initializer}
-    wide = any(
-        n.op_type == "QuantizeLinear" and len(n.input) > 2 and types.get(n.input[2]) == onnx.TensorProto.UINT16
-        for n in model.graph.node
-    )
-    return "uint16" if wide else "uint8"
 
 
 def _run(sess, batches):
