@@ -217,11 +217,12 @@ def _stepper(model, recipe, optimizer_name=None):
     return step, opt
 
 
-def train_pt2e(model, recipe, train, steps: int) -> None:
+def fine_tune(model, recipe, train, steps: int, desc: str) -> None:
+    """The fine-tune every peer gets: AdamW at the recipe's lr, cosine schedule, the recipe's batches."""
     step, opt = _stepper(model, recipe, "adamw")
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     done = 0
-    with tqdm(total=steps, desc="PT2E QAT fine-tune") as bar:
+    with tqdm(total=steps, desc=desc) as bar:
         for epoch in range(10**6):
             for batch in train.batches(epoch):
                 step(batch)
@@ -271,7 +272,7 @@ def arm_rows(recipe, float_model, calib_batches, example, train, test, steps: in
     are inductor's Arm lowering, which this x86 host cannot run: accuracy is that of the converted
     model run eagerly (quantize/dequantize in float, PT2E's reference), and there is no latency."""
     qat = pt2e_qat_model(float_model, example, "arm")
-    train_pt2e(qat, recipe, train, steps)
+    fine_tune(qat, recipe, train, steps, "PT2E QAT fine-tune")
     models = {
         "torchao_pt2e_arm_ptq": pt2e_ptq(float_model, calib_batches, example, "arm"),
         "torchao_pt2e_arm_qat": convert_pt2e(move_exported_model_to_eval(qat)),
@@ -398,7 +399,7 @@ def main() -> None:
     for key, model in (("torchao_pt2e_ptq", pt2e_ptq(float_model, calib_batches, example)), ("torchao_pt2e_qat", None)):
         if model is None:
             qat = pt2e_qat_model(float_model, example)
-            train_pt2e(qat, recipe, train, steps)
+            fine_tune(qat, recipe, train, steps, "PT2E QAT fine-tune")
             model = convert_pt2e(move_exported_model_to_eval(qat))
         with torch.no_grad():
             comp = _compiled(model)
