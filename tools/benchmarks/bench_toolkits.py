@@ -159,6 +159,22 @@ def toolkit_cell(
     return row
 
 
+def failing_cell(cell, tk, recipe, bits: Bits, seed: int, *args) -> dict:
+    """``cell``'s row, or where the toolkit fails on the model a row with its error (one line)."""
+    try:
+        return cell(tk, recipe, bits, seed, *args)
+    except Exception as e:  # the toolkit's own exception types; the row keeps its message
+        text = str(e).strip()
+        return {
+            "toolkit": tk.name,
+            "version": tk.version,
+            "bits": bits.name,
+            "seed": seed,
+            "file_kind": tk.file_kind,
+            "error": f"{type(e).__name__}: {' '.join(text.split())[:300]}",
+        }
+
+
 def _qat_sadam(*args: str, report: str) -> None:
     """Run the CLI; exit 1 is a validation that failed (a result, its report written), anything else an error."""
     rc = subprocess.run([sys.executable, "-m", "qat_sadam", *args], stdout=subprocess.DEVNULL).returncode
@@ -257,7 +273,11 @@ def write_table(rows: list[dict], costs: dict, path: str) -> None:
         "| bits | toolkit | seeds | PTQ acc | QAT acc | file | size / float | ORT CPU | QNN HTP | OpenVINO |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (bits, tool), rs in sorted(cells.items()):
+    for (bits, tool), all_rs in sorted(cells.items()):
+        rs = [r for r in all_rs if "error" not in r]
+        if not rs:
+            L.append(f"| {bits} | {tool} | 0 | fails: {all_rs[-1]['error']} |" + " |" * 6)
+            continue
         ran = next((r for r in rs if "runtimes" in r), None)  # the seed whose file went to the runtimes
         file_cells = (
             [f"{ran['size_over_float']:.3f}"] + [_runtime_cell(ran["runtimes"].get(n)) for n in OUR_RUNTIMES]
@@ -323,7 +343,8 @@ def main() -> None:
         # One process per toolkit: NNCF and Brevitas patch torch functions on import (AIMET then refuses
         # to load: "PyTorch doesn't support overriding torch.cat"), and a patched torch would slow the others.
         for n in names:
-            subprocess.run([sys.executable, *sys.argv, "--toolkits", n], check=True)
+            if subprocess.run([sys.executable, *sys.argv, "--toolkits", n]).returncode:
+                print(f"{n}: its process failed (its output above); going on with the others", file=sys.stderr)
         return
     run_toolkit(a, names[0])
 
@@ -345,7 +366,8 @@ def run_toolkit(a, name: str) -> None:
         if name == "qat-sadam":
             row = ours_cell(a.recipe, bits, seed, float_model, test, a.samples, cell, not a.no_runtimes)
         else:
-            row = toolkit_cell(
+            row = failing_cell(
+                toolkit_cell,
                 TOOLKITS[name](),
                 recipe,
                 bits,

@@ -137,7 +137,10 @@ class Nncf(Toolkit):
     """``nncf.quantize`` (its default PTQ: min-max statistics, fast bias correction) and, for QAT, the
     same quantized model fine-tuned (NNCF's documented QAT flow; its quantizer scales are parameters).
     Below 8 bits the hardware config must allow them: ``target_device=NPU`` (the only one with 4-bit
-    weights and activations). Export: ``openvino.convert_model`` to OpenVINO IR (FakeQuantize ops), the
+    weights and activations). With 4-bit activations NPU refuses the global average pool ("Quantization
+    parameter constraints ... incompatible with HW capabilities ... pool/adaptive_avg_pool2d/0"); the
+    smallest fix, applied here, is NNCF's ignored scope on that op type (no quantizer at its input).
+    Export: ``openvino.convert_model`` to OpenVINO IR (FakeQuantize ops), the
     file NNCF's deployment path writes; NNCF's ONNX export writes QuantizeLinear pairs at 8 bits only."""
 
     name = "nncf"
@@ -155,11 +158,13 @@ class Nncf(Toolkit):
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
 
         device = nncf.TargetDevice.ANY if bits.w == bits.a == 8 else nncf.TargetDevice.NPU
+        pool = ["adaptive_avg_pool2d"] if bits.a < 8 else []
         return nncf.quantize(
             copy.deepcopy(float_model).eval(),
             nncf.Dataset(calib),
             subset_size=len(calib),
             target_device=device,
+            ignored_scope=nncf.IgnoredScope(types=pool),
             advanced_parameters=AdvancedQuantizationParameters(
                 weights_quantization_params=QuantizationParameters(num_bits=bits.w),
                 activations_quantization_params=QuantizationParameters(num_bits=bits.a),
