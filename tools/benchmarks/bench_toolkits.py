@@ -80,7 +80,8 @@ def _integer_kernels(rt: str, path: str, session, work: str) -> str:
     """Whether the convolutions ran as integer kernels, read from what the runtime executed."""
     if rt == "ort-cpu":
         f = fusion(path, work)
-        return "yes" if f["ok"] else f"no: float {', '.join(f['float_compute_left'])} left in ORT's optimized graph"
+        left = ", ".join(f"{c} {o}" for o, c in f["float_compute_left"].items())
+        return "yes" if f["ok"] else f"no: {left} left in float beside {f['integer_kernels']} integer kernels"
     if rt == "openvino":
         return openvino_kernels(session.details["executed_layers"])
     return "yes: all nodes on HTP (CPU fallback disabled)"
@@ -313,7 +314,8 @@ def _runtime_cell(r: dict | None) -> str:
         if "max_lsb_vs_integer_reference" in r
         else f"max logit diff {r['max_abs_logit_diff']:.2f}"
     )
-    kernels = "" if "integer_kernels" not in r else f"; integer kernels: {r['integer_kernels']}"
+    kernels = r.get("integer_kernels") or (r.get("executed_layers") and openvino_kernels(r["executed_layers"]))
+    kernels = f"; integer kernels: {kernels}" if kernels else ""
     host = " HOST-LIMITED (x86 without VNNI: ORT's u8 x s8 kernels saturate)" if r.get("host_limited") else ""
     agree = f"agrees {100 * r['top1_agreement_with_sim']:.1f}% with its sim"
     return f"{100 * r['accuracy']:.1f}%{host}, {agree}, {diff}{kernels}"

@@ -8,9 +8,11 @@ for tools/benchmarks/bench_peers.py:
     runtimes                                       -> which of our runtimes read that file
 
 Settings are the toolkits' documented defaults except where a setting is named here with the reason.
-First and last layers keep 8-bit *weights* where the toolkit allows it (Brevitas, AIMET: per-module
-bit widths); NNCF's ``quantize`` has one bit width for all weights, so its first and last layers take
-the cell's. Activations at the edges take the cell's bits in every toolkit (ours keeps them at 8).
+First and last layers stay at 8 bits where the toolkit allows it, as ours do: their weights, the
+model's input, the last layer's input and its output (Brevitas, AIMET: per-quantizer bit widths, set
+before calibration); NNCF's ``quantize`` has one bit width for weights and one for activations, so
+its edges take the cell's bits. Each toolkit is imported where it is used: a run of one toolkit
+needs only that one installed (and NNCF and Brevitas patch torch functions on import).
 """
 
 from __future__ import annotations
@@ -92,10 +94,15 @@ class Brevitas(Toolkit):
             scale_factor_type="float_scale",
             quant_format="int",
         )
-        for _, layer in _edge_layers(q, (qnn.QuantConv2d, qnn.QuantLinear)):
-            # Brevitas's documented way to change an injected quantizer after construction
-            layer.weight_quant.quant_injector = layer.weight_quant.quant_injector.let(bit_width=8)
-            layer.weight_quant.init_tensor_quant()
+        layers = _edge_layers(q, (qnn.QuantConv2d, qnn.QuantLinear))
+        for _, layer in layers:
+            _brevitas_8bit(layer.weight_quant)
+        nodes = {n.target: n for n in q.graph.nodes if n.op == "call_module"}
+        first, last = nodes[layers[0][0]], nodes[layers[1][0]]
+        for node in (first.args[0], last.args[0], *last.users):  # input, last input, last output
+            act = getattr(q.get_submodule(node.target), "act_quant", None) if node.op == "call_module" else None
+            if act is not None:
+                _brevitas_8bit(act)
         q.eval()
         with torch.no_grad():
             q(calib[0])
@@ -121,6 +128,12 @@ class Brevitas(Toolkit):
 
         export_onnx_qcdq(sim.eval(), example, path, opset_version=17, dynamo=False, **_ONNX_NAMES)
         return path
+
+
+def _brevitas_8bit(proxy) -> None:
+    """Brevitas's way to change an injected quantizer after construction: a new injector, re-initialised."""
+    proxy.quant_injector = proxy.quant_injector.let(bit_width=8)
+    proxy.init_tensor_quant()
 
 
 _ONNX_NAMES = {
@@ -215,8 +228,8 @@ class Aimet(Toolkit):
 
     def _sim(self, model, calib, example, bits, scheme, frozen_encodings=None):
         from aimet_torch.common.quantsim_config.utils import get_path_for_per_channel_config
+        from aimet_torch.quantization.affine import QuantizeDequantize
         from aimet_torch.quantsim import QuantizationSimModel
-        from aimet_torch.v2.quantization.affine import QuantizeDequantize
 
         sim = QuantizationSimModel(
             model,
@@ -226,9 +239,22 @@ class Aimet(Toolkit):
             default_output_bw=bits.a,
             config_file=get_path_for_per_channel_config(),
         )
-        for _, layer in _edge_layers(sim.model, (nn.Conv2d, nn.Linear)):
+        (_, first), (last_name, last) = _edge_layers(sim.model, (nn.Conv2d, nn.Linear))
+        for layer in (first, last):
             old = layer.param_quantizers["weight"]
             layer.param_quantizers["weight"] = QuantizeDequantize(old.shape, bitwidth=8, symmetric=old.symmetric)
+        # activations: the model's input, the last output quantized before the last layer (its input), its output
+        names = [n for n, _ in sim.model.named_modules()]
+        before = [
+            m
+            for n, m in sim.model.named_modules()
+            if names.index(n) < names.index(last_name) and _quantizes(m, "output_quantizers")
+        ]
+        edges = [(first.input_quantizers, 0), (before[-1].output_quantizers, 0), (last.output_quantizers, 0)]
+        for quantizers, i in edges:
+            if quantizers[i] is not None:
+                old = quantizers[i]
+                quantizers[i] = QuantizeDequantize(old.shape, bitwidth=8, symmetric=old.symmetric)
         if frozen_encodings:
             sim.set_and_freeze_param_encodings(frozen_encodings)
 
@@ -280,6 +306,10 @@ class Aimet(Toolkit):
             sim.eval(), example, path, opset_version=21, dynamo=False, prequantize_constants=True, **_ONNX_NAMES
         )
         return path
+
+
+def _quantizes(module: nn.Module, kind: str) -> bool:
+    return any(q is not None for q in getattr(module, kind, None) or [])
 
 
 TOOLKITS = {"brevitas": Brevitas, "nncf": Nncf, "aimet": Aimet}
