@@ -116,18 +116,23 @@ class _Reader(CalibrationDataReader):
         return next(self.it, None)
 
 
+ONNX_NAMES = {
+    "input_names": ["input"],
+    "output_names": ["logits"],
+    "dynamic_axes": {"input": {0: "b"}, "logits": {0: "b"}},
+}
+
+
+def float_onnx(float_model, example, path: str) -> str:
+    """The float model as ONNX (the size and latency denominator), written once."""
+    if not os.path.isfile(path):
+        torch.onnx.export(float_model.eval(), (example,), path, dynamo=False, opset_version=17, **ONNX_NAMES)
+    return path
+
+
 def ort_ptq(float_model, calib_batches, example, work) -> dict:
     fpath, qpath = os.path.join(work, "float.onnx"), os.path.join(work, "ort_static.onnx")
-    torch.onnx.export(
-        float_model.eval(),
-        (example,),
-        fpath,
-        dynamo=False,
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "b"}, "logits": {0: "b"}},
-        opset_version=17,
-    )
+    float_onnx(float_model, example, fpath)
     quantize_static(
         fpath,
         qpath,

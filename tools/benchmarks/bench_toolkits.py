@@ -11,9 +11,10 @@ export writes, that file on our runtimes (accuracy, top-1 agreement and largest 
 the toolkit's own simulated model on ``--samples`` test images, and whether the convolutions ran as
 integer kernels), and the file's size over the float ONNX file. Ours: ``qat-sadam train`` with
 ``--bits`` and ``qat-sadam export --runtimes`` on the same runtimes, in subprocesses (the user's path).
-``--cost`` times one QAT step of each toolkit and ours against a float step, interleaved in one
-process. Rows accumulate in OUT/toolkits.json (a cell run again replaces its row); OUT/toolkits.md
-is the table.
+``--no-runtimes`` (extra seeds) measures QAT accuracy alone. ``--cost`` times one QAT step of each
+toolkit and ours against float steps, interleaved in one process per toolkit (``--seeds`` with no
+value: the costs alone). Each toolkit runs in its own process. Rows accumulate in OUT/toolkits.json
+(a cell run again replaces its row); OUT/toolkits.md is the table.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import sys
 import numpy as np
 import onnx
 import torch
-from bench_peers import _accuracy, _interleaved, _loaders, _stepper, fine_tune
+from bench_peers import _accuracy, _interleaved, _loaders, _stepper, fine_tune, float_onnx
 from peer_toolkits import TOOLKITS, Bits
 from torch import nn
 
@@ -54,20 +55,6 @@ class Logits(nn.Module):
 
     def forward(self, x):
         return self.toolkit.forward(self.sim, x)
-
-
-def _float_onnx(float_model, example, path: str) -> str:
-    if not os.path.isfile(path):
-        torch.onnx.export(float_model.eval(), (example,), path, dynamo=False, opset_version=17, **_names())
-    return path
-
-
-def _names():
-    return {
-        "input_names": ["input"],
-        "output_names": ["logits"],
-        "dynamic_axes": {"input": {0: "b"}, "logits": {0: "b"}},
-    }
 
 
 def _file_bytes(path: str) -> int:
@@ -363,7 +350,7 @@ def run_toolkit(a, name: str) -> None:
         float_model.eval()
         calib_batches = [x for x, _ in list(calib.batches(0))[: recipe.calibration_batches]]
         example = calib_batches[0][:2]
-        _float_onnx(float_model, example, os.path.join(work, "float.onnx"))
+        float_onnx(float_model, example, os.path.join(work, "float.onnx"))
         cell = os.path.join(work, f"{name}-{bits.name}-s{seed}")
         if name == "qat-sadam":
             row = ours_cell(a.recipe, bits, seed, float_model, test, a.samples, cell, not a.no_runtimes)

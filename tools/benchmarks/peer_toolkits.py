@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from bench_peers import ONNX_NAMES
 from torch import nn
 
 
@@ -126,7 +127,7 @@ class Brevitas(Toolkit):
     def export(self, sim, example, path):
         from brevitas.export import export_onnx_qcdq
 
-        export_onnx_qcdq(sim.eval(), example, path, opset_version=17, dynamo=False, **_ONNX_NAMES)
+        export_onnx_qcdq(sim.eval(), example, path, opset_version=17, dynamo=False, **ONNX_NAMES)
         return path
 
 
@@ -134,13 +135,6 @@ def _brevitas_8bit(proxy) -> None:
     """Brevitas's way to change an injected quantizer after construction: a new injector, re-initialised."""
     proxy.quant_injector = proxy.quant_injector.let(bit_width=8)
     proxy.init_tensor_quant()
-
-
-_ONNX_NAMES = {
-    "input_names": ["input"],
-    "output_names": ["logits"],
-    "dynamic_axes": {"input": {0: "b"}, "logits": {0: "b"}},
-}
 
 
 # -- NNCF ------------------------------------------------------------------------------------------
@@ -303,7 +297,7 @@ class Aimet(Toolkit):
         import aimet_torch.onnx as aimet_onnx
 
         aimet_onnx.export(
-            sim.eval(), example, path, opset_version=21, dynamo=False, prequantize_constants=True, **_ONNX_NAMES
+            sim.eval(), example, path, opset_version=21, dynamo=False, prequantize_constants=True, **ONNX_NAMES
         )
         return path
 
