@@ -114,7 +114,7 @@ def _sample(test, n: int):
 
 
 def toolkit_cell(
-    tk, recipe, bits: Bits, seed: int, float_model, calib, example, train, test, samples, work, runtimes=True
+    tk, recipe, bits: Bits, seed: int, float_model, calib, example, train, test, samples, work, save, runtimes=True
 ) -> dict:
     os.makedirs(work, exist_ok=True)
     # extra seeds (runtimes=False) measure QAT alone: the PTQ, the file and its runtimes are seed 0's
@@ -137,6 +137,7 @@ def toolkit_cell(
         "file_kind": tk.file_kind,
     }
     if runtimes:
+        save(row)  # the accuracies survive a runtime that crashes the process (a native fault in one did)
         path = tk.export(qat.sim, example, os.path.join(work, f"{tk.name}.onnx"))
         x, y = _sample(test, samples)
         row["file"] = path
@@ -368,12 +369,10 @@ def run_toolkit(a, name: str) -> None:
                 test,
                 a.samples,
                 cell,
+                lambda row: _save_row(rows_path, row),
                 not a.no_runtimes,
             )
-        row["float_acc"] = _accuracy(float_model, test)
-        key = (name, bits.name, seed)
-        with _rows(rows_path) as saved:
-            saved["rows"] = [r for r in saved["rows"] if (r["toolkit"], r["bits"], r["seed"]) != key] + [row]
+        _save_row(rows_path, row)
     if a.cost:
         recipe = load_recipe(a.recipe, bits=a.bits)
         info, train, calib, _ = _loaders(recipe)
@@ -387,6 +386,13 @@ def run_toolkit(a, name: str) -> None:
     with _rows(rows_path) as saved:
         write_table(saved["rows"], saved["costs"], os.path.join(a.out, "toolkits.md"))
     print(open(os.path.join(a.out, "toolkits.md")).read())
+
+
+def _save_row(path: str, row: dict) -> None:
+    """``row`` into OUT/toolkits.json, replacing the same toolkit, bits and seed."""
+    key = (row["toolkit"], row["bits"], row["seed"])
+    with _rows(path) as saved:
+        saved["rows"] = [r for r in saved["rows"] if (r["toolkit"], r["bits"], r["seed"]) != key] + [row]
 
 
 @contextlib.contextmanager
