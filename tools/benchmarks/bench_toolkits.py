@@ -339,17 +339,23 @@ def main() -> None:
     run_toolkit(a, names[0])
 
 
+def _setup(recipe_name: str, bits: str, seed: int | None):
+    """The recipe at ``bits`` and ``seed``, its loaders, the float model and the calibration batches."""
+    recipe = load_recipe(recipe_name, bits=bits, seed=seed)
+    info, train, calib, test = _loaders(recipe)
+    float_model, _ = build_float_model(recipe, info)
+    calib_batches = [x for x, _ in list(calib.batches(0))[: recipe.calibration_batches]]
+    return recipe, train, test, float_model.eval(), calib_batches
+
+
 def run_toolkit(a, name: str) -> None:
-    bits = Bits(*map(int, a.bits.upper().lstrip("W").split("A")))
+    keys = parse_bits(a.bits)  # {"bits": 4} or {"weight_bits": 4, "act_bits": 8}
+    bits = Bits(keys.get("weight_bits", keys.get("bits")), keys.get("act_bits", keys.get("bits")))
     work = os.path.join("runs", "toolkits", os.path.basename(os.path.normpath(a.out)))
     os.makedirs(work, exist_ok=True)
     rows_path = os.path.join(a.out, "toolkits.json")
     for seed in a.seeds:
-        recipe = load_recipe(a.recipe, bits=a.bits, seed=seed)
-        info, train, calib, test = _loaders(recipe)
-        float_model, _ = build_float_model(recipe, info)
-        float_model.eval()
-        calib_batches = [x for x, _ in list(calib.batches(0))[: recipe.calibration_batches]]
+        recipe, train, test, float_model, calib_batches = _setup(a.recipe, a.bits, seed)
         example = calib_batches[0][:2]
         float_onnx(float_model, example, os.path.join(work, "float.onnx"))
         cell = os.path.join(work, f"{name}-{bits.name}-s{seed}")
@@ -374,13 +380,8 @@ def run_toolkit(a, name: str) -> None:
             )
         _save_row(rows_path, row)
     if a.cost:
-        recipe = load_recipe(a.recipe, bits=a.bits)
-        info, train, calib, _ = _loaders(recipe)
-        float_model, _ = build_float_model(recipe, info)
-        calib_batches = [x for x, _ in list(calib.batches(0))[: recipe.calibration_batches]]
-        cost = step_costs(
-            recipe, bits, name, float_model.eval(), calib_batches, calib_batches[0][:2], train, a.cost_rounds
-        )
+        recipe, train, _, float_model, calib_batches = _setup(a.recipe, a.bits, None)
+        cost = step_costs(recipe, bits, name, float_model, calib_batches, calib_batches[0][:2], train, a.cost_rounds)
         with _rows(rows_path) as saved:
             saved["costs"].setdefault(bits.name, {})[name] = cost
     with _rows(rows_path) as saved:

@@ -234,9 +234,9 @@ class Aimet(Toolkit):
             config_file=get_path_for_per_channel_config(),
         )
         (_, first), (last_name, last) = _edge_layers(sim.model, (nn.Conv2d, nn.Linear))
+        eight_bit = lambda q: QuantizeDequantize(q.shape, bitwidth=8, symmetric=q.symmetric)  # noqa: E731
         for layer in (first, last):
-            old = layer.param_quantizers["weight"]
-            layer.param_quantizers["weight"] = QuantizeDequantize(old.shape, bitwidth=8, symmetric=old.symmetric)
+            layer.param_quantizers["weight"] = eight_bit(layer.param_quantizers["weight"])
         # activations: the model's input, the last output quantized before the last layer (its input), its output
         names = [n for n, _ in sim.model.named_modules()]
         before = [
@@ -247,8 +247,7 @@ class Aimet(Toolkit):
         edges = [(first.input_quantizers, 0), (before[-1].output_quantizers, 0), (last.output_quantizers, 0)]
         for quantizers, i in edges:
             if quantizers[i] is not None:
-                old = quantizers[i]
-                quantizers[i] = QuantizeDequantize(old.shape, bitwidth=8, symmetric=old.symmetric)
+                quantizers[i] = eight_bit(quantizers[i])
         if frozen_encodings:
             sim.set_and_freeze_param_encodings(frozen_encodings)
 
