@@ -300,10 +300,13 @@ def test_mobile_target_converts_to_ort_format_with_parity(tmp_path):
     )
     path = str(tmp_path / "m.onnx")
     export_onnx(model, x[:1], path, tgt)
+    (tmp_path / "ort").mkdir()
+    (tmp_path / "ort" / "a.ort").write_bytes(b"another model's file, sorted first")
     assert [d.dim_value for d in onnx.load(path).graph.input[0].type.tensor_type.shape.dim] == [1, 3, 32, 32]
     rep = validate(path, target=tgt, inputs=[x[i : i + 1].numpy() for i in range(4)], out_dir=str(tmp_path))
     m = rep["mobile"]
-    assert m["ort_conversion_ok"] and "m.ort" in m["ort_files"] and m["required_operators_configs"]
+    assert m["ort_conversion_ok"] and m["ort_files"][0] == "m.ort" and m["required_operators_configs"]
+    assert m["ort_file"].endswith("m.ort")
     assert m["parity_ort_format_vs_onnx"]["max_lsb"] == 0.0
     assert any("NNAPI" in line for line in m["usability_summary"])
 

@@ -301,8 +301,8 @@ def test_bad_config_raises_value_error_naming_the_problem(cfg, msg):
 
 
 def test_unsupported_module_is_named():
-    model = torch.nn.Sequential(torch.nn.Conv1d(1, 2, 3))
-    with pytest.raises(ValueError, match="module '0' \\(Conv1d\\)"):
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3))
+    with pytest.raises(ValueError, match="module '0' \\(Conv3d\\)"):
         prepare_qat(model, {})
 
 

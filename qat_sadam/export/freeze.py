@@ -28,9 +28,12 @@ import torch
 from torch import fx, nn
 
 from ..errors import ExportError
-from ..quant import FakeQuantize, QuantConv2d, QuantLinear
+from ..quant import QUANT_CONVS, QUANT_TRANSPOSED, FakeQuantize, QuantLinear
 from ..quant.graph import RANDOM_IN_TRAINING, QuantGraph, set_module
-from .qdq import ChannelAffine, QConv2d, QLinear, QuantDequant
+from ..quant.modules import QUANT_MODULES
+from .qdq import ChannelAffine, QConv, QLinear, QuantDequant, ZeroUpsample
+
+QUANT_LAYERS = (*QUANT_CONVS, QuantLinear)
 
 
 def _requantize(w_int: torch.Tensor, scale: torch.Tensor, max_bits: int | None):
@@ -46,11 +49,13 @@ def _requantize(w_int: torch.Tensor, scale: torch.Tensor, max_bits: int | None):
     return new, scale * ratio, True
 
 
-def _folded(layer: nn.Module, bn: nn.BatchNorm2d | None):
-    """(integer weight, per-channel weight scale, float bias) with BatchNorm folded in."""
+def _folded(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm | None):
+    """(integer weight, per-channel weight scale, float bias) with BatchNorm folded in; the weight
+    with output channels first (a transposed conv's in conv layout)."""
     q: FakeQuantize = layer.weight_quant
-    w_int = q.integer(layer.weight).to(torch.int32)
-    scale = q.step_size(layer.weight).flatten().expand(layer.weight.shape[0]).clone()
+    weight = layer.channel_first_weight().detach()
+    w_int = q.integer(weight).to(torch.int32)
+    scale = q.step_size(weight).flatten().expand(weight.shape[0]).clone()
     bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros_like(scale)
     if bn is not None:
         a = (
@@ -97,11 +102,7 @@ def freeze(
             # would move the BatchNorm past a quantizer and change the numbers. A per-channel affine
             # in float between DQ and Q computes exactly what the QAT model computes.
             set_module(gm, node.target, ChannelAffine.from_batchnorm(m))
-        elif (
-            isinstance(m, (nn.Conv2d, nn.Linear))
-            and not isinstance(m, (QuantConv2d, QuantLinear))
-            and node not in g.constant
-        ):
+        elif isinstance(m, tuple(QUANT_MODULES)) and not isinstance(m, QUANT_LAYERS) and node not in g.constant:
             raise ExportError(
                 f"module {node.target!r} ({type(m).__name__}) has no weight quantizer; an integer graph "
                 "needs every conv and linear quantized (check quant.overrides)"
@@ -114,27 +115,31 @@ def freeze(
     _absorb_clips(gm, modules, qdq_of)
     _fold_constants(gm, g, example_input)
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules[node.target], (QuantConv2d, QuantLinear)):
+        if node.op != "call_module" or not isinstance(modules[node.target], QUANT_LAYERS):
             continue
         layer = modules[node.target]
         src = g.source(node.args[0])
         if src not in qdq_of:
             raise ExportError(f"the input of {node.target!r} is not quantized; cannot export it as an integer kernel")
-        (user,) = node.users if len(node.users) == 1 else (None,)
-        bn = (
-            modules[user.target]
-            if user is not None and user.op == "call_module" and isinstance(modules.get(user.target), nn.BatchNorm2d)
-            else None
-        )
-        w_int, w_scale, bias = _folded(layer, bn)
+        bn = folded_batchnorm(node, modules)
+        w_int, w_scale, bias = _folded(layer, None if bn is None else modules[bn.target])
         w_int, w_scale, changed = _requantize(w_int, w_scale, weight_bits_max)
         if changed:
             report["requantized"].append(node.target)
-        cls = QConv2d if isinstance(layer, nn.Conv2d) else QLinear
-        set_module(gm, node.target, cls.from_parts(layer, w_int, w_scale, bias, qdq_of[src].scale))
+        if isinstance(layer, QUANT_TRANSPOSED):
+            _transposed_as_conv(gm, node, layer, w_int, w_scale, bias, qdq_of[src])
+        elif isinstance(layer, QuantLinear):
+            set_module(gm, node.target, QLinear.from_parts(w_int, w_scale, bias, qdq_of[src].scale))
+        else:
+            if layer.padding_mode != "zeros":
+                raise ExportError(
+                    f"{node.target!r}: padding_mode {layer.padding_mode!r} is not supported by the exporter"
+                )
+            geometry = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+            set_module(gm, node.target, QConv.from_parts(w_int, w_scale, bias, qdq_of[src].scale, **geometry))
         if bn is not None:
-            user.replace_all_uses_with(node)
-            gm.graph.erase_node(user)
+            bn.replace_all_uses_with(node)
+            gm.graph.erase_node(bn)
     g.modules = dict(gm.named_modules())
     _requantize_after_pass_ops(gm, g, qdq_of)
     gm.graph.eliminate_dead_code()
@@ -145,15 +150,48 @@ def freeze(
 
 
 def _follows_conv(node: fx.Node, modules: dict) -> bool:
-    """A BatchNorm2d right after a quantized conv that nothing else reads: folded into it."""
+    """A BatchNorm right after a quantized conv that nothing else reads: folded into it."""
     prev = node.args[0]
-    return (
-        isinstance(modules[node.target], nn.BatchNorm2d)
-        and isinstance(prev, fx.Node)
-        and prev.op == "call_module"
-        and isinstance(modules[prev.target], QuantConv2d)
-        and len(prev.users) == 1
+    return isinstance(prev, fx.Node) and folded_batchnorm(prev, modules) is node
+
+
+def folded_batchnorm(node: fx.Node, modules: dict) -> fx.Node | None:
+    """The BatchNorm node folded into the quantized conv ``node``: its only user, if a BatchNorm."""
+    (user,) = node.users if len(node.users) == 1 else (None,)
+    is_bn = (
+        user is not None
+        and user.op == "call_module"
+        and isinstance(modules.get(user.target), nn.modules.batchnorm._BatchNorm)
     )
+    return user if is_bn and node.op == "call_module" and isinstance(modules[node.target], QUANT_CONVS) else None
+
+
+def upsample_name(layer: str) -> str:
+    """The ZeroUpsample submodule in front of the conv that a transposed conv ``layer`` becomes."""
+    return layer.replace(".", "_") + "_zero_upsample"
+
+
+def _transposed_as_conv(gm: fx.GraphModule, node: fx.Node, layer, w_int, w_scale, bias, qdq: QuantDequant) -> None:
+    """A transposed conv -> ZeroUpsample, its input's Q/DQ (the conv reads a dequantized input, as
+    ORT's integer kernel needs) and a stride-1 QConv with the kernel flipped (``qdq.ZeroUpsample``)."""
+    if len(node.args) > 1 or node.kwargs:
+        raise ExportError(f"{node.target!r}: a transposed conv called with output_size cannot be exported")
+    k, d, p = layer.kernel_size, layer.dilation, layer.padding
+    before = tuple(di * (ki - 1) - pi for ki, di, pi in zip(k, d, p))
+    if min(before) < 0:
+        raise ExportError(
+            f"{node.target!r}: padding {p} exceeds dilation * (kernel - 1); no zero-upsampling form to export"
+        )
+    after = tuple(b + o for b, o in zip(before, layer.output_padding))
+    w_conv = w_int.flip(tuple(range(2, w_int.dim())))
+    geometry = dict(stride=1, padding=0, dilation=d, groups=layer.groups)
+    set_module(gm, node.target, QConv.from_parts(w_conv, w_scale, bias, qdq.scale, **geometry))
+    name = upsample_name(node.target)
+    gm.add_submodule(name, ZeroUpsample(layer.stride, before, after))
+    gm.add_submodule(name + "_requant", copy.deepcopy(qdq))
+    with gm.graph.inserting_before(node):
+        up = gm.graph.call_module(name, (node.args[0],))
+        node.args = (gm.graph.call_module(name + "_requant", (up,)),)
 
 
 def _fold_constants(gm: fx.GraphModule, g: QuantGraph, example_input: torch.Tensor | None) -> None:
@@ -309,21 +347,16 @@ def fold_check(qat_model: fx.GraphModule, x: torch.Tensor) -> dict:
     g = QuantGraph(model)
     captured, hooks = {}, []
     for node in model.graph.nodes:
-        if node.op != "call_module" or not isinstance(g.modules[node.target], (QuantConv2d, QuantLinear)):
+        if node.op != "call_module" or not isinstance(g.modules[node.target], QUANT_LAYERS):
             continue
-        (user,) = node.users if len(node.users) == 1 else (None,)
-        bn = (
-            user.target
-            if user is not None and user.op == "call_module" and isinstance(g.modules.get(user.target), nn.BatchNorm2d)
-            else None
-        )
+        bn = folded_batchnorm(node, g.modules)
         hooks.append(
             g.modules[node.target].register_forward_hook(
                 lambda m, i, o, k=node.target: captured.setdefault(k, {}).update(input=i[0])
             )
         )
         hooks.append(
-            g.modules[bn or node.target].register_forward_hook(
+            g.modules[node.target if bn is None else bn.target].register_forward_hook(
                 lambda m, i, o, k=node.target: captured.setdefault(k, {}).update(output=o.clone())
             )
         )  # before in-place ReLUs
@@ -336,7 +369,10 @@ def fold_check(qat_model: fx.GraphModule, x: torch.Tensor) -> dict:
     layers, tolerance = {}, {}
     for name, c in captured.items():
         q = _output_quantizer(frozen, nodes[name])
-        diff = (frozen.get_submodule(name)(c["input"]) - c["output"]).abs().max().item()
+        x_in = c["input"]
+        if isinstance(g.modules[name], QUANT_TRANSPOSED):
+            x_in = frozen.get_submodule(upsample_name(name))(x_in)
+        diff = (frozen.get_submodule(name)(x_in) - c["output"]).abs().max().item()
         layers[name] = diff / float(q.scale) if q is not None else None
         tolerance[name] = FOLD_TOLERANCE_LSB * (WIDE_FOLD_FACTOR if q is not None and q.container == "uint16" else 1)
     worst = max((v for v in layers.values() if v is not None), default=0.0)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..quant.graph import QuantGraph
-from .qdq import QConv2d, QLinear, QuantDequant
+from .qdq import QConv, QLinear, QuantDequant
 
 
 class _Pending(abc.ABC):
@@ -89,16 +89,16 @@ def _exact_dtype(w_int: torch.Tensor, b_int: torch.Tensor, x_int: torch.Tensor) 
     return torch.float32 if float(bound) < _FLOAT32_EXACT else torch.float64
 
 
-def _accumulate(m: QConv2d | QLinear, x: torch.Tensor) -> _Accumulator:
+def _accumulate(m: QConv | QLinear, x: torch.Tensor) -> _Accumulator:
     x_int = torch.round(x / m.input_scale)  # x is (q - zp) * s_in on the grid: exact integers
     dtype = _exact_dtype(m.weight_int, m.bias_int, x_int)
     x_int, w, b = x_int.to(dtype), m.weight_int.to(dtype), m.bias_int.to(dtype)
     acc = (
-        F.conv2d(x_int, w, b, m.stride, m.padding, m.dilation, m.groups)
-        if isinstance(m, QConv2d)
+        m.function(x_int, w, b, m.stride, m.padding, m.dilation, m.groups)
+        if isinstance(m, QConv)
         else F.linear(x_int, w, b)
     )
-    return _Accumulator(acc, m.input_scale * m.weight_scale, 1 if isinstance(m, QConv2d) else -1)
+    return _Accumulator(acc, m.input_scale * m.weight_scale, 1 if isinstance(m, QConv) else -1)
 
 
 def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -303,7 +303,7 @@ class IntegerReference(fx.Interpreter):
     def call_module(self, target, args, kwargs):
         m = self.fetch_attr(target)
         x = args[0] if args else None
-        if isinstance(m, (QConv2d, QLinear)):
+        if isinstance(m, (QConv, QLinear)):
             return _accumulate(m, x)
         if type(m) is nn.LayerNorm:  # a subclass may compute something else
             (x,) = self._floats((x,))

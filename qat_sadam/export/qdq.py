@@ -11,6 +11,8 @@ torch's own fake-quant ops export only three integer ranges and the learnable on
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -132,24 +134,100 @@ class _FrozenWeights(nn.Module):
         )
 
 
-class QConv2d(_FrozenWeights):
+CONV_FUNCTIONS = {3: F.conv1d, 4: F.conv2d}  # by the weight's rank
+
+
+class QConv(_FrozenWeights):
+    """A 1-D or 2-D conv with integer weights (a transposed conv is one too: see ``ZeroUpsample``)."""
+
     @classmethod
-    def from_parts(cls, conv: nn.Conv2d, w_int, w_scale, bias, in_scale) -> "QConv2d":
+    def from_parts(cls, w_int, w_scale, bias, in_scale, *, stride, padding, dilation, groups) -> "QConv":
         m = cls()
         m._init_parts(w_int, w_scale, bias, in_scale)
-        m.stride, m.padding, m.dilation, m.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported by the exporter")
+        m.stride, m.padding, m.dilation, m.groups = stride, padding, dilation, groups
         return m
+
+    @property
+    def function(self):
+        return CONV_FUNCTIONS[self.weight_int.dim()]
 
     def forward(self, x):
         w, b = self.weight_bias()
-        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        return self.function(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _zero_upsample_steps(shape: tuple, stride: tuple):
+    """Per spatial axis with a stride: the 4-D shape (-1, S, 1, inner) whose third axis is padded with
+    s - 1 zeros, and the (N, C, ...) shape after it. 4-D throughout: QNN HTP and XNNPACK refuse the
+    6-D form (N, C, H, s, W, s)."""
+    c, sizes = shape[0], list(shape[1:])
+    for i, s in enumerate(stride):
+        if s > 1:
+            yield i, s, (-1, sizes[i], 1, math.prod(sizes[i + 1 :])), (-1, c, *sizes[:i], sizes[i] * s, *sizes[i + 1 :])
+            sizes[i] *= s
+
+
+def _border(stride: tuple, before: tuple, after: tuple) -> tuple[list[int], list[int]]:
+    """(pads, crops) per spatial axis after the zero insertion, which leaves s - 1 zeros after the last
+    value: the padding after an axis counts them, and a Slice crops those it does not need (a Slice
+    only then: QNN HTP fails to compile some graphs with an unneeded one)."""
+    extra = [a - (s - 1) for s, a in zip(stride, after)]
+    return [max(e, 0) for e in extra], [min(e, 0) for e in extra]
+
+
+class _ZeroUpsampleFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shape: tuple, stride: tuple, before: tuple, after: tuple):
+        for _, s, spread, merged in _zero_upsample_steps(shape, stride):
+            x = F.pad(x.reshape(spread), (0, 0, 0, s - 1)).reshape(merged)
+        pads, crops = _border(stride, before, after)
+        x = x[(slice(None), slice(None), *[slice(0, c or None) for c in crops])]
+        return F.pad(x, [p for b, a in zip(reversed(before), reversed(pads)) for p in (b, a)])
+
+    @staticmethod
+    def symbolic(g, x, shape: tuple, stride: tuple, before: tuple, after: tuple):
+        """Reshape, Pad, Slice with constant shapes: the spatial sizes are static in the exported graph
+        (only the batch is dynamic), where torch's own translation would compute them from Shape ops at
+        run time, arithmetic the optimized graph keeps."""
+
+        def const(values):
+            return g.op("Constant", value_t=torch.tensor(values, dtype=torch.int64))
+
+        for _, s, spread, merged in _zero_upsample_steps(shape, stride):
+            x = g.op("Pad", g.op("Reshape", x, const(spread)), const([0, 0, 0, 0, 0, 0, s - 1, 0]))
+            x = g.op("Reshape", x, const(merged))
+        pads, crops = _border(stride, before, after)
+        cropped = [i for i, c in enumerate(crops) if c]
+        if cropped:
+            ends = [shape[1 + i] * stride[i] + crops[i] for i in cropped]
+            x = g.op("Slice", x, const([0] * len(cropped)), const(ends), const([2 + i for i in cropped]))
+        return g.op("Pad", x, const([0, 0, *before, 0, 0, *pads]))
+
+
+class ZeroUpsample(nn.Module):
+    """The input side of a transposed conv written as a plain conv: ``stride - 1`` zeros between
+    neighbouring values, then zero padding. ConvTranspose(x, w, stride s, padding p) equals
+    Conv(ZeroUpsample(x), w flipped and transposed, stride 1, dilation d) with
+    ``d * (k - 1) - p`` zeros before and that plus ``output_padding`` after each spatial axis.
+    ORT has no integer ConvTranspose (no QLinearConvTranspose on CPU): this form runs as QLinearConv,
+    exactly as the integer reference computes it, at the price of multiplying the inserted zeros
+    (stride**2 times the MACs of the transposed conv in 2-D). Zeros are on every grid (zero point)
+    and the rest is data movement, exact in any runtime."""
+
+    def __init__(self, stride: tuple, before: tuple, after: tuple):
+        super().__init__()
+        self.stride, self.before, self.after = tuple(stride), tuple(before), tuple(after)
+
+    def forward(self, x):
+        return _ZeroUpsampleFn.apply(x, tuple(int(v) for v in x.shape[1:]), self.stride, self.before, self.after)
+
+    def extra_repr(self):
+        return f"stride={self.stride}, before={self.before}, after={self.after}"
 
 
 class QLinear(_FrozenWeights):
     @classmethod
-    def from_parts(cls, linear: nn.Linear, w_int, w_scale, bias, in_scale) -> "QLinear":
+    def from_parts(cls, w_int, w_scale, bias, in_scale) -> "QLinear":
         m = cls()
         m._init_parts(w_int, w_scale, bias, in_scale)
         return m

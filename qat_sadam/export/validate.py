@@ -216,13 +216,18 @@ def mobile(path: str, workdir: str) -> dict:
     summary = [
         ln for ln in lines if any(k in ln for k in ("partition", "NNAPI", "CoreML", "nodes", "should", "supported"))
     ]
-    ort_dir = os.path.join(workdir, "ort")
-    os.makedirs(ort_dir, exist_ok=True)
+    # One folder per model, emptied first: ORT's converter converts every model in the folder, and a
+    # .ort file left by another model exported to the same place must not be taken for this one's.
+    stem = os.path.splitext(os.path.basename(path))[0]
+    ort_dir = os.path.join(workdir, "ort", stem)
+    shutil.rmtree(ort_dir, ignore_errors=True)
+    os.makedirs(ort_dir)
     shutil.copy(path, os.path.join(ort_dir, os.path.basename(path)))
     conv = subprocess.run(
         [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", ort_dir], capture_output=True, text=True
     )
-    ort_files = sorted(f for f in os.listdir(ort_dir) if f.endswith(".ort"))
+    # this model's .ort first (its runtime-optimized twin after it)
+    ort_files = sorted((f for f in os.listdir(ort_dir) if f.endswith(".ort")), key=lambda f: (f != f"{stem}.ort", f))
     configs = sorted(f for f in os.listdir(ort_dir) if f.endswith(".config"))
     return {
         "usability_check_exit_code": check.returncode,

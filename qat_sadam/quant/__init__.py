@@ -4,7 +4,15 @@ from .calibration import calibrate, reestimate_batchnorm
 from .config import QATConfig
 from .fake_quant import FakeQuantize
 from .kernels import fused_kernels_buildable, use_fused_kernels
-from .modules import QuantConv2d, QuantLinear
+from .modules import (
+    QUANT_CONVS,
+    QUANT_TRANSPOSED,
+    QuantConv1d,
+    QuantConv2d,
+    QuantConvTranspose1d,
+    QuantConvTranspose2d,
+    QuantLinear,
+)
 from .prepare import prepare_qat, quantizers
 from .spec import QuantSpec
 
@@ -12,7 +20,12 @@ __all__ = [
     "QATConfig",
     "QuantSpec",
     "FakeQuantize",
+    "QuantConv1d",
     "QuantConv2d",
+    "QuantConvTranspose1d",
+    "QuantConvTranspose2d",
+    "QUANT_CONVS",
+    "QUANT_TRANSPOSED",
     "QuantLinear",
     "prepare_qat",
     "calibrate",

@@ -22,8 +22,9 @@ from .modules import QUANT_MODULES
 from .traceable import DATA_MOVEMENT_FUNCS, MASK_FUNCS, make_traceable, visible_ops
 
 # Ops with integer kernels whose output an integer-only graph keeps quantized.
-ANCHOR_MODULES = (nn.Conv2d, nn.Linear, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
-ANCHOR_FUNCS = {F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean}
+CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
+ANCHOR_MODULES = (*CONV_MODULES, nn.Linear, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d)
+ANCHOR_FUNCS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.avg_pool1d, F.avg_pool2d, torch.mean}
 ANCHOR_METHODS = {"mean"}
 # Element-wise products and sums, matrix products and concatenations: integer kernels when every
 # tensor input is quantized (QLinearAdd, QLinearMul, QLinearMatMul, QLinearConcat).
@@ -43,15 +44,25 @@ MULTI_INPUT_FUNCS = {
 }
 MULTI_INPUT_METHODS = {"add", "add_", "mul", "mul_", "matmul", "bmm"}
 # Ops fused into the preceding anchor (quantize after them, not before).
-EXTEND_MODULES = (nn.BatchNorm2d, nn.ReLU, nn.Hardtanh)  # ReLU6 is a Hardtanh
+EXTEND_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.Hardtanh)  # ReLU6 is a Hardtanh
 EXTEND_FUNCS = {F.relu, torch.relu, F.relu6, F.hardtanh}
 EXTEND_METHODS = {"relu", "relu_"}
 # Ops that move values without changing them: a quantized input stays quantized. Dropout and
 # stochastic depth count among them: identities at inference, where the grid matters (a quantizer
 # after them would meet the one before them at export, and ORT merges such pairs).
-PASS_MODULES = (nn.MaxPool2d, nn.Dropout, nn.Identity, nn.Flatten, nn.ZeroPad2d, nn.ChannelShuffle, nn.PixelShuffle)
+PASS_MODULES = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.Dropout,
+    nn.Identity,
+    nn.Flatten,
+    nn.ZeroPad2d,
+    nn.ChannelShuffle,
+    nn.PixelShuffle,
+)
 PASS_FUNCS = {
     torch.flatten,
+    F.max_pool1d,
     F.max_pool2d,
     F.dropout,
     F.dropout1d,
@@ -99,7 +110,7 @@ TENSOR_FACTORIES = {torch.zeros, torch.ones, torch.full, torch.empty, torch.aran
 # Ops whose result is a shape, a size or a count, not a tensor.
 SIZE_METHODS = {"size", "dim", "numel"}
 SIZE_ATTRS = {"shape", "ndim", "dtype", "device"}
-UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.RNNBase)
+UNSUPPORTED = (nn.Conv3d, nn.ConvTranspose3d, nn.RNNBase)
 
 
 def node_is(node: fx.Node, modules: dict, mods: tuple, funcs: set, methods: set) -> bool:
@@ -180,7 +191,7 @@ class QuantGraph:
         return len([a for a in self.tensor_args(n) if a not in self.constant]) > 1
 
     def weight_layers(self) -> list[fx.Node]:
-        """Conv2d and Linear layers on activations (not those computing a constant from parameters)."""
+        """Conv and Linear layers on activations (not those computing a constant from parameters)."""
         return [
             n
             for n in self.gm.graph.nodes
@@ -189,7 +200,7 @@ class QuantGraph:
 
     def opaque_modules(self) -> dict[str, int]:
         """Modules traced as one call (timm's fx leaf modules, where their forward branches on values
-        or shapes) that hold a Conv2d or Linear, which then stays unquantized: count by type."""
+        or shapes) that hold a conv or Linear, which then stays unquantized: count by type."""
         found: dict[str, int] = {}
         for n in self.gm.graph.nodes:
             m = self.module(n)
@@ -229,7 +240,9 @@ class QuantGraph:
             (u,) = n.users
             if not node_is(u, self.modules, EXTEND_MODULES, EXTEND_FUNCS, EXTEND_METHODS):
                 break
-            if isinstance(self.module(u), nn.BatchNorm2d) and not isinstance(self.module(n), nn.Conv2d):
+            if isinstance(self.module(u), nn.modules.batchnorm._BatchNorm) and not isinstance(
+                self.module(n), CONV_MODULES
+            ):
                 break
             n = u
         return n
@@ -239,7 +252,7 @@ class QuantGraph:
         nodes = list(self.gm.graph.nodes)
         if placement == "conv_inputs":
             for n in self.weight_layers():
-                if isinstance(self.modules[n.target], nn.Conv2d):
+                if isinstance(self.modules[n.target], CONV_MODULES):
                     sites[n.args[0]] = None
             return list(sites)
         for n in nodes:

@@ -1,12 +1,30 @@
-"""Quantized layers: a float layer plus a weight FakeQuantize (composable, Brevitas style)."""
+"""Quantized layers: a float layer plus a weight FakeQuantize (composable, Brevitas style).
+
+Weights are quantized per output channel. A transposed conv stores its weight as (in, out/groups,
+k...): its quantizer sees the conv layout (out, in/groups, k...), so that axis 0 is the output
+channel, as for every other layer, and a BatchNorm after it folds channel by channel.
+"""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .fake_quant import FakeQuantize
 from .spec import QuantSpec
+
+
+def transposed_to_conv_layout(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """(in, out/groups, k...) -> (out, in/groups, k...): output channels first, kernels not flipped."""
+    cin, cout_g, k = w.shape[0], w.shape[1], w.shape[2:]
+    return w.reshape(groups, cin // groups, cout_g, *k).transpose(1, 2).reshape(groups * cout_g, cin // groups, *k)
+
+
+def conv_to_transposed_layout(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """The inverse of ``transposed_to_conv_layout``."""
+    cout, cin_g, k = w.shape[0], w.shape[1], w.shape[2:]
+    return w.reshape(groups, cout // groups, cin_g, *k).transpose(1, 2).reshape(groups * cin_g, cout // groups, *k)
 
 
 class _WeightQuantized:
@@ -19,9 +37,19 @@ class _WeightQuantized:
         q = cls.__new__(cls)
         q.__dict__.update(layer.__dict__)  # same Parameter objects: no copy of the weights
         q._parameters, q._buffers, q._modules = dict(layer._parameters), dict(layer._buffers), dict(layer._modules)
-        q.weight_quant = FakeQuantize(spec, "weight", channels=layer.weight.shape[0])
-        q.weight_quant.init_from(layer.weight)
+        w = q.channel_first_weight()
+        q.weight_quant = FakeQuantize(spec, "weight", channels=w.shape[0])
+        q.weight_quant.init_from(w)
         return q
+
+    def channel_first_weight(self) -> torch.Tensor:
+        """The weight with output channels on axis 0: what ``weight_quant`` quantizes."""
+        return self.weight
+
+
+class QuantConv1d(_WeightQuantized, nn.Conv1d):
+    def forward(self, x):
+        return self._conv_forward(x, self.weight_quant(self.weight), self.bias)
 
 
 class QuantConv2d(_WeightQuantized, nn.Conv2d):
@@ -29,9 +57,40 @@ class QuantConv2d(_WeightQuantized, nn.Conv2d):
         return self._conv_forward(x, self.weight_quant(self.weight), self.bias)
 
 
+class _QuantTransposed(_WeightQuantized):
+    def channel_first_weight(self) -> torch.Tensor:
+        return transposed_to_conv_layout(self.weight, self.groups)
+
+    def quantized_weight(self) -> torch.Tensor:
+        return conv_to_transposed_layout(self.weight_quant(self.channel_first_weight()), self.groups)
+
+    def forward(self, x, output_size=None):
+        pad = self._output_padding(
+            x, output_size, self.stride, self.padding, self.kernel_size, self.spatial_dims, self.dilation
+        )
+        conv = F.conv_transpose1d if self.spatial_dims == 1 else F.conv_transpose2d
+        return conv(x, self.quantized_weight(), self.bias, self.stride, self.padding, pad, self.groups, self.dilation)
+
+
+class QuantConvTranspose1d(_QuantTransposed, nn.ConvTranspose1d):
+    spatial_dims = 1
+
+
+class QuantConvTranspose2d(_QuantTransposed, nn.ConvTranspose2d):
+    spatial_dims = 2
+
+
 class QuantLinear(_WeightQuantized, nn.Linear):
     def forward(self, x):
         return F.linear(x, self.weight_quant(self.weight), self.bias)
 
 
-QUANT_MODULES = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+QUANT_MODULES = {
+    nn.Conv1d: QuantConv1d,
+    nn.Conv2d: QuantConv2d,
+    nn.ConvTranspose1d: QuantConvTranspose1d,
+    nn.ConvTranspose2d: QuantConvTranspose2d,
+    nn.Linear: QuantLinear,
+}
+QUANT_CONVS = (QuantConv1d, QuantConv2d, QuantConvTranspose1d, QuantConvTranspose2d)
+QUANT_TRANSPOSED = (QuantConvTranspose1d, QuantConvTranspose2d)

@@ -1,7 +1,8 @@
 """prepare_qat: turn an ordinary PyTorch model into a QAT model.
 
-The model is traced with torch.fx (``graph.py`` says where quantizers go); Conv2d/Linear become
-QuantConv2d/QuantLinear and activation FakeQuantize modules are inserted as call_module nodes.
+The model is traced with torch.fx (``graph.py`` says where quantizers go); convs (1-D, 2-D,
+transposed) and Linear layers become their ``modules.py`` counterparts and activation FakeQuantize
+modules are inserted as call_module nodes.
 BatchNorm stays as it is during QAT and is folded at export: per-channel symmetric weight
 quantization commutes with the per-channel BN scale, so folding keeps the integer weights.
 """
@@ -19,9 +20,9 @@ from .modules import QUANT_MODULES
 
 
 def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None) -> fx.GraphModule:
-    """A fake-quantized copy of ``model``, ready for QAT: weight quantizers on every conv and linear
-    layer (per channel), activation quantizers where an integer graph needs them (per tensor),
-    straight-through gradients, BatchNorm kept for training (it is folded at export).
+    """A fake-quantized copy of ``model``, ready for QAT: weight quantizers on every conv (1-D, 2-D,
+    transposed) and linear layer (per output channel), activation quantizers where an integer graph
+    needs them (per tensor), straight-through gradients, BatchNorm kept for training (it is folded at export).
 
     Args:
         model: any module torch.fx can trace (torchvision and timm classifiers, your own); not changed.
@@ -40,7 +41,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None) -> fx.
     g = QuantGraph(gm)
     layers = g.weight_layers()
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layer to quantize")
+        raise ValueError(f"{type(model).__name__} has no conv or linear layer to quantize")
     opaque = g.opaque_modules()
     if opaque:  # said, not silent: these layers run in float, and the export's fusion check fails on them
         warnings.warn(

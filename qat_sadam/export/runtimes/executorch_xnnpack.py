@@ -31,7 +31,7 @@ from torch import fx, nn
 
 from ...errors import ValidationError
 from ...quant.graph import node_is
-from ..qdq import QConv2d, QLinear, QuantDequant
+from ..qdq import QConv, QLinear, QuantDequant
 from .base import ModelFiles, Runtime, Session, Tolerance, first_line, missing_modules
 
 INT8_SHIFT = 128  # uint8 container -> int8: q_int8 = q_uint8 - 128, zero point alike
@@ -66,7 +66,7 @@ def _rewrite_quant_dequant(gm: fx.GraphModule, node: fx.Node, m: QuantDequant) -
     g.erase_node(node)
 
 
-def _rewrite_layer(gm: fx.GraphModule, node: fx.Node, m: QConv2d | QLinear, int4_linear: bool) -> None:
+def _rewrite_layer(gm: fx.GraphModule, node: fx.Node, m: QConv | QLinear, int4_linear: bool) -> None:
     qd, g = _ops(), gm.graph
     # XNNPACK lowers 4-bit per-channel weights (range [-8, 7], its qc4w) for Linear only: a 4-bit conv
     # fails to lower ("convert_to_qc4w: expecting input tensor to be 2d"), so convs keep the int8 container.
@@ -91,8 +91,8 @@ def _rewrite_layer(gm: fx.GraphModule, node: fx.Node, m: QConv2d | QLinear, int4
             ),
         )
         b = g.get_attr(f"{prefix}_b")
-        if isinstance(m, QConv2d):
-            out = g.call_function(F.conv2d, (node.args[0], w, b, m.stride, m.padding, m.dilation, m.groups))
+        if isinstance(m, QConv):
+            out = g.call_function(m.function, (node.args[0], w, b, m.stride, m.padding, m.dilation, m.groups))
         else:
             out = g.call_function(F.linear, (node.args[0], w, b))
     node.replace_all_uses_with(out)
@@ -112,7 +112,7 @@ def pt2e_form(frozen: fx.GraphModule, int4_linear: bool = False) -> fx.GraphModu
         m = modules.get(node.target) if node.op == "call_module" else None
         if isinstance(m, QuantDequant):
             _rewrite_quant_dequant(gm, node, m)
-        elif isinstance(m, (QConv2d, QLinear)):
+        elif isinstance(m, (QConv, QLinear)):
             _rewrite_layer(gm, node, m, int4_linear)
     gm.graph.lint()
     gm.recompile()

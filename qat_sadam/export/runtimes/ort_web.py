@@ -71,8 +71,10 @@ class OrtWeb(Runtime):
 
     def load(self, files: ModelFiles, int8: bool = True) -> Session:
         path = self.onnx_path(files, int8)
-        dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
-        fixed = dims[0].dim_value or None
+        graph = onnx.load(path).graph
+        fixed = graph.input[0].type.tensor_type.shape.dim[0].dim_value or None
+        # The output's static dims after the batch (a dense prediction's C, H, W): node writes it flat.
+        per_sample = [d.dim_value or -1 for d in graph.output[0].type.tensor_type.shape.dim[1:]]
         info: dict = {}
 
         def run(x: np.ndarray) -> np.ndarray:
@@ -98,6 +100,6 @@ class OrtWeb(Runtime):
                 if proc.returncode:
                     raise ValidationError(f"onnxruntime-web failed: {(proc.stderr or proc.stdout).strip()[:300]}")
                 info.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-                return np.fromfile(yout, dtype=np.float32).reshape(len(x), -1)
+                return np.fromfile(yout, dtype=np.float32).reshape(len(x), *per_sample)
 
         return Session(run, {"wasm": "all nodes"}, info)
