@@ -2,6 +2,7 @@
 
 import collections
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from qat_sadam import calibrate, prepare_qat
 from qat_sadam.export import export_onnx, fold_check
+from qat_sadam.export.outputs import output_list
 from qat_sadam.export.qdq import ZeroUpsample
 from qat_sadam.export.target import Target
 from qat_sadam.export.validate import validate
@@ -153,3 +155,33 @@ def test_transposed_and_1d_convs_export_as_integer_kernels_bit_exact(tmp_path, n
     assert gap <= (1 + 1e-4 if bits == 8 else 16)
     assert rep["fusion"]["ok"] and rep["fusion"]["integer_kernels"] == layers, rep["fusion"]
     assert rep["parity"]["torch_integer_vs_ort"]["max_lsb"] == 0
+
+
+class TwoHeads(nn.Module):
+    """A dense output and a pooled one, returned as a dict (torchvision's segmentation models do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.seg, self.cls = nn.Conv2d(8, 4, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        f = self.body(x)
+        return {"out": self.seg(f), "aux": self.cls(f.mean((2, 3)))}
+
+
+def test_every_output_is_exported_named_and_gated(tmp_path):
+    x = torch.randn(8, 3, 12, 12)
+    qat = _trained(TwoHeads(), x, 8)
+    done = export_onnx(qat, x[:1], str(tmp_path / "m.onnx"), CPU)
+    assert [o.name for o in onnx.load(done["path"]).graph.output] == ["out", "aux"]
+    with torch.no_grad():
+        integer = [o.numpy() for o in output_list(done["integer"](x))]
+    rep = validate(done["path"], target=CPU, inputs=[x.numpy()], integer_outputs=integer, out_dir=str(tmp_path))
+    assert rep["passed"] and set(rep["outputs"]) == {"out", "aux"}
+    assert all(o["torch_integer_vs_ort"]["max_lsb"] == 0 for o in rep["outputs"].values())
+    assert rep["outputs"]["aux"]["output_lsb"] == pytest.approx(qat.activation_quantizers["cls"].scale.item())
+    # a wrong second output fails the file, named, though the first still agrees
+    integer[1] = np.roll(integer[1], 1, axis=1)  # every argmax moves to the next class
+    rep = validate(done["path"], target=CPU, inputs=[x.numpy()], integer_outputs=integer, out_dir=str(tmp_path))
+    assert not rep["passed"] and any(f.startswith("aux: top-1 agreement") for f in rep["failures"])

@@ -21,6 +21,23 @@ def broken():
 
 def not_a_module():
     return 3
+
+
+class _Dense(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        return {"out": self.conv(x)}
+
+
+def dense():
+    return _Dense()
+
+
+def rgb(num_classes):
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
 """
 
 
@@ -64,6 +81,8 @@ def test_a_recipe_trains_and_exports_the_users_own_factory(tmp_path, own_module,
         ("user_nets:tiny", "{depth: 3}", "TypeError: tiny() got an unexpected keyword argument 'depth'"),
         ("user_nets:broken", None, "RuntimeError: no weights file next to me"),
         ("user_nets:not_a_module", None, "returned a int, not a torch.nn.Module"),
+        ("user_nets:dense", None, "returns dict for a batch of 2; a recipe trains a classifier returning logits"),
+        ("user_nets:rgb", None, "fails on the data's images (1, 8, 8): RuntimeError: Given groups=1"),
     ],
 )
 def test_a_factory_that_cannot_build_is_one_line_and_exit_2(tmp_path, own_module, capsys, name, kwargs, message):

@@ -19,6 +19,7 @@ from ..quant import FakeQuantize, QATConfig
 from ..quant.graph import failing_module, set_module
 from .freeze import freeze
 from .integer_reference import integer_reference
+from .outputs import output_names
 from .retype import (
     TORCHSCRIPT_MAX_OPSET,
     activation_container,
@@ -66,9 +67,11 @@ def _exportable_pooling(model: nn.Module, example: torch.Tensor) -> None:
 
 def _onnx_export(model: nn.Module, example: torch.Tensor, path: str, target: Target) -> str:
     """Write ``model`` as ONNX for ``target``; returns its activation container (uint8 or uint16)."""
-    dynamic = None if target.fixed_batch else {"input": {0: "batch"}, "logits": {0: "batch"}}
     if target.fixed_batch:
         example = example[:1].expand(target.fixed_batch, *example.shape[1:]).contiguous()
+    with torch.no_grad():
+        names = output_names(model.eval()(example))
+    dynamic = None if target.fixed_batch else {n: {0: "batch"} for n in ("input", *names)}
     _exportable_pooling(model, example)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
@@ -82,7 +85,7 @@ def _onnx_export(model: nn.Module, example: torch.Tensor, path: str, target: Tar
                 dynamo=False,
                 opset_version=min(target.opset, TORCHSCRIPT_MAX_OPSET),
                 input_names=["input"],
-                output_names=["logits"],
+                output_names=names,
                 dynamic_axes=dynamic,
                 do_constant_folding=True,
             )
@@ -161,7 +164,8 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str, target
     for 16-bit activations on a profile with ``activation_type: uint16``, uint16 at opset 21. A
     profile with ``weight_storage: int4`` also gets NAME.int4.onnx: the same graph with every weight
     of 4 bits or fewer stored as INT4, for runtimes that compute with it (ORT CPU's integer kernels
-    take the int8 file).
+    take the int8 file). A model returning a dict, tuple or list of tensors gets one named graph
+    output each (the dict's keys, ``output_0``...; a single tensor is ``logits``).
 
     Args:
         model: a calibrated (and usually fine-tuned) model from ``prepare_qat``, in eval mode.

@@ -71,6 +71,7 @@ _NOT_FLOAT_MATH = {
     "Equal",
     "Where",
     "MaxPool",
+    "NhwcMaxPool",
     "Clip",
     "Min",
     "Relu",
@@ -146,8 +147,8 @@ def fusion(path: str, workdir: str) -> dict:
 SHAPE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity"}
 
 
-def output_scale(model: onnx.ModelProto) -> float | None:
-    """The scale of the DequantizeLinear that produces the output (one output LSB), found through
+def output_scale(model: onnx.ModelProto, index: int = 0) -> float | None:
+    """The scale of the DequantizeLinear that produces output ``index`` (one output LSB), found through
     the reshapes after it; None if the output is not dequantized."""
     producer = {o: n for n in model.graph.node for o in n.output}
     inits = {i.name: i for i in model.graph.initializer}
@@ -162,7 +163,7 @@ def output_scale(model: onnx.ModelProto) -> float | None:
             onnx.numpy_helper.to_array(node.attribute[0].t) if node is not None and node.op_type == "Constant" else None
         )
 
-    node = producer.get(model.graph.output[0].name)
+    node = producer.get(model.graph.output[index].name)
     while node is not None and node.op_type in SHAPE_OPS:
         node = producer.get(node.input[0])
     if node is None or node.op_type != "DequantizeLinear":
@@ -180,9 +181,15 @@ def _deployed(acc: dict, ort_trusted: bool) -> dict:
     return {"deployed": acc["torch_integer"], "deployed_by": "integer reference"}
 
 
-def _run(sess, batches):
-    run = session_runner(sess)
-    return np.concatenate([run(x) for x in batches])
+def _run(sess, batches, all_outputs: bool = False):
+    run = session_runner(sess, all_outputs)
+    outs = [run(x) for x in batches]
+    return [np.concatenate(o) for o in zip(*outs)] if all_outputs else np.concatenate(outs)
+
+
+def _output_arrays(value) -> list[np.ndarray]:
+    """One array per graph output: an array is the first (or only) output, a list holds them all."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def latency(int8_path: str, float_path: str, shape: tuple, batches=(1, 32), rounds: int = 5, iters: int = 10) -> dict:
@@ -316,14 +323,20 @@ def validate(
             # The file the device runs: with INT4 storage ORT CPU computes it in float after the INT4
             # DequantizeLinear, a check of the packed weights (and no u8 x s8 saturation on x86 without VNNI).
             rep["parity_file"] = int4_path or path
-            full = _run(ort_session(rep["parity_file"]), inputs)
+            full_all = _run(ort_session(rep["parity_file"]), inputs, all_outputs=True)
             plain = _run(ort_session(rep["parity_file"], ort.GraphOptimizationLevel.ORT_DISABLE_ALL), inputs)
+            full = full_all[0]
             parity = {"ort_all_vs_ort_no_opt": lsb_stats(full, plain, scale)}
-            refs = {
-                k: v for k, v in zip(ACCURACY_KEYS, (integer_outputs, frozen_outputs, torch_outputs)) if v is not None
+            refs_all = {
+                k: _output_arrays(v)
+                for k, v in zip(ACCURACY_KEYS, (integer_outputs, frozen_outputs, torch_outputs))
+                if v is not None
             }
+            refs = {k: v[0] for k, v in refs_all.items()}
             parity.update({f"{k}_vs_ort": lsb_stats(v, full, scale) for k, v in refs.items()})
             rep["parity"] = parity
+            if len(model.graph.output) > 1:  # every output against its reference, in its own LSB
+                rep["outputs"] = _parity_by_output(model, full_all, refs_all)
             if labels is not None:
                 rep["accuracy"] = {
                     "ort_int8": float((full.argmax(1) == labels).mean()),
@@ -360,7 +373,11 @@ def validate(
         if inputs is not None and runtimes:
             files = ModelFiles(path, float_path, frozen, float_torch, inputs[0][:1], work, int4_path, activation_type)
             x = np.concatenate(inputs)[:runtime_samples]
-            ref = integer_outputs[: len(x)] if integer_outputs is not None else _run(ort_session(path), [x])
+            ref = (
+                _output_arrays(integer_outputs)[0][: len(x)]
+                if integer_outputs is not None
+                else _run(ort_session(path), [x])
+            )
             y = labels[: len(x)] if labels is not None else None
             log = os.path.join(out_dir, "runtimes.log")  # the runtimes' native log lines, not the console's
             with open(log, "w"):
@@ -410,6 +427,20 @@ def format_ladder(ladder: dict) -> list[str]:
 ACCURACY_GAP_MAX = 0.02
 
 
+def _parity_by_output(model: onnx.ModelProto, ort_outputs: list, refs: dict) -> dict:
+    out = {}
+    for i, o in enumerate(model.graph.output):
+        s = output_scale(model, i)
+        if s is None:
+            raise ValidationError(f"output {o.name!r} is not dequantized from an integer tensor: no LSB to measure")
+        out[o.name] = {"output_lsb": s}
+        for k, v in refs.items():
+            if len(v) != len(ort_outputs):
+                raise ValidationError(f"{k}: {len(v)} reference outputs for the file's {len(ort_outputs)}")
+            out[o.name][f"{k}_vs_ort"] = lsb_stats(v[i], ort_outputs[i], s)
+    return out
+
+
 def _verdict(rep: dict) -> tuple[bool, list[str], list[str]]:
     """(passed, failures, host-limited differences): what ORT CPU, or a runtime with the same x86
     u8 x s8 kernels, shows on a host whose kernels saturate the file's weights (``host.py``) is
@@ -434,11 +465,13 @@ def _verdict(rep: dict) -> tuple[bool, list[str], list[str]]:
         fails.append(
             f"not every conv/linear became an integer kernel: float ops left {rep['fusion']['float_compute_left']}"
         )
-    tq = rep.get("parity", {}).get("torch_integer_vs_ort") if "parity" in rep["checks"] else None
-    if tq and tq["top1_agreement"] < 0.995:
-        (host if limited else fails).append(
-            f"top-1 agreement torch (integer reference) vs ORT is {tq['top1_agreement']:.4f} < 0.995"
-        )
+    gated = {"": rep.get("parity", {})} if "outputs" not in rep else {f"{k}: ": v for k, v in rep["outputs"].items()}
+    for name, parity in gated.items() if "parity" in rep["checks"] else ():
+        tq = parity.get("torch_integer_vs_ort")
+        if tq and tq["top1_agreement"] < 0.995:
+            (host if limited else fails).append(
+                f"{name}top-1 agreement torch (integer reference) vs ORT is {tq['top1_agreement']:.4f} < 0.995"
+            )
     if "mobile" in rep and not rep["mobile"]["ort_conversion_ok"]:
         fails.append("conversion to the .ort format failed")
     for name, r in rep.get("runtimes", {}).items():
@@ -451,6 +484,13 @@ def _verdict(rep: dict) -> tuple[bool, list[str], list[str]]:
                 f"{rep['runtimes_reference']} (tolerance {t['max_lsb']:g} LSB, {100 * t['top1_agreement']:.0f}%)"
             )
     return not fails, fails, host
+
+
+def _parity_row(pair: str, v: dict) -> str:
+    return (
+        f"| {pair} | {v['max_lsb']:.2f} | {v['p99_lsb']:.2f} | {100 * v['mismatch_frac']:.2f}% | "
+        f"{100 * v['top1_agreement']:.2f}% |"
+    )
 
 
 def to_markdown(rep: dict) -> str:
@@ -491,11 +531,16 @@ def to_markdown(rep: dict) -> str:
             "| pair | max LSB | p99 LSB | outputs off by >0.5 LSB | top-1 agreement |",
             "|---|---|---|---|---|",
         ]
-        for k, v in rep["parity"].items():
-            L.append(
-                f"| {k} | {v['max_lsb']:.2f} | {v['p99_lsb']:.2f} | {100 * v['mismatch_frac']:.2f}% | "
-                f"{100 * v['top1_agreement']:.2f}% |"
-            )
+        L += [_parity_row(k, v) for k, v in rep["parity"].items()] + [""]
+    if "outputs" in rep:
+        L += [
+            "## Parity of each output (accuracy and the runtimes take the first)",
+            "",
+            "| output | LSB | pair | max LSB | p99 LSB | outputs off by >0.5 LSB | top-1 agreement |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, o in rep["outputs"].items():
+            L += [f"| {name} | {o['output_lsb']:.4g} " + _parity_row(k, v) for k, v in o.items() if k != "output_lsb"]
         L.append("")
     if "accuracy" in rep:
         a = rep["accuracy"]

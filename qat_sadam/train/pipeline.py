@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ExportError, TrainingStopped
+from ..errors import ExportError, RecipeError, TrainingStopped
 from ..export import DEFAULT_TARGET, freeze, integer_reference, load_target
 from ..quant import calibrate, fused_kernels_buildable, reestimate_batchnorm, use_fused_kernels
 from .data import Loader, load_data
@@ -82,9 +82,34 @@ def start_model(recipe: Recipe, s: Setup, load_start: bool = True) -> tuple[nn.M
     loss (the top rung of the ladder, before any quantizer), or {} from random weights."""
     float_model, start = build_float_model(recipe, s.info, load_start=load_start)
     float_model.to(s.device)
+    _check_classifier(float_model, recipe, s)
     if start:
         start["float_acc"], start["float_loss"] = score(float_model.eval(), s.test_loader)
     return quantize_model(recipe, float_model), start
+
+
+@torch.no_grad()
+def _check_classifier(model: nn.Module, recipe: Recipe, s: Setup) -> None:
+    """RecipeError, one line, unless the model maps a batch to logits (N, classes): what a recipe trains
+    with cross-entropy and scores by top-1 (a dense model trains and exports through the Python API)."""
+    x, _ = next(iter(s.test_loader.batches()))
+    was_training = model.training
+    try:
+        out = model.eval()(x[:2])
+    except Exception as e:  # the user's forward: its error, in one line
+        raise RecipeError(
+            f"model {recipe.model.name!r} fails on the data's images {tuple(x.shape[1:])}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        ) from None
+    finally:
+        model.train(was_training)
+    classes = s.info["num_classes"]
+    if not (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] == classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RecipeError(
+            f"model {recipe.model.name!r} returns {got} for a batch of 2; a recipe trains a classifier "
+            f"returning logits (N, {classes}) for the data's {classes} classes"
+        )
 
 
 def post_training_quantize(model: nn.Module, recipe: Recipe, s: Setup, start: dict) -> None:

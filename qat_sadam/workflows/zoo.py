@@ -15,6 +15,7 @@ import torch
 
 from ..errors import UserError
 from ..export import Target, export_onnx, validate
+from ..export.outputs import output_list
 from ..models import build_model
 from ..quant import calibrate, prepare_qat
 
@@ -48,7 +49,7 @@ def zoo_row(
     row = {"model": name, "source": source, "bits": bits, "stage": "build"}
     try:
         for i, (model, size) in enumerate(runnable_sizes(name, source)):
-            row = _row_at(model, name, source, size, bits, images, seed)
+            row = model_row(model, name, source, (3, size, size), bits, images, seed)
             if "error" not in row or i + 1 >= attempts:
                 break
     except (ValueError, UserError) as e:
@@ -56,13 +57,40 @@ def zoo_row(
     return row
 
 
-def _row_at(model, name: str, source: str, size: int, bits: int, images: int, seed: int) -> dict:
+def _runtime_cell(r: dict) -> dict:
+    if r["status"] != "ran":
+        return {"status": r["status"], "reason": r.get("reason", "")[:200]}
+    p = r["parity"]
+    return {
+        "status": "ran",
+        "max_lsb": p["max_lsb"],
+        "top1_agreement": p["top1_agreement"],
+        "within_tolerance": r["within_tolerance"],
+        "host_limited": bool(r.get("host_limited")),
+    }
+
+
+def model_row(
+    model,
+    name: str,
+    source: str,
+    shape: tuple,
+    bits: int = 8,
+    images: int = 16,
+    seed: int = 0,
+    target: Target | str = TARGET,
+    runtimes: list[str] | None = None,
+) -> dict:
+    """Prepare, calibrate on ``images`` random inputs of ``shape`` (C, H, W or C, L), export for
+    ``target`` (cpu-x86 by default) and validate ``model`` on ORT CPU; every output the model returns
+    (a tensor, or a dict, tuple or list of them) is measured, and the row holds the worst: the largest
+    difference, the lowest top-1 agreement. With ``runtimes``, the first output on each of them too."""
     torch.manual_seed(seed)
     row = {
         "model": name,
         "source": source,
         "bits": bits,
-        "size": size,
+        "size": shape[-1],
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "stage": "prepare",
     }
@@ -70,29 +98,40 @@ def _row_at(model, name: str, source: str, size: int, bits: int, images: int, se
     try:
         qat = prepare_qat(model, {"bits": bits})
         row["opaque_modules"] = qat.opaque_modules
-        x = torch.randn(images, 3, size, size)
+        x = torch.randn(images, *shape)
         row["stage"] = "calibrate"
         calibrate(qat, [x])
         qat.eval()
         row["stage"] = "export"
         with tempfile.TemporaryDirectory() as tmp:
-            done = export_onnx(qat, x[:1], os.path.join(tmp, "model.onnx"), TARGET)
+            done = export_onnx(qat, x[:1], os.path.join(tmp, "model.onnx"), target)
             row["stage"] = "validate"
             with torch.no_grad():
-                integer = done["integer"](x).numpy()
-            rep = validate(done["path"], target=TARGET, inputs=[x.numpy()], integer_outputs=integer, out_dir=tmp)
+                integer = [o.numpy() for o in output_list(done["integer"](x))]
+            rep = validate(
+                done["path"],
+                target=target,
+                inputs=[x.numpy()],
+                integer_outputs=integer,
+                out_dir=tmp,
+                runtimes=runtimes,
+                frozen=done["frozen"],
+            )
             size_ratio = os.path.getsize(done["path"]) / (4e6 * row["params_m"])
-        fu, parity = rep["fusion"], rep["parity"]["torch_integer_vs_ort"]
+        fu = rep["fusion"]
+        each = [o["torch_integer_vs_ort"] for o in rep.get("outputs", {"": rep["parity"]}).values()]
         row.update(
             stage="done",
             integer_kernels=fu["integer_kernels"],
             float_compute_left=fu["float_compute_left"],
             float_ops={k: v["count"] for k, v in fu["float_ops"].items()},
-            max_lsb=parity["max_lsb"],
-            top1_agreement=parity["top1_agreement"],
+            outputs=len(each),
+            max_lsb=max(p["max_lsb"] for p in each),
+            top1_agreement=min(p["top1_agreement"] for p in each),
             int8_over_float=size_ratio,
             fully_integer=fu["ok"],
-            bit_exact=fu["ok"] and parity["max_lsb"] == 0,
+            bit_exact=fu["ok"] and all(p["max_lsb"] == 0 for p in each),
+            runtimes={k: _runtime_cell(r) for k, r in rep.get("runtimes", {}).items()},
         )
     except (ValueError, UserError) as e:  # ExportError is a UserError; anything else is a bug to fix
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:240]}" if str(e) else type(e).__name__

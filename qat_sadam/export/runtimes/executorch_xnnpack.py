@@ -15,6 +15,9 @@ runtime. The rewrite maps, it does not re-quantize: the same scales, zero points
   and a dequantize feeding one would end up shared by the identity's consumers, which joins the
   partitions before and after it into a cycle at a residual add ("Invalid partition, found
   dependency cycles" on ResNet-18 W4A4, whose CIFAR stem replaces the max pool by an Identity).
+- Concatenations: XNNPACK's quantized concatenate takes inputs on the output's grid (ExecuTorch
+  fails to load the program otherwise), so each input is first requantized to the output's scale
+  and zero point, what QLinearConcat does inside: Q_out(cat(x, y)) = cat(Q_out(x), Q_out(y)).
 - Weights: int8 per output channel (dequantize_per_channel); the bias as float, which XNNPACK
   quantizes to int32 with scale s_in * s_w, giving back our int32 bias.
 """
@@ -99,6 +102,19 @@ def _rewrite_layer(gm: fx.GraphModule, node: fx.Node, m: QConv | QLinear, int4_l
     g.erase_node(node)
 
 
+def _concat_inputs_on_output_grid(gm: fx.GraphModule, modules: dict) -> None:
+    """Before each concatenation whose output is quantized, its output quantizer on every input."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (torch.cat, torch.concat) or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        if not (user.op == "call_module" and isinstance(modules.get(user.target), QuantDequant)):
+            continue
+        with gm.graph.inserting_before(node):
+            inputs = [gm.graph.call_module(user.target, (a,)) for a in node.args[0]]
+        node.args = (inputs, *node.args[1:])
+
+
 def pt2e_form(frozen: fx.GraphModule, int4_linear: bool = False) -> fx.GraphModule:
     """The frozen graph with our Q/DQ modules and integer layers as quantized_decomposed ops; with
     ``int4_linear``, linear layers whose integers fit [-8, 7] as 4-bit weights."""
@@ -108,6 +124,7 @@ def pt2e_form(frozen: fx.GraphModule, int4_linear: bool = False) -> fx.GraphModu
         if node_is(node, modules, (nn.Identity, nn.Dropout), set(), set()):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
+    _concat_inputs_on_output_grid(gm, modules)
     for node in list(gm.graph.nodes):
         m = modules.get(node.target) if node.op == "call_module" else None
         if isinstance(m, QuantDequant):

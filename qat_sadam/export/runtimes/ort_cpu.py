@@ -40,19 +40,24 @@ def ort_session(
         raise ValidationError(f"ONNX Runtime cannot load {path}: {first_line(e)}") from None
 
 
-def session_runner(sess):
+def session_runner(sess, all_outputs: bool = False):
     """A function running a batch of any size through ``sess``, in chunks of its batch when the
-    model's batch dimension is fixed (mobile profiles, QNN)."""
+    model's batch dimension is fixed (mobile profiles, QNN): the first output, or with
+    ``all_outputs`` the list of every output."""
     name, batch = sess.get_inputs()[0].name, sess.get_inputs()[0].shape[0]
     step = batch if isinstance(batch, int) else None
 
+    def once(x):
+        outs = sess.run(None, {name: x})
+        return outs if all_outputs else [outs[0]]
+
     def run(x):
         try:
-            if step is None:
-                return sess.run(None, {name: x})[0]
-            return np.concatenate([sess.run(None, {name: x[i : i + step]})[0] for i in range(0, len(x), step)])
+            chunks = [once(x)] if step is None else [once(x[i : i + step]) for i in range(0, len(x), step)]
         except Exception as e:  # ORT's own exception types: a kernel refused the graph at run time
             raise ValidationError(f"ONNX Runtime failed to run the model: {first_line(e)}") from None
+        outs = [np.concatenate(parts) for parts in zip(*chunks)]
+        return outs if all_outputs else outs[0]
 
     return run
 
