@@ -1,6 +1,7 @@
 """Layers beyond image classifiers: transposed and 1-D convs, dense outputs."""
 
 import collections
+import json
 
 import numpy as np
 import onnx
@@ -9,14 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat_sadam import calibrate, prepare_qat
+from qat_sadam import calibrate, prepare_qat, sadam_param_groups
+from qat_sadam.cli import main
 from qat_sadam.export import export_onnx, fold_check
 from qat_sadam.export.outputs import output_list
 from qat_sadam.export.qdq import ZeroUpsample
 from qat_sadam.export.target import Target
 from qat_sadam.export.validate import validate
+from qat_sadam.metrics import score
 from qat_sadam.quant import QuantConvTranspose2d
-from qat_sadam.quant.modules import conv_to_transposed_layout, transposed_to_conv_layout
+from qat_sadam.quant.modules import transposed_to_conv_layout
+from qat_sadam.train.data import Loader, Split, load_data
+from qat_sadam.train.recipe import DataSection
 
 CPU = Target(name="test", weight_bits_max=7, checks=["fusion", "parity"])
 
@@ -67,7 +72,8 @@ class KeywordSpotter(nn.Module):
 
 
 def _trained(model, x, bits):
-    """Prepared, calibrated, BatchNorm with non-identity statistics and affine parameters."""
+    """Prepared, calibrated, BatchNorm with non-identity affine parameters, then three QAT steps (on
+    random labels: the weights, scales and running statistics move as training moves them)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     for m in model.modules():
@@ -79,9 +85,13 @@ def _trained(model, x, bits):
     qat = prepare_qat(model, {"bits": bits})
     calibrate(qat, [x])
     qat.train()
-    with torch.no_grad():
-        for _ in range(3):
-            qat(x)
+    opt = torch.optim.AdamW(sadam_param_groups(qat, scale_lr=1e-6), lr=1e-3)  # scales ~1e-2 move slowly
+    for _ in range(3):
+        outs = output_list(qat(x))
+        labels = [torch.randint(o.shape[1], (o.shape[0], *o.shape[2:]), generator=g) for o in outs]
+        opt.zero_grad()
+        sum(F.cross_entropy(o, t) for o, t in zip(outs, labels)).backward()
+        opt.step()
     return qat.eval()
 
 
@@ -104,29 +114,22 @@ def test_zero_upsampling_then_flipped_conv_is_the_transposed_conv(dims, kw):
     up = ZeroUpsample(conv_t.stride, before, after)(x)
     y = (F.conv1d if dims == 1 else F.conv2d)(up, w, conv_t.bias, 1, 0, d, conv_t.groups)
     torch.testing.assert_close(y, conv_t(x), rtol=0, atol=1e-12)
-    assert torch.equal(
-        conv_to_transposed_layout(
-            transposed_to_conv_layout(conv_t.weight, 2 if "groups" in kw else 1), 2 if "groups" in kw else 1
-        ),
-        conv_t.weight,
-    )
 
 
 def test_transposed_conv_weights_are_quantized_per_output_channel():
     torch.manual_seed(0)
-    layer = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2)
-    qat = prepare_qat(nn.Sequential(layer), {"bits": 4, "first_last_bits": None})
-    q = qat.get_submodule("0")
+    layers = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2), nn.ConvTranspose2d(6, 6, 3, groups=2))
+    qat = prepare_qat(layers, {"bits": 4, "first_last_bits": None})
+    q, grouped = qat.get_submodule("0"), qat.get_submodule("1")
     assert isinstance(q, QuantConvTranspose2d) and q.weight_quant.scale.shape == (6,)
-    w_conv = transposed_to_conv_layout(layer.weight, 2)
-    # each output channel's weights take at most 15 values on its own grid, symmetric per channel
-    codes = q.weight_quant.integer(w_conv.detach())
-    assert codes.abs().max() <= 7 and codes.flatten(1).unique(dim=0).shape[0] > 1
-    expected = conv_to_transposed_layout(codes * q.weight_quant.scale.view(-1, 1, 1, 1), 2)
-    torch.testing.assert_close(q.quantized_weight(), expected)
+    # with groups, per output channel of a group (axis 1 of (in, out/groups, k, k)), as torch.ao does
+    assert grouped.weight_quant.scale.shape == (3,) and grouped.weight_quant.spec.axis == 1
+    codes = q.weight_quant.integer(q.weight.detach())
+    assert codes.abs().max() <= 7 and codes.transpose(0, 1).flatten(1).unique(dim=0).shape[0] > 1
+    expected = codes * q.weight_quant.scale.view(1, -1, 1, 1)
     x = torch.randn(2, 4, 5, 5)
     y = q(x)
-    torch.testing.assert_close(y, F.conv_transpose2d(x, expected, q.bias, 2, 0, 0, 2))
+    torch.testing.assert_close(y, F.conv_transpose2d(x, expected, q.bias, 2))
     y.square().sum().backward()  # straight through to the weights, LSQ to the per-channel scales
     assert q.weight.grad.abs().sum() > 0 and (q.weight_quant.scale.grad != 0).all()
 
@@ -149,10 +152,10 @@ def test_transposed_and_1d_convs_export_as_integer_kernels_bit_exact(tmp_path, n
             integer_outputs=done["integer"](x).numpy(),
             out_dir=str(tmp_path),
         )
-        # the frozen graph (BatchNorm folded, transposed convs rewritten) computes the QAT graph: one LSB
-        # of rounding at 8 bits; at 4 bits such seeds cascade (measured 4-8 LSB), fold_check holds each layer
+        # the frozen graph (BatchNorm folded, transposed convs rewritten) computes the QAT graph: rounding
+        # at ties (2 LSB at 8 bits); at 4 bits such seeds cascade (measured 4-8 LSB), fold_check holds each layer
         gap = float((done["frozen"](x) - qat(x)).abs().max()) / rep["output_lsb"]
-    assert gap <= (1 + 1e-4 if bits == 8 else 16)
+    assert gap <= (2 + 1e-4 if bits == 8 else 16)
     assert rep["fusion"]["ok"] and rep["fusion"]["integer_kernels"] == layers, rep["fusion"]
     assert rep["parity"]["torch_integer_vs_ort"]["max_lsb"] == 0
 
@@ -185,3 +188,43 @@ def test_every_output_is_exported_named_and_gated(tmp_path):
     integer[1] = np.roll(integer[1], 1, axis=1)  # every argmax moves to the next class
     rep = validate(done["path"], target=CPU, inputs=[x.numpy()], integer_outputs=integer, out_dir=str(tmp_path))
     assert not rep["passed"] and any(f.startswith("aux: top-1 agreement") for f in rep["failures"])
+
+
+def test_shapes_masks_are_deterministic_and_move_with_their_images():
+    data = load_data(DataSection(name="shapes", image_size=16))
+    again = load_data(DataSection(name="shapes", image_size=16))
+    assert data.task == "segmentation" and data.num_classes == 4 and data.train.y.shape == (2048, 16, 16)
+    assert torch.equal(data.train.y, again.train.y) and torch.equal(data.test.x, again.test.x)
+    assert set(data.train.y.unique().tolist()) == {0, 1, 2, 3}
+    # an image that spells its own label map: after random crops and flips it still does
+    y = data.train.y[:64]
+    split = Split((y * 60).to(torch.uint8)[:, None].expand(-1, 3, -1, -1).contiguous(), y)
+    loader = Loader(split, 16, (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255), shuffle=True, crop_padding=3, flip=True)
+    moved = 0
+    for x, labels in loader.batches(epoch=1):
+        assert torch.equal(x[:, 0].round().long(), labels * 60)
+        moved += int((labels != y[: len(labels)]).any())
+    assert moved  # the augmentation did move them
+
+
+def test_miou_counts_each_class_over_its_union():
+    labels = torch.tensor([[[0, 0, 1, 1]], [[2, 2, 2, 0]]])
+    pred = torch.tensor([[[0, 1, 1, 1]], [[2, 2, 0, 0]]])
+    logits = F.one_hot(pred, 3).permute(0, 3, 1, 2).float()
+    # class 0: 2 hits / 4 in union; class 1: 2 / 3; class 2: 2 / 3
+    assert score(logits, labels) == pytest.approx((2 / 4 + 2 / 3 + 2 / 3) / 3)
+    assert score(torch.eye(3)[[0, 1, 1]], torch.tensor([0, 1, 2])) == pytest.approx(2 / 3)  # top-1 for (N,)
+
+
+def test_a_segmentation_recipe_trains_fine_tunes_and_exports_in_miou(tmp_path, capsys):
+    small = ["data.image_size=16", "data.subset=256", "data.test_subset=64", "fake_quant_kernels=eager"]
+    sets = [a for s in small for a in ("--set", s)]
+    float_run, ft = tmp_path / "float", tmp_path / "ft"
+    assert main(["train", "shapes_float", "--out", str(float_run), "--quiet", "--set", "max_steps=16"] + sets) == 0
+    sets += ["--set", f"model.checkpoint={float_run}", "--set", "max_steps=4"]
+    assert main(["train", "shapes_finetune", "--bits", "W4A8", "--out", str(ft), "--quiet"] + sets) == 0
+    rep = json.loads((ft / "export" / "validation.json").read_text())
+    assert rep["passed"] and rep["accuracy"]["metric"] == "mIoU"
+    assert rep["parity"]["torch_integer_vs_ort"]["max_lsb"] == 0 and rep["fusion"]["integer_kernels"] == 8
+    ladder = rep["ladder"]
+    assert 0 < ladder["ptq_acc"] < 1 and 0 < ladder["qat_acc"] < 1 and ladder["float_acc"] > 0.25

@@ -345,6 +345,11 @@ def test_recovery_is_a_ratio_only_when_ptq_lost_accuracy():
     assert accuracy_ladder({"float_acc": 0.8, "ptq_acc": 0.6, "qat_acc": 0.75}, 100)["recovery"] == pytest.approx(0.75)
     # PTQ at or above float (MobileNetV2 W8A8 here: 72.7 -> 73.1): nothing to recover, no ratio
     assert accuracy_ladder({"float_acc": 0.727, "ptq_acc": 0.731, "qat_acc": 0.749}, 1000)["recovery"] is None
+    # PTQ below float by less than one sample of the set (a segmentation ladder's 4e-5 mIoU): no ratio either
+    assert accuracy_ladder({"float_acc": 0.92393, "ptq_acc": 0.92389, "qat_acc": 0.9276}, 512)["recovery"] is None
+    assert accuracy_ladder({"float_acc": 0.924, "ptq_acc": 0.922, "qat_acc": 0.923}, 512)["recovery"] == pytest.approx(
+        0.5
+    )
 
 
 def test_sensitivity_ranks_layers_and_proposes_a_mixed_precision_within_budget(quickstart_float, tmp_path, capsys):

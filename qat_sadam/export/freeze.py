@@ -30,7 +30,7 @@ from torch import fx, nn
 from ..errors import ExportError
 from ..quant import QUANT_CONVS, QUANT_TRANSPOSED, FakeQuantize, QuantLinear
 from ..quant.graph import RANDOM_IN_TRAINING, QuantGraph, set_module
-from ..quant.modules import QUANT_MODULES
+from ..quant.modules import QUANT_MODULES, transposed_to_conv_layout
 from .qdq import ChannelAffine, QConv, QLinear, QuantDequant, ZeroUpsample
 
 QUANT_LAYERS = (*QUANT_CONVS, QuantLinear)
@@ -50,12 +50,14 @@ def _requantize(w_int: torch.Tensor, scale: torch.Tensor, max_bits: int | None):
 
 
 def _folded(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm | None):
-    """(integer weight, per-channel weight scale, float bias) with BatchNorm folded in; the weight
-    with output channels first (a transposed conv's in conv layout)."""
+    """(integer weight, per-output-channel weight scale, float bias) with BatchNorm folded in; the
+    weight with output channels first (a transposed conv's in conv layout, ``transposed_to_conv_layout``)."""
     q: FakeQuantize = layer.weight_quant
-    weight = layer.channel_first_weight().detach()
-    w_int = q.integer(weight).to(torch.int32)
-    scale = q.step_size(weight).flatten().expand(weight.shape[0]).clone()
+    weight = layer.weight.detach()
+    w_int, step = q.integer(weight).to(torch.int32), q.step_size(weight).expand_as(weight)
+    if isinstance(layer, QUANT_TRANSPOSED):
+        w_int, step = (transposed_to_conv_layout(t, layer.groups) for t in (w_int, step))
+    scale = step.flatten(1)[:, 0].clone()
     bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros_like(scale)
     if bn is not None:
         a = (

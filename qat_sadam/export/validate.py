@@ -21,6 +21,7 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import ValidationError
+from ..metrics import score
 from .host import host_limits
 from .retype import activation_container
 from .runtimes import ModelFiles, check_formats, check_names, lsb_stats, measure, ort_session, session_runner
@@ -271,7 +272,8 @@ def validate(
     fold: dict | None = None,
     int4_path: str | None = None,
 ) -> dict:
-    """Validate an INT8 ONNX model on real input batches ``inputs`` with classes ``labels``.
+    """Validate an INT8 ONNX model on real input batches ``inputs`` with classes ``labels`` ((N,), or
+    (N, H, W) for segmentation, scored by mIoU: ``metrics.Score``).
 
     ``ladder``: the accuracies of the rungs below this model (``float_acc``, and ``ptq_acc`` for a
     fine-tuned one); this model's ORT accuracy is added as ``rung`` and, with all three, the
@@ -339,9 +341,10 @@ def validate(
                 rep["outputs"] = _parity_by_output(model, full_all, refs_all)
             if labels is not None:
                 rep["accuracy"] = {
-                    "ort_int8": float((full.argmax(1) == labels).mean()),
+                    "metric": "mIoU" if labels.ndim > 1 else "top-1",
+                    "ort_int8": score(full, labels),
                     "samples": int(len(labels)),
-                    **{k: float((v.argmax(1) == labels).mean()) for k, v in refs.items()},
+                    **{k: score(v, labels) for k, v in refs.items()},
                 }
                 ort_trusted = "parity" in target.checks and not rep["host"]["limits_ort"]
                 rep["accuracy"].update(_deployed(rep["accuracy"], ort_trusted))
@@ -408,11 +411,13 @@ LADDER_KEYS = ("float_acc", "ptq_acc", "qat_acc", "recovery")
 
 def accuracy_ladder(rungs: dict, samples: int) -> dict:
     """float, PTQ INT8 and QAT INT8 accuracy with recovery = (qat - ptq) / (float - ptq): the share of
-    the accuracy PTQ lost that QAT won back (None where a rung is missing or PTQ lost nothing, since a
-    ratio to a zero or negative loss says nothing)."""
+    the accuracy PTQ lost that QAT won back (None where a rung is missing or PTQ lost less than one
+    sample's worth, 1 / samples: a ratio to a loss that small, or none, says nothing; a segmentation
+    ladder's 0.00004 mIoU gave 125)."""
     out = {k: rungs.get(k) for k in LADDER_KEYS[:3]}
     f, p, q = out["float_acc"], out["ptq_acc"], out["qat_acc"]
-    out["recovery"] = (q - p) / (f - p) if None not in (f, p, q) and f > p else None  # PTQ lost nothing: no ratio
+    lost = None if None in (f, p, q) else f - p
+    out["recovery"] = (q - p) / lost if lost is not None and lost * max(samples, 1) >= 1 else None
     return {**out, "samples": samples}
 
 
@@ -547,7 +552,7 @@ def to_markdown(rep: dict) -> str:
         L += [
             "## Accuracy",
             "",
-            f"{a['samples']} test samples: ORT INT8 {100 * a['ort_int8']:.2f}%"
+            f"{a['samples']} test samples, {a.get('metric', 'top-1')}: ORT INT8 {100 * a['ort_int8']:.2f}%"
             + "".join(f", {k.replace('_', ' ')} {100 * a[k]:.2f}%" for k in ACCURACY_KEYS if k in a),
             "",
             f"Deployed accuracy (the ladder's rung, the gate's): {a['deployed_by']}.",
@@ -699,7 +704,7 @@ def format_report(rep: dict, out_dir: str) -> str:
     if "accuracy" in rep:
         a = rep["accuracy"]
         L.append(
-            f"  accuracy on {a['samples']}: ORT INT8 {100 * a['ort_int8']:.2f}%"
+            f"  {a.get('metric', 'top-1')} on {a['samples']}: ORT INT8 {100 * a['ort_int8']:.2f}%"
             + "".join(f", {k.replace('_', ' ')} {100 * a[k]:.2f}%" for k in ACCURACY_KEYS if k in a)
             + (f"; deployed: {a['deployed_by']}" if a["deployed_by"] != "ORT CPU" else "")
         )

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import RecipeError
 
-OWN_MODELS = ("paper_cnn", "small_cnn")
+OWN_MODELS = ("paper_cnn", "small_cnn", "small_unet")
 SOURCES = ("torchvision", "timm", "python")
 # Builder arguments that make a torchvision model trainable as any other: one output in train mode.
 _TORCHVISION_KW = {
@@ -55,6 +55,34 @@ class SmallCNN(nn.Module):
         x = self.stem(x)
         x = self.relu(self.body(x) + x)
         return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class SmallUNet(nn.Module):
+    """A small U-Net for segmentation (``shapes``): two encoder stages, two transposed-conv decoder
+    stages with skip concatenations, per-pixel logits (N, classes, H, W); H and W divisible by 4."""
+
+    def __init__(self, num_classes: int = 4, in_channels: int = 3, width: int = 16):
+        super().__init__()
+
+        def block(cin, cout, stride=1):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+        def up(cin, cout):
+            return nn.Sequential(
+                nn.ConvTranspose2d(cin, cout, 3, 2, 1, output_padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+            )
+
+        self.enc1, self.enc2 = block(in_channels, width), block(width, 2 * width, 2)
+        self.enc3 = block(2 * width, 4 * width, 2)
+        self.up2, self.dec2 = up(4 * width, 2 * width), block(4 * width, 2 * width)
+        self.up1, self.dec1 = up(2 * width, width), block(2 * width, width)
+        self.head = nn.Conv2d(width, num_classes, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(e1)
+        d2 = self.dec2(torch.cat([self.up2(self.enc3(e2)), e2], 1))
+        return self.head(self.dec1(torch.cat([self.up1(d2), e1], 1)))
 
 
 CIFAR_STEM_MODELS = ("resnet18", "resnet50", "mobilenet_v2")
@@ -158,6 +186,8 @@ def build_model(
         return PaperCNN(num_classes, image_size, tuple(widths), in_channels, dropout)
     if name == "small_cnn":
         return SmallCNN(num_classes, in_channels, width)
+    if name == "small_unet":
+        return SmallUNet(num_classes, in_channels, width)
     kw = dict(_TORCHVISION_KW.get(name, {}), **({"image_size": image_size} if name.startswith("vit_") else {}))
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
     if cifar_stem:

@@ -1,8 +1,9 @@
 """Quantized layers: a float layer plus a weight FakeQuantize (composable, Brevitas style).
 
-Weights are quantized per output channel. A transposed conv stores its weight as (in, out/groups,
-k...): its quantizer sees the conv layout (out, in/groups, k...), so that axis 0 is the output
-channel, as for every other layer, and a BatchNorm after it folds channel by channel.
+Weights are quantized per output channel: axis 0 of a conv's or linear layer's weight. A transposed
+conv stores its weight as (in, out/groups, k...): its quantizer's axis is 1, as torch.ao quantizes
+it, per output channel without groups and per output channel of a group, shared by the groups, with
+them (every consumer of a weight quantizer then reads the parameter as it is stored).
 """
 
 from __future__ import annotations
@@ -21,30 +22,21 @@ def transposed_to_conv_layout(w: torch.Tensor, groups: int) -> torch.Tensor:
     return w.reshape(groups, cin // groups, cout_g, *k).transpose(1, 2).reshape(groups * cout_g, cin // groups, *k)
 
 
-def conv_to_transposed_layout(w: torch.Tensor, groups: int) -> torch.Tensor:
-    """The inverse of ``transposed_to_conv_layout``."""
-    cout, cin_g, k = w.shape[0], w.shape[1], w.shape[2:]
-    return w.reshape(groups, cout // groups, cin_g, *k).transpose(1, 2).reshape(groups * cin_g, cout // groups, *k)
-
-
 class _WeightQuantized:
     """Mixin: the layer's weight passes through ``weight_quant`` (per output channel) on every forward."""
 
     weight_quant: FakeQuantize
+    weight_axis = 0  # the output channels' axis of the stored weight
 
     @classmethod
     def from_float(cls, layer: nn.Module, spec: QuantSpec):
         q = cls.__new__(cls)
         q.__dict__.update(layer.__dict__)  # same Parameter objects: no copy of the weights
         q._parameters, q._buffers, q._modules = dict(layer._parameters), dict(layer._buffers), dict(layer._modules)
-        w = q.channel_first_weight()
-        q.weight_quant = FakeQuantize(spec, "weight", channels=w.shape[0])
-        q.weight_quant.init_from(w)
+        spec = spec.with_(axis=cls.weight_axis) if spec.per_channel else spec
+        q.weight_quant = FakeQuantize(spec, "weight", channels=layer.weight.shape[cls.weight_axis])
+        q.weight_quant.init_from(layer.weight)
         return q
-
-    def channel_first_weight(self) -> torch.Tensor:
-        """The weight with output channels on axis 0: what ``weight_quant`` quantizes."""
-        return self.weight
 
 
 class QuantConv1d(_WeightQuantized, nn.Conv1d):
@@ -58,18 +50,15 @@ class QuantConv2d(_WeightQuantized, nn.Conv2d):
 
 
 class _QuantTransposed(_WeightQuantized):
-    def channel_first_weight(self) -> torch.Tensor:
-        return transposed_to_conv_layout(self.weight, self.groups)
-
-    def quantized_weight(self) -> torch.Tensor:
-        return conv_to_transposed_layout(self.weight_quant(self.channel_first_weight()), self.groups)
+    weight_axis = 1
 
     def forward(self, x, output_size=None):
         pad = self._output_padding(
             x, output_size, self.stride, self.padding, self.kernel_size, self.spatial_dims, self.dilation
         )
         conv = F.conv_transpose1d if self.spatial_dims == 1 else F.conv_transpose2d
-        return conv(x, self.quantized_weight(), self.bias, self.stride, self.padding, pad, self.groups, self.dilation)
+        w = self.weight_quant(self.weight)
+        return conv(x, w, self.bias, self.stride, self.padding, pad, self.groups, self.dilation)
 
 
 class QuantConvTranspose1d(_QuantTransposed, nn.ConvTranspose1d):

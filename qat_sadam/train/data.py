@@ -25,7 +25,7 @@ from .datafiles import check_images, check_labels, check_same_classes, decode_jp
 if TYPE_CHECKING:  # recipe.py builds on this module (DATASETS): the section type is for annotations only
     from .recipe import DataSection
 
-DATASETS = ("synthetic", "digits", "cifar10", "cifar100", "tinyimagenet")
+DATASETS = ("synthetic", "digits", "shapes", "cifar10", "cifar100", "tinyimagenet")
 _CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
 _CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
 
@@ -33,7 +33,7 @@ _CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 
 @dataclass
 class Split:
     x: torch.Tensor  # uint8 (N, C, H, W)
-    y: torch.Tensor  # int64 (N,)
+    y: torch.Tensor  # int64 (N,), or (N, H, W) for segmentation
 
 
 @dataclass
@@ -51,6 +51,10 @@ class Data:
     @property
     def image_size(self) -> int:
         return self.train.x.shape[-1]
+
+    @property
+    def task(self) -> str:
+        return "segmentation" if self.train.y.dim() == 3 else "classification"
 
 
 def data_root(cfg: DataSection) -> str | None:
@@ -77,6 +81,41 @@ def _synthetic(
         return Split((x * 255).round().to(torch.uint8), y)
 
     return make(n_train), make(n_test), classes
+
+
+SHAPES = ("background", "disc", "square", "triangle")
+
+
+def _shapes(image_size: int = 32, n_train: int = 2048, n_test: int = 512) -> tuple[Split, Split, int]:
+    """Segmentation without files: 1-3 discs, squares and triangles of random colours, sizes and
+    places on a noisy background of another colour, each pixel labelled with the shape on top
+    (``SHAPES``). The colour says nothing about the class: the shape does."""
+    g = torch.Generator().manual_seed(4321)
+    yy, xx = torch.meshgrid(torch.arange(image_size), torch.arange(image_size), indexing="ij")
+
+    def make(n):
+        x = torch.rand(n, 3, 1, 1, generator=g) * 0.5 + 0.1 * torch.rand(n, 3, image_size, image_size, generator=g)
+        y = torch.zeros(n, image_size, image_size, dtype=torch.long)
+        for _ in range(3):
+            on = torch.rand(n, generator=g) < 0.75
+            kind = torch.randint(1, len(SHAPES), (n,), generator=g)
+            r = torch.randint(image_size // 8, image_size // 3, (n,), generator=g).float()
+            cy, cx = (torch.rand(2, n, generator=g) * (image_size - 1)).unbind()
+            dy, dx = yy - cy.view(-1, 1, 1), xx - cx.view(-1, 1, 1)
+            r3 = r.view(-1, 1, 1)
+            inside = torch.stack(
+                [
+                    dy.square() + dx.square() < r3.square(),
+                    (dy.abs() < r3 * 0.8) & (dx.abs() < r3 * 0.8),
+                    (dy > -r3) & (dy < r3) & (dx.abs() < (dy + r3) / 2),
+                ]
+            )[kind - 1, torch.arange(n)] & on.view(-1, 1, 1)
+            colour = 0.4 + 0.6 * torch.rand(n, 3, 1, 1, generator=g)
+            x = torch.where(inside[:, None], colour, x)
+            y = torch.where(inside, kind.view(-1, 1, 1), y)
+        return Split((x.clamp(0, 1) * 255).round().to(torch.uint8), y)
+
+    return make(n_train), make(n_test), len(SHAPES)
 
 
 def _digits() -> tuple[Split, Split, int]:
@@ -195,6 +234,8 @@ def load_data(cfg: DataSection) -> Data:
         train, test, classes = _synthetic(cfg.image_size or 16)
     elif name == "digits":
         train, test, classes = _digits()
+    elif name == "shapes":
+        train, test, classes = _shapes(cfg.image_size or 32)
     elif name in ("cifar10", "cifar100"):
         train, test, classes = _cifar(name, cfg)
     elif name == "tinyimagenet":
@@ -204,6 +245,8 @@ def load_data(cfg: DataSection) -> Data:
     if cfg.classes:
         # The first N classes, whole: a smaller problem that a CPU budget can still learn, unlike
         # a few images of every class.
+        if train.y.dim() > 1:
+            raise RecipeError(f"data.classes keeps whole classes of a classification dataset; {name} labels pixels")
         if cfg.classes > classes:
             raise RecipeError(f"data.classes is {cfg.classes} but {name} has {classes} classes")
         train, test, classes = _first_classes(train, cfg.classes), _first_classes(test, cfg.classes), cfg.classes
@@ -268,22 +311,31 @@ class Loader:
         )
         for step in range(start, len(self)):
             idx = order[step * self.batch_size : (step + 1) * self.batch_size].to(self.x.device)
-            x = self.x[idx]
+            x, y = self.x[idx], self.y[idx]
             if self.crop_padding or self.flip:  # drawn for the global batch, so each rank's share is the same
-                x = self._augment(x, torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_000_003 + step))
+                g = torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_000_003 + step)
+                x, y = self._augment(x, y, g)
             if self.world > 1:
-                x, idx = x[self.rank :: self.world], idx[self.rank :: self.world]
+                x, y = x[self.rank :: self.world], y[self.rank :: self.world]
             x = x.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)
-            yield x, self.y[idx].to(self.device, non_blocking=True)
+            yield x, y.to(self.device, non_blocking=True)
 
-    def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def _augment(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random crops of the padded images and horizontal flips; a dense label map moves with its
+        image (padded as background, class 0)."""
         b, c, h, w = x.shape
+        dense = y.dim() == 3
         if self.crop_padding:
             p = self.crop_padding
             xp = F.pad(x, (p, p, p, p))
             offsets = torch.randint(0, 2 * p + 1, (b, 2), generator=g).tolist()
             x = torch.stack([xp[i, :, oy : oy + h, ox : ox + w] for i, (oy, ox) in enumerate(offsets)])
+            if dense:
+                yp = F.pad(y, (p, p, p, p))
+                y = torch.stack([yp[i, oy : oy + h, ox : ox + w] for i, (oy, ox) in enumerate(offsets)])
         if self.flip:
             mask = (torch.rand(b, generator=g) < 0.5).to(x.device)
             x = torch.where(mask[:, None, None, None], x.flip(3), x)
-        return x
+            if dense:
+                y = torch.where(mask[:, None, None], y.flip(2), y)
+        return x, y

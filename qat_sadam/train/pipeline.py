@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import ExportError, RecipeError, TrainingStopped
 from ..export import DEFAULT_TARGET, freeze, integer_reference, load_target
+from ..metrics import Score
 from ..quant import calibrate, fused_kernels_buildable, reestimate_batchnorm, use_fused_kernels
 from .data import Loader, load_data
 from .host_memory import set_host_memory
@@ -63,6 +64,7 @@ def setup(recipe: Recipe, rank: int = 0, world: int = 1, local_rank: int = 0) ->
         "num_classes": data.num_classes,
         "in_channels": data.in_channels,
         "image_size": data.image_size,
+        "task": data.task,
         "mean": list(data.mean),
         "std": list(data.std),
     }
@@ -103,12 +105,13 @@ def _check_classifier(model: nn.Module, recipe: Recipe, s: Setup) -> None:
         ) from None
     finally:
         model.train(was_training)
-    classes = s.info["num_classes"]
-    if not (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] == classes):
+    classes, size = s.info["num_classes"], s.info["image_size"]
+    want = (2, classes) if s.info["task"] == "classification" else (2, classes, size, size)
+    if not (isinstance(out, torch.Tensor) and tuple(out.shape) == want):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise RecipeError(
-            f"model {recipe.model.name!r} returns {got} for a batch of 2; a recipe trains a classifier "
-            f"returning logits (N, {classes}) for the data's {classes} classes"
+            f"model {recipe.model.name!r} returns {got} for a batch of 2; a recipe for {s.info['task']} "
+            f"trains a model returning logits {want} for the data's {classes} classes"
         )
 
 
@@ -135,15 +138,15 @@ def deployed_weight_bits(recipe: Recipe) -> int | None:
 
 @torch.no_grad()
 def score(net: nn.Module, loader: Loader) -> tuple[float, float]:
-    """Top-1 accuracy and mean cross-entropy over the loader."""
-    correct = total = 0
-    loss_sum = 0.0
+    """The task's score over the loader (top-1 accuracy; mIoU for dense labels, ``metrics.Score``)
+    and the mean cross-entropy per label (per image, or per pixel of a dense one)."""
+    s, loss_sum, total = Score(), 0.0, 0
     for x, y in loader.batches():
         out = net(x)
         loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-        total += len(y)
-    return correct / total, loss_sum / total
+        total += y.numel()
+        s.update(out, y)
+    return s.value(), loss_sum / total
 
 
 @torch.no_grad()

@@ -58,7 +58,7 @@ def section(cls: type, doc: str) -> Any:
 class ModelSection:
     name: str = key(
         "small_cnn",
-        "a torchvision or timm model name, one of the built-in small nets (small_cnn, paper_cnn), or with "
+        "a torchvision or timm model name, one of the built-in small nets (small_cnn, paper_cnn, small_unet), or with "
         "source python your own `package.module:factory`",
     )
     source: str = key("torchvision", "where `name` comes from", choices=SOURCES)
@@ -70,7 +70,7 @@ class ModelSection:
     widths: list | None = key(
         None, "channel widths of the built-in paper nets (a list of positive integers); null: their default"
     )
-    width: int | None = key(None, "channel width of small_cnn; null: its default", low=1)
+    width: int | None = key(None, "channel width of small_cnn and small_unet; null: its default", low=1)
     dropout: float | None = key(
         None, "dropout of the built-in paper nets; null: their default", low=0, high=1, high_open=True
     )

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from ..errors import RecipeError
 from ..export import freeze, integer_reference
+from ..metrics import Score
 from ..quant import calibrate
 from ..train.data import Loader, Split, load_data
 from ..train.model import build_float_model, quantize_model
@@ -80,12 +81,11 @@ def _deployed_accuracy(recipe: Recipe, float_model: nn.Module, overrides: list[d
     calibrate(model, calib)
     frozen, _ = freeze(model.eval())
     integer = integer_reference(frozen)
-    hits = n = 0
+    s = Score()
     with torch.no_grad():
         for x, y in val:
-            hits += int((integer(x).argmax(1) == y).sum())
-            n += len(y)
-    return hits / n
+            s.update(integer(x), y)
+    return s.value()
 
 
 def _layers(recipe: Recipe, float_model: nn.Module) -> dict[str, int]:

@@ -26,33 +26,8 @@ from torch import nn
 from tqdm import tqdm
 
 from qat_sadam.export import load_target
+from qat_sadam.models import build_model
 from qat_sadam.workflows.zoo import TARGET, model_row
-
-
-class UNet(nn.Module):
-    """Two encoder stages, two transposed-conv decoder stages (BatchNorm, ReLU), skip concatenations."""
-
-    def __init__(self, classes: int = 5, width: int = 16):
-        super().__init__()
-
-        def block(cin, cout, stride=1):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-        def up(cin, cout):
-            return nn.Sequential(
-                nn.ConvTranspose2d(cin, cout, 3, 2, 1, output_padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
-            )
-
-        self.enc1, self.enc2, self.enc3 = block(3, width), block(width, 2 * width, 2), block(2 * width, 4 * width, 2)
-        self.up2, self.dec2 = up(4 * width, 2 * width), block(4 * width, 2 * width)
-        self.up1, self.dec1 = up(2 * width, width), block(2 * width, width)
-        self.head = nn.Conv2d(width, classes, 1)
-
-    def forward(self, x):
-        e1 = self.enc1(x)
-        e2 = self.enc2(e1)
-        d2 = self.dec2(torch.cat([self.up2(self.enc3(e2)), e2], 1))
-        return self.head(self.dec1(torch.cat([self.up1(d2), e1], 1)))
 
 
 class KeywordSpotter(nn.Module):
@@ -108,7 +83,7 @@ MODELS = {
     ),
     "fcn_resnet50": ("segmentation (out + aux)", _segmentation("fcn_resnet50", True), (3, 64, 64)),
     "ssdlite320_mobilenet_v3_large": ("detection: backbone + head", SSDLiteHead, (3, 128, 128)),
-    "unet": ("segmentation, ConvTranspose2d", UNet, (3, 64, 64)),
+    "unet": ("segmentation, ConvTranspose2d", lambda: build_model("small_unet", 5, in_channels=3), (3, 64, 64)),
     "kws": ("keyword spotting, Conv1d", KeywordSpotter, (40, 98)),
 }
 

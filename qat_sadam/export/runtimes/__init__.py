@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from ...errors import ValidationError
+from ...metrics import score
 from .base import ModelFiles, Runtime, Session, Tolerance, native_output_to
 from .executorch_xnnpack import ExecutorchXnnpack
 from .openvino_cpu import OpenVinoCpu
@@ -108,7 +109,7 @@ def _measure(rt: Runtime, row: dict, files, inputs, reference, scale, labels, to
         samples=int(len(inputs)),
     )
     if labels is not None:
-        row["accuracy"] = float((out.argmax(1) == labels).mean())
+        row["accuracy"] = score(out, labels)
     if rt.simulated:
         row["latency_batch1"] = {"note": "simulator on x86: no device latency"}
     elif files.float_onnx or files.float_torch is not None:
