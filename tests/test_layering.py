@@ -18,9 +18,10 @@ LAYERS = [
     {"errors"},  # the user-error hierarchy
     {
         "buffers",
+        "metrics",
         "models",
         "configs",
-    },  # buffer snapshots; model builders and weight loading; shipped recipes and targets
+    },  # buffer snapshots; task scores; model builders and weight loading; shipped recipes and targets
     {"quant"},  # quantizers
     {"optim", "export"},  # the optimizer, the deployment core: on the quantizers
     {"train"},  # the trainer: on all of the above

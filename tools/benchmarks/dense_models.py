@@ -94,7 +94,8 @@ Command: `python tools/benchmarks/dense_models.py {args}` (random weights, {imag
 target {target}; integer reference vs ORT CPU on this machine, every output; max LSB and agreement
 are the worst output's, top-1 agreement per pixel for dense outputs). Transposed convs export as
 zero-upsampling and a stride-1 conv (QLinearConv; docs/guide/export.md). SSDlite: the backbone and
-head; anchor decoding and NMS stay in float outside the file.
+head; anchor decoding and NMS stay in float outside the file. A segmentation model trained,
+fine-tuned and deployed by recipe, with its mIoU ladder: shapes.md.
 
 """
 
