@@ -385,32 +385,49 @@ def test_fold_check_catches_a_fold_that_drops_the_batchnorm_shift(tmp_path, monk
     assert not v["passed"] and any("fold check" in f for f in v["failures"])  # ... the gate does not
 
 
-def test_deployed_accuracy_far_from_the_qat_graph_fails(tmp_path):
-    model, x = _qat("small_cnn", 8)
+def test_deployed_accuracy_far_from_the_qat_graph_fails_and_noise_does_not(tmp_path):
+    model, _ = _qat("small_cnn", 8)
+    x = torch.randn(100, 3, 32, 32)
     done = export_onnx(model, x[:1], str(tmp_path / "m.onnx"), CPU)
     with torch.no_grad():
         out = done["integer"](x).numpy()
     labels = out.argmax(1)
-    wrong = out.copy()
-    wrong[:4] = np.roll(out[:4], 1, axis=1)  # a QAT graph that disagrees on 4 of 16 samples
-    v = validate(
-        done["path"],
-        target=CPU,
-        inputs=[x.numpy()],
-        labels=labels,
-        integer_outputs=out,
-        torch_outputs=wrong,
-        out_dir=str(tmp_path),
-    )
-    assert v["accuracy"]["ort_int8"] == 1.0 and v["accuracy"]["torch_qat_graph"] <= 0.75
+
+    def gate(n_better: int, n_worse: int) -> dict:
+        """Validate with a QAT graph right where the file is wrong on n_better samples, and the reverse."""
+        trained, y = out.copy(), labels.copy()
+        y[:n_better] = np.roll(out[:n_better], 1, axis=1).argmax(1)  # the file misses these, the graph not
+        trained[:n_better] = np.roll(out[:n_better], 1, axis=1)
+        trained[50 : 50 + n_worse] = np.roll(out[50 : 50 + n_worse], 1, axis=1)  # the graph misses these
+        return validate(
+            done["path"],
+            target=CPU,
+            inputs=[x.numpy()],
+            labels=y,
+            integer_outputs=out,
+            torch_outputs=trained,
+            out_dir=str(tmp_path),
+        )
+
+    # 25 of 100 predictions apart, all one way: 25 points and 5.7 standard errors: a broken file
+    v = gate(0, 25)
+    assert v["accuracy"]["ort_int8"] == 1.0 and v["accuracy"]["torch_qat_graph"] == 0.75
     assert not v["passed"] and v["failures"][0].startswith("deployed accuracy (ORT CPU) 100.00% is more than 2 points")
-    v = validate(
-        done["path"],
-        target=CPU,
-        inputs=[x.numpy()],
-        labels=labels,
-        integer_outputs=out,
-        torch_outputs=out,
-        out_dir=str(tmp_path),
-    )
+    assert "standard errors of the paired difference" in v["failures"][0]
+    # 5 apart one way and 1 the other (a barely trained model's near-ties): 4 points, 1.6 standard errors
+    v = gate(1, 5)
+    assert v["accuracy"]["torch_qat_graph"] - v["accuracy"]["ort_int8"] == pytest.approx(-0.04)
+    assert v["accuracy"]["gap_standard_error"] == pytest.approx(0.0243, abs=1e-3)
     assert v["passed"], v["failures"]
+
+
+def test_agreement_is_counted_apart_from_near_ties():
+    from qat_sadam.export.runtimes import lsb_stats
+
+    ref = np.array([[10.0, 9.0, 0.0], [10.0, 10.0, 0.0], [5.0, 1.0, 0.0], [0.0, 6.0, 1.0]])
+    out = np.array([[9.0, 10.0, 0.0], [10.0, 11.0, 0.0], [5.0, 1.0, 0.0], [7.0, 6.0, 1.0]])
+    # within 1 LSB each, the first two rank apart legitimately (margins 1 and 0 <= 2 LSB); the last is
+    # 7 LSB off and flips a decisive sample
+    p = lsb_stats(ref, out, 1.0, tie_lsb=1.0)
+    assert p["near_ties"] == 2 and p["top1_agreement"] == 0.25 and p["top1_agreement_decisive"] == 0.5
+    assert lsb_stats(ref, out, 1.0)["near_ties"] == 1  # at 0 LSB only the exact tie
