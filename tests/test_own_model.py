@@ -81,7 +81,11 @@ def test_a_recipe_trains_and_exports_the_users_own_factory(tmp_path, own_module,
         ("user_nets:tiny", "{depth: 3}", "TypeError: tiny() got an unexpected keyword argument 'depth'"),
         ("user_nets:broken", None, "RuntimeError: no weights file next to me"),
         ("user_nets:not_a_module", None, "returned a int, not a torch.nn.Module"),
-        ("user_nets:dense", None, "returns dict for a batch of 2; a recipe trains a classifier returning logits"),
+        (
+            "user_nets:dense",
+            None,
+            "returns dict for a batch of 2; a recipe for classification trains a model returning logits (2, 10)",
+        ),
         ("user_nets:rgb", None, "fails on the data's images (1, 8, 8): RuntimeError: Given groups=1"),
     ],
 )

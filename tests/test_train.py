@@ -151,7 +151,8 @@ BAD = [
     (["train", "quickstart", "--set", "optimizer.lr=-1"], "Invalid learning rate"),
     (
         ["train", "quickstart", "--set", "data.name=imagenet"],
-        "recipe key 'data.name' must be one of synthetic, digits, cifar10, cifar100, tinyimagenet, got 'imagenet'",
+        "recipe key 'data.name' must be one of synthetic, digits, shapes, cifar10, cifar100, tinyimagenet, "
+        "got 'imagenet'",
     ),
     (
         ["train", "quickstart", "--set", "data.name=cifar100", "--set", "data.root=/nonexistent"],
