@@ -47,7 +47,7 @@ class UNet(nn.Module):
 
 
 class KeywordSpotter(nn.Module):
-    """Conv1d + BatchNorm1d, a depthwise 1-D conv, max and global pooling, a linear classifier."""
+    """Conv1d + BatchNorm1d, a transposed 1-D conv, a depthwise 1-D conv, max and global pooling, a linear."""
 
     def __init__(self):
         super().__init__()
@@ -56,6 +56,9 @@ class KeywordSpotter(nn.Module):
             nn.BatchNorm1d(16),
             nn.ReLU(),
             nn.MaxPool1d(2),
+            nn.ConvTranspose1d(16, 16, 4, stride=2, padding=1),
+            nn.BatchNorm1d(16),
+            nn.ReLU(),
             nn.Conv1d(16, 16, 3, padding=1, groups=16),
             nn.BatchNorm1d(16),
             nn.ReLU(),
@@ -141,7 +144,8 @@ def test_transposed_and_1d_convs_export_as_integer_kernels_bit_exact(tmp_path, n
     assert fold_check(qat, x)["ok"]
     done = export_onnx(qat, x[:1], str(tmp_path / "m.onnx"), CPU)
     ops = collections.Counter(n.op_type for n in onnx.load(done["path"]).graph.node)
-    layers = sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) for m in model.modules())
+    kinds = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
+    layers = sum(isinstance(m, kinds) for m in model.modules())
     assert ops["Conv"] + ops["Gemm"] == layers and not ops["ConvTranspose"]
     with torch.no_grad():
         rep = validate(
