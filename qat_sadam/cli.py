@@ -178,6 +178,24 @@ def cmd_list(a) -> int:
     return 0
 
 
+def cmd_models(a) -> int:
+    from .errors import UserError
+    from .models import model_names
+
+    try:
+        names = model_names(a.source)
+    except ValueError as e:  # timm not installed
+        raise UserError(str(e)) from None
+    for name, what in names.items():
+        print(f"{name:<14}  {what}" if what else name)
+    if a.source == "own":
+        print(
+            "\nmodel.source: torchvision (default) or timm takes their classifiers (qat-sadam models --source ...); "
+            "model.source: python takes your own package.module:factory (docs/guide/own-model.md)"
+        )
+    return 0
+
+
 def cmd_recipe_show(a) -> int:
     import yaml
 
@@ -354,6 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
             f"{kind}s", help=f"list the shipped {kind}s", description=f"The {kind}s that ship with qat-sadam, by name."
         )
         ls.set_defaults(func=cmd_list, kind=kind)
+    mo = sub.add_parser(
+        "models",
+        help="list the model names a recipe can use",
+        description="What model.name can be: qat-sadam's own small nets (default), torchvision's classifiers "
+        "or timm's models (--source); segmentation and detection models go through the Python API.",
+    )
+    mo.add_argument("--source", choices=("own", "torchvision", "timm"), default="own")
+    mo.set_defaults(func=cmd_models)
     rt = sub.add_parser(
         "runtimes",
         help="list the runtimes a model is validated on, and which are installed",
@@ -396,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `qat-sadam models --source timm | head`: the reader has gone, nothing is lost
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -49,6 +49,14 @@ def test_cli_lists_shipped_recipes_and_targets_and_shows_a_resolved_recipe(capsy
     assert main(["recipe", "show", "nosuch"]) == 2
 
 
+def test_cli_lists_the_model_names_a_recipe_can_use(capsys):
+    assert main(["models"]) == 0
+    assert re.search(r"^small_unet +A small U-Net for segmentation", capsys.readouterr().out, re.M)
+    assert main(["models", "--source", "torchvision"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "resnet18" in names and "mobilenet_v2" in names and "fcn_resnet50" not in names  # classifiers
+
+
 def _fresh_venv_with_the_wheel(tmp_path: pathlib.Path) -> pathlib.Path:
     """A new venv holding only the built wheel; its dependencies (torch: 5 GB, minutes to install)
     come from this environment's site-packages through a .pth line, which adds no .pth of its own

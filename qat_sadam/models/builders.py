@@ -145,6 +145,19 @@ def _own_model(name: str, num_classes: int, kwargs: dict) -> nn.Module:
     return model
 
 
+def model_names(source: str) -> dict[str, str]:
+    """What a recipe's ``model.name`` can be for ``source``: name -> a one-line description (qat-sadam's
+    own nets), or '' (torchvision's classifiers, timm's models; ValueError without timm)."""
+    if source == "own":
+        own = {"paper_cnn": PaperCNN, "small_cnn": SmallCNN, "small_unet": SmallUNet}
+        return {n: own[n].__doc__.split(":")[0].split(".")[0].strip() for n in OWN_MODELS}
+    if source == "torchvision":
+        return dict.fromkeys(torchvision.models.list_models(module=torchvision.models), "")
+    if source == "timm":
+        return dict.fromkeys(timm_module().list_models(), "")
+    raise ValueError(f"unknown model source {source!r}; choose one of own, torchvision, timm")
+
+
 def check_model(name: str, source: str = "torchvision") -> None:
     """ValueError naming the problem when ``name`` is not a model of ``source``."""
     if source not in SOURCES:
