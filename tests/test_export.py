@@ -431,3 +431,18 @@ def test_agreement_is_counted_apart_from_near_ties():
     p = lsb_stats(ref, out, 1.0, tie_lsb=1.0)
     assert p["near_ties"] == 2 and p["top1_agreement"] == 0.25 and p["top1_agreement_decisive"] == 0.5
     assert lsb_stats(ref, out, 1.0)["near_ties"] == 1  # at 0 LSB only the exact tie
+
+
+def test_int8_slower_than_float_is_a_note_with_its_counted_causes():
+    from qat_sadam.export.validate import _speed_notes
+
+    rep = {
+        "latency": {"batch1": {"int8_over_float": 1.5}, "batch32": {"int8_over_float": 0.6}},
+        "runtimes": {"qnn-htp": {"status": "ran", "latency_batch1": {"note": "simulator"}}},
+        "fusion": {"float_ops": {"Sigmoid": {"count": 3}}, "optimized_ops": {"QuantizeLinear": 2, "Transpose": 4}},
+    }
+    (note,) = _speed_notes(rep)
+    assert note.startswith("INT8 runs slower than float: 1.50x on ORT CPU batch1;") and "0.60x" not in note
+    assert "3 float ops between DequantizeLinear and QuantizeLinear, 2 Q/DQ nodes it kept, 4 layout Transposes" in note
+    rep["latency"]["batch1"]["int8_over_float"] = 0.9
+    assert _speed_notes(rep) == []

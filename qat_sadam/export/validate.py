@@ -404,6 +404,7 @@ def validate(
     if ladder is not None and "accuracy" in rep:
         rep["ladder"] = accuracy_ladder({**ladder, rung: rep["accuracy"]["deployed"]}, rep["accuracy"]["samples"])
     rep["passed"], rep["failures"], rep["host_limited"] = _verdict(rep)
+    rep["speed_notes"] = _speed_notes(rep)
     with open(os.path.join(out_dir, "validation.json"), "w") as f:
         json.dump(rep, f, indent=2)
     with open(os.path.join(out_dir, "validation.md"), "w") as f:
@@ -461,6 +462,35 @@ def _parity_by_output(model: onnx.ModelProto, ort_outputs: list, refs: dict) -> 
                 raise ValidationError(f"{k}: {len(v)} reference outputs for the file's {len(ort_outputs)}")
             out[o.name][f"{k}_vs_ort"] = lsb_stats(v[i], ort_outputs[i], s)
     return out
+
+
+def _speed_notes(rep: dict) -> list[str]:
+    """A note, not a failure, where the INT8 file ran slower than the float one, with what ORT's
+    optimized graph shows of the likely cause (counted, not guessed)."""
+    timed = [(f"ORT CPU {k}", v["int8_over_float"]) for k, v in rep.get("latency", {}).items()]
+    timed += [
+        (f"{n} batch1", r.get("latency_batch1", {}).get("int8_over_float")) for n, r in rep.get("runtimes", {}).items()
+    ]
+    slower = [f"{ratio:.2f}x on {where}" for where, ratio in timed if ratio is not None and ratio > 1.0]
+    if not slower:
+        return []
+    fu = rep.get("fusion", {})
+    ops = fu.get("optimized_ops", {})
+    counts = {
+        "float ops between DequantizeLinear and QuantizeLinear": sum(
+            v["count"] for v in fu.get("float_ops", {}).values()
+        ),
+        "Q/DQ nodes it kept": ops.get("QuantizeLinear", 0) + ops.get("DequantizeLinear", 0),
+        "layout Transposes": ops.get("Transpose", 0),
+    }
+    seen = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+    why = (
+        f"; ORT's optimized graph has {seen}: overhead that small layers give the integer kernels too "
+        "little work to repay"
+        if seen
+        else ""
+    )
+    return [f"INT8 runs slower than float: {', '.join(slower)}{why}"]
 
 
 def _verdict(rep: dict) -> tuple[bool, list[str], list[str]]:
@@ -530,6 +560,8 @@ def to_markdown(rep: dict) -> str:
     if rep["host_limited"]:
         L += ["Differences this host causes, not the file (not failures):", ""]
         L += [f"- {f}" for f in rep["host_limited"]] + ["", f"Host: {rep['host']['note']}.", ""]
+    if rep.get("speed_notes"):
+        L += ["Speed (notes, not failures):", ""] + [f"- {n}" for n in rep["speed_notes"]] + [""]
     L += [
         f"Providers that ran: {', '.join(rep['providers_run'])}. Available in this build: "
         f"{', '.join(rep['providers_available'])}. {rep['note']}",
@@ -751,6 +783,7 @@ def format_report(rep: dict, out_dir: str) -> str:
             + (" (" + ", ".join(runtime_cells(r)[1:5]) + ")" if r["status"] == "ran" else "")
         )
     L += [f"  FAIL: {f}" for f in rep["failures"]]
+    L += [f"  note: {n}" for n in rep.get("speed_notes", [])]
     if rep["host_limited"]:
         L += [f"  HOST: {f}" for f in rep["host_limited"]] + [f"  host note: {rep['host']['note']}"]
     L.append(f"  report: {os.path.join(out_dir, 'validation.md')}")
