@@ -4,6 +4,8 @@ A runtime whose package is absent is skipped here with the reason (and reported 
 validator, never passed); `make venv` installs them all."""
 
 import collections
+import importlib
+import json
 import os
 
 import numpy as np
@@ -13,6 +15,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from qat_sadam import calibrate, prepare_qat
+from qat_sadam.cli import main
 from qat_sadam.errors import ValidationError
 from qat_sadam.export import (
     RUNTIMES,
@@ -264,6 +267,32 @@ def test_unknown_runtime_is_a_user_error():
         check_names(["ort-cpu", "tflite"])
     with pytest.raises(ValidationError, match="unknown runtime"):
         Target(name="t", runtimes=["coreml"])
+
+
+def test_the_newcomers_path_ends_in_a_verdict_right_for_the_file(tmp_path, monkeypatch, capsys):
+    """The README's path at a cut budget: a barely trained float model (its logits within a few LSB of
+    each other), a short W4A4 fine-tune, export to the mobile profile (8-bit first and last layers,
+    batch fixed at 1) on ORT CPU and OpenVINO, the two runtimes whose x86 kernels saturate 8-bit
+    weights without VNNI (every runtime costs 45 s here; each has its own test). The file is right:
+    PASSED, whatever this host's kernels saturate (HOST lines). A fold broken in one layer FAILS."""
+    float_run, run = tmp_path / "float", tmp_path / "ft"
+    quick = ["--quiet", "--set", "max_steps=8"]
+    assert main(["train", "quickstart_float", "--out", str(float_run)] + quick) == 0
+    ft = ["--set", f"model.checkpoint={float_run}", "--set", "export.enabled=false"]
+    assert main(["train", "quickstart_finetune", "--bits", "4", "--out", str(run)] + quick + ft) == 0
+    export = ["export", str(run), "--target", "mobile-arm", "--samples", "64"]
+    assert main(export + ["--runtimes", "ort-cpu,openvino", "-o", str(tmp_path / "mobile")]) == 0
+    rep = json.loads((tmp_path / "mobile" / "validation.json").read_text())
+    assert rep["passed"] and not rep["failures"], rep["failures"]
+    ran = {n: r for n, r in rep["runtimes"].items() if r["status"] == "ran"}
+    assert "ort-cpu" in ran and all(r["samples"] == 64 for r in ran.values())  # 64 batches of one
+    assert all(r["within_tolerance"] or r["host_limited"] for r in ran.values())
+    fz = importlib.import_module("qat_sadam.export.freeze")
+    real = fz._folded
+    monkeypatch.setattr(fz, "_folded", lambda layer, bn: (lambda w, s_, b: (w, s_, b + 0.5))(*real(layer, bn)))
+    assert main(export + ["--runtimes", "ort-cpu", "-o", str(tmp_path / "broken")]) == 1
+    rep = json.loads((tmp_path / "broken" / "validation.json").read_text())
+    assert any(f.startswith("BatchNorm fold check") for f in rep["failures"]), rep["failures"]
 
 
 def test_a_fixed_batch_model_runs_in_chunks_on_every_runtime(tmp_path):

@@ -7,12 +7,14 @@ that actually ran, and mobile providers are checked statically by ORT's own tool
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
 import json
+import logging
 import os
+import pathlib
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -24,7 +26,16 @@ from ..errors import ValidationError
 from ..metrics import score
 from .host import host_limits
 from .retype import activation_container
-from .runtimes import ModelFiles, check_formats, check_names, lsb_stats, measure, ort_session, session_runner
+from .runtimes import (
+    ModelFiles,
+    check_formats,
+    check_names,
+    lsb_stats,
+    measure,
+    native_output_to,
+    ort_session,
+    session_runner,
+)
 from .target import Target, load_target
 
 FLOAT_COMPUTE = {"Conv", "Gemm", "MatMul", "ConvTranspose", "Einsum"}
@@ -213,17 +224,13 @@ def latency(int8_path: str, float_path: str, shape: tuple, batches=(1, 32), roun
 
 
 def mobile(path: str, workdir: str) -> dict:
-    """ORT's static NNAPI/CoreML usability check and the conversion to the .ort format."""
-    check = subprocess.run(
-        [sys.executable, "-m", "onnxruntime.tools.check_onnx_model_mobile_usability", path],
-        capture_output=True,
-        text=True,
-    )
-    text = (check.stdout + check.stderr).strip()
-    lines = [ln.split("- ", 1)[-1] if "- " in ln else ln for ln in text.splitlines()]
-    summary = [
-        ln for ln in lines if any(k in ln for k in ("partition", "NNAPI", "CoreML", "nodes", "should", "supported"))
-    ]
+    """ORT's static NNAPI/CoreML usability check and the conversion to the .ort format, run in this
+    process (their command-line wrappers spend 4 s each importing ORT again); what they print, Python
+    and native, goes to the report's logs, not the console."""
+    # imported here: ORT's tools take 1.8 s to import, which only a mobile profile's export should pay
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+    from onnxruntime.tools.mobile_helpers.usability_checker import analyze_model
+
     # One folder per model, emptied first: ORT's converter converts every model in the folder, and a
     # .ort file left by another model exported to the same place must not be taken for this one's.
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -231,22 +238,47 @@ def mobile(path: str, workdir: str) -> dict:
     shutil.rmtree(ort_dir, ignore_errors=True)
     os.makedirs(ort_dir)
     shutil.copy(path, os.path.join(ort_dir, os.path.basename(path)))
-    conv = subprocess.run(
-        [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", ort_dir], capture_output=True, text=True
+    check_text, check_ok = _logged(lambda log: analyze_model(pathlib.Path(path), skip_optimize=False, logger=log))
+    styles = [OptimizationStyle.Fixed, OptimizationStyle.Runtime]  # the command line's default
+    conv_text, conv_ok = _logged(
+        lambda log: convert_onnx_models_to_ort(pathlib.Path(ort_dir), optimization_styles=styles)
     )
+    lines = [ln.split("- ", 1)[-1] if "- " in ln else ln for ln in check_text.splitlines()]
+    summary = [
+        ln for ln in lines if any(k in ln for k in ("partition", "NNAPI", "CoreML", "nodes", "should", "supported"))
+    ]
     # this model's .ort first (its runtime-optimized twin after it)
     ort_files = sorted((f for f in os.listdir(ort_dir) if f.endswith(".ort")), key=lambda f: (f != f"{stem}.ort", f))
     configs = sorted(f for f in os.listdir(ort_dir) if f.endswith(".config"))
     return {
-        "usability_check_exit_code": check.returncode,
+        "usability_check_exit_code": 0 if check_ok else 1,
         "usability_summary": summary[:40],
-        "usability_log": text[-6000:],
-        "ort_conversion_ok": conv.returncode == 0 and bool(ort_files),
-        "ort_conversion_log": (conv.stdout + conv.stderr)[-2000:],
+        "usability_log": check_text[-6000:],
+        "ort_conversion_ok": conv_ok and bool(ort_files),
+        "ort_conversion_log": conv_text[-2000:],
         "ort_dir": ort_dir,
         "ort_files": ort_files,
         "required_operators_configs": configs,
     }
+
+
+def _logged(run) -> tuple[str, bool]:
+    """Run ``run(logger)`` with its logging, prints and native output captured: (text, no exception)."""
+    text = io.StringIO()
+    log = logging.getLogger(f"qat_sadam.mobile.{id(text)}")
+    handler = logging.StreamHandler(text)
+    handler.setFormatter(logging.Formatter("%(levelname)s:  %(message)s"))
+    log.handlers, log.propagate = [handler], False
+    log.setLevel(logging.INFO)
+    with tempfile.NamedTemporaryFile("r", suffix=".log") as native:
+        ok = True
+        with native_output_to(native.name), contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+            try:
+                run(log)
+            except Exception as e:  # ORT's tools raise what the model provokes; the report says it
+                text.write(f"{type(e).__name__}: {e}\n")
+                ok = False
+        return text.getvalue() + native.read(), ok
 
 
 ACCURACY_KEYS = ("torch_integer", "torch_frozen", "torch_qat_graph")  # the torch references, gate first
