@@ -424,13 +424,17 @@ def test_deployed_accuracy_far_from_the_qat_graph_fails_and_noise_does_not(tmp_p
 def test_agreement_is_counted_apart_from_near_ties():
     from qat_sadam.export.runtimes import lsb_stats
 
-    ref = np.array([[10.0, 9.0, 0.0], [10.0, 10.0, 0.0], [5.0, 1.0, 0.0], [0.0, 6.0, 1.0]])
-    out = np.array([[9.0, 10.0, 0.0], [10.0, 11.0, 0.0], [5.0, 1.0, 0.0], [7.0, 6.0, 1.0]])
-    # within 1 LSB each, the first two rank apart legitimately (margins 1 and 0 <= 2 LSB); the last is
-    # 7 LSB off and flips a decisive sample
-    p = lsb_stats(ref, out, 1.0, tie_lsb=1.0)
-    assert p["near_ties"] == 2 and p["top1_agreement"] == 0.25 and p["top1_agreement_decisive"] == 0.5
-    assert lsb_stats(ref, out, 1.0)["near_ties"] == 1  # at 0 LSB only the exact tie
+    # 100 samples, 10 classes (in LSB): top-2 margins 0 (10 samples), 1 (10) and 10 (80)
+    margin = np.repeat([0.0, 1.0, 10.0], [10, 10, 80])
+    ref = np.zeros((100, 10))
+    ref[:, 0], ref[:, 1] = 20, 20 - margin
+    out = ref.copy()
+    out[:20, 1] += 1  # one LSB on the runner-up of the near-ties: the exact ties flip
+    out[20:22, 0] -= 15  # two decisive samples pushed 15 LSB: flips that mean something
+    p = lsb_stats(ref, out, 1.0, tie_lsb=1.0)  # a runtime tolerating 1 LSB
+    assert p["near_ties"] == 20 and p["top1_agreement"] == 0.88 and p["top1_agreement_decisive"] == 78 / 80
+    p = lsb_stats(ref, out, 1.0)  # an exact one: only the exact ties are left out
+    assert p["near_ties"] == 10 and p["top1_agreement_decisive"] == 88 / 90
 
 
 def test_int8_slower_than_float_is_a_note_with_its_counted_causes():
