@@ -84,16 +84,17 @@ def start_model(recipe: Recipe, s: Setup, load_start: bool = True) -> tuple[nn.M
     loss (the top rung of the ladder, before any quantizer), or {} from random weights."""
     float_model, start = build_float_model(recipe, s.info, load_start=load_start)
     float_model.to(s.device)
-    _check_classifier(float_model, recipe, s)
+    _check_model_output(float_model, recipe, s)
     if start:
         start["float_acc"], start["float_loss"] = score(float_model.eval(), s.test_loader)
     return quantize_model(recipe, float_model), start
 
 
 @torch.no_grad()
-def _check_classifier(model: nn.Module, recipe: Recipe, s: Setup) -> None:
-    """RecipeError, one line, unless the model maps a batch to logits (N, classes): what a recipe trains
-    with cross-entropy and scores by top-1 (a dense model trains and exports through the Python API)."""
+def _check_model_output(model: nn.Module, recipe: Recipe, s: Setup) -> None:
+    """RecipeError, one line, unless the model maps a batch to logits (N, classes), or (N, classes, H, W)
+    for a segmentation dataset: what a recipe trains with cross-entropy and scores (a model with
+    several outputs trains in the user's loop and exports through the Python API)."""
     x, _ = next(iter(s.test_loader.batches()))
     was_training = model.training
     try:
