@@ -22,6 +22,9 @@ TINY = [
     "calibration_batches=1",
     "export.enabled=false",
     "quant.bits=8",
+    # The eager fake-quant ops (the same numbers as the fused kernels, test_train.py): each rank would
+    # otherwise build the fused kernels first, seconds of compiling per process.
+    "fake_quant_kernels=eager",
 ]
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 

@@ -32,6 +32,9 @@ TINY = [
     "checkpoint.every_steps=4",
     "optimizer.probe_every=3",
     "quant.bits=4",
+    # The eager fake-quant ops (the same numbers as the fused kernels, test_train.py): each process here
+    # would otherwise build the fused kernels first, seconds of compiling per process.
+    "fake_quant_kernels=eager",
 ]
 
 # Waits end on events (a step logged, a file written, a process ending); this deadline only stops a
@@ -242,22 +245,6 @@ def test_fuzz_table_has_at_least_50_cases():
     assert len(_bad_cases()) >= 50
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path, uninterrupted):
-    run = tmp_path / "run"
-    p = subprocess.Popen(_cli(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + HUNG
-    while _steps_logged(run) < 6 and p.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    p.send_signal(signal.SIGINT)
-    out, _ = p.communicate(timeout=HUNG)
-    assert p.returncode == 130 and "continue with --resume" in out
-    step = load_checkpoint(str(run / "checkpoints" / "last.pt"))["global_step"]
-    assert step >= 6
-    assert main(_cli(run, "--resume")[3:]) == 0
-    got = _weights(run / "checkpoints" / "last.pt")
-    assert all(torch.equal(got[k], uninterrupted[k]) for k in uninterrupted)
-
-
 def _wait_for_steps(run, n, p):
     deadline = time.time() + HUNG
     while _steps_logged(run) < n and p.poll() is None and time.time() < deadline:
@@ -265,20 +252,30 @@ def _wait_for_steps(run, n, p):
     assert p.poll() is None, "the run ended before the signal could be sent"
 
 
-def test_sigterm_saves_mid_epoch_and_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted):
-    """What SLURM and Kubernetes send before they preempt: a clean save at the next step, exit 143.
-    The resume runs in a fresh process, as after a preemption (the other resumes here run in this one)."""
-    run = tmp_path / "run"
-    p = subprocess.Popen(_cli(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_steps(run, 6, p)
-    p.send_signal(signal.SIGTERM)
-    out, _ = p.communicate(timeout=HUNG)
-    assert p.returncode == 143 and "interrupted by SIGTERM" in out
-    step = load_checkpoint(str(run / "checkpoints" / "last.pt"))["global_step"]
+def test_sigterm_and_ctrl_c_save_mid_run_and_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted):
+    """SIGTERM, what SLURM and Kubernetes send before they preempt, and Ctrl-C: a clean save at the
+    next step, exit 143 and 130. The SIGTERM run resumes in a fresh process, as after a preemption,
+    the Ctrl-C run in this one. The two runs go side by side: a process start costs seconds here."""
+    term, ctrl_c = tmp_path / "term", tmp_path / "ctrl_c"
+    pt, pc = (
+        subprocess.Popen(_cli(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (term, ctrl_c)
+    )
+    _wait_for_steps(term, 6, pt)
+    pt.send_signal(signal.SIGTERM)
+    _wait_for_steps(ctrl_c, 6, pc)
+    pc.send_signal(signal.SIGINT)
+    (out_t, _), (out_c, _) = pt.communicate(timeout=HUNG), pc.communicate(timeout=HUNG)
+    assert pt.returncode == 143 and "interrupted by SIGTERM" in out_t
+    assert pc.returncode == 130 and "continue with --resume" in out_c
+    step = load_checkpoint(str(term / "checkpoints" / "last.pt"))["global_step"]
     assert 6 <= step < 48 and step % 16 != 0  # the signal landed mid-epoch, mid-run (3 epochs of 16 steps)
-    subprocess.run(_cli(run, "--resume"), check=True, capture_output=True)
-    got = _weights(run / "checkpoints" / "last.pt")
-    assert all(torch.equal(got[k], uninterrupted[k]) for k in uninterrupted)
+    assert load_checkpoint(str(ctrl_c / "checkpoints" / "last.pt"))["global_step"] >= 6
+    fresh = subprocess.Popen(_cli(term, "--resume"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert main(_cli(ctrl_c, "--resume")[3:]) == 0
+    assert fresh.wait(timeout=HUNG) == 0, fresh.stderr.read()[-2000:]
+    for run in (term, ctrl_c):
+        got = _weights(run / "checkpoints" / "last.pt")
+        assert all(torch.equal(got[k], uninterrupted[k]) for k in uninterrupted), run.name
 
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path, capsys):

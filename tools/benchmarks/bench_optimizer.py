@@ -1,4 +1,4 @@
-"""Time per training step of AdamW and S-Adam variants on a W4A4 ResNet-18 (CIFAR stem), interleaved.
+"""Time per training step of AdamW and S-Adam variants on a W4A4 model (ResNet-18, CIFAR stem), interleaved.
 
 Each round runs a block of ``--steps`` steps per optimizer (a block covers whole probe
 periods of S-Adam residual), rotating the order; the table gives the median time per step and
@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from qat_sadam import SAdam, calibrate, prepare_qat, sadam_param_groups
-from qat_sadam.models import build_model
+from qat_sadam.models import CIFAR_STEM_MODELS, build_model
 from qat_sadam.optim import loss_closure
 
 
@@ -32,6 +32,7 @@ def make(name, model):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet18", help="a model name (CIFAR stem where it has one)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=8, help="steps per timed block")
     ap.add_argument("--rounds", type=int, default=2)
@@ -47,7 +48,7 @@ def main():
         names = [short[k] for k in args.only.split(",")]
     runs = {}
     for n in names:
-        model = prepare_qat(build_model("resnet18", 100, cifar_stem=True), {"bits": 4})
+        model = prepare_qat(build_model(args.model, 100, cifar_stem=args.model in CIFAR_STEM_MODELS), {"bits": 4})
         calibrate(model, [x])
         model.train()
         runs[n] = (model, make(n, model))
@@ -65,7 +66,7 @@ def main():
                 bar.update()
     base = statistics.median(times["adamw"]) if "adamw" in times else float("nan")
     print(
-        f"\nW4A4 ResNet-18 (CIFAR stem), batch {args.batch}, {args.threads} threads, "
+        f"\nW4A4 {args.model}, batch {args.batch}, {args.threads} threads, "
         f"{args.rounds} rounds x {args.steps} steps, CPU\n"
     )
     print("| optimizer | s/step (median) | ratio to AdamW |\n|---|---|---|")

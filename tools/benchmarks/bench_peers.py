@@ -222,6 +222,12 @@ def _stepper(model, recipe, optimizer_name=None):
     return step, opt
 
 
+def fine_tune_steps(recipe, train) -> int:
+    """The recipe's epochs of ``train``, or its max_steps where fewer: the steps our trainer takes."""
+    steps = recipe.epochs * len(train)
+    return min(steps, recipe.max_steps) if recipe.max_steps else steps
+
+
 def fine_tune(model, recipe, train, steps: int, desc: str) -> None:
     """The fine-tune every peer gets: AdamW at the recipe's lr, cosine schedule, the recipe's batches."""
     step, opt = _stepper(model, recipe, "adamw")
@@ -368,7 +374,7 @@ def main() -> None:
     float_model, _ = build_float_model(recipe, info)
     float_model.eval()
     calib_batches = [x for x, _ in list(calib.batches(0))[: recipe.calibration_batches]]
-    steps = recipe.epochs * len(train)
+    steps = fine_tune_steps(recipe, train)
     example = calib_batches[0][:2]  # batch 2: a batch of 1 would specialise the dynamic dimension
     x1, x32 = example, calib_batches[0][:32]
     if a.arm or a.latency:

@@ -32,7 +32,7 @@ import sys
 import numpy as np
 import onnx
 import torch
-from bench_peers import _accuracy, _interleaved, _loaders, _stepper, fine_tune, float_onnx
+from bench_peers import _accuracy, _interleaved, _loaders, _stepper, fine_tune, fine_tune_steps, float_onnx
 from peer_toolkits import TOOLKITS, Bits
 from torch import nn
 
@@ -122,7 +122,7 @@ def toolkit_cell(
     torch.manual_seed(seed)
     qat = Logits(tk, tk.qat_start(float_model, calib, example, bits))
     start_acc = _accuracy(qat.eval(), test)
-    fine_tune(qat.train(), recipe, train, recipe.epochs * len(train), f"{tk.name} {bits.name} QAT")
+    fine_tune(qat.train(), recipe, train, fine_tune_steps(recipe, train), f"{tk.name} {bits.name} QAT")
     qat.eval()
     row = {
         "toolkit": tk.name,
@@ -171,7 +171,9 @@ def _qat_sadam(*args: str, report: str) -> None:
         raise RuntimeError(f"qat-sadam {' '.join(args)} exited {rc} without {report}")
 
 
-def ours_cell(recipe_name: str, bits: Bits, seed: int, float_model, test, samples, work, runtimes=True) -> dict:
+def ours_cell(
+    recipe_name: str, bits: Bits, seed: int, float_model, test, samples, work, runtimes=True, sets=()
+) -> dict:
     """Ours as a user runs it: train (PTQ, QAT, export and validation), then the runtimes."""
     run = os.path.join(work, "run")
     if not os.path.isfile(os.path.join(run, "export", "validation.json")):
@@ -179,6 +181,7 @@ def ours_cell(recipe_name: str, bits: Bits, seed: int, float_model, test, sample
             "train",
             recipe_name,
             *("--bits", bits.name, "--seed", str(seed), "--out", run, "--force", "--quiet"),
+            *(a for s in sets for a in ("--set", s)),
             report=os.path.join(run, "export", "validation.json"),
         )
     summary = json.load(open(os.path.join(run, "summary.json")))
@@ -322,6 +325,9 @@ def main() -> None:
     p.add_argument("--cost", action="store_true", help="also time the QAT steps (interleaved)")
     p.add_argument("--cost-rounds", type=int, default=3)
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--set", action="append", default=[], dest="sets", metavar="KEY=VALUE", help="a recipe change, for everyone"
+    )
     a = p.parse_args()
     parse_bits(a.bits)  # RecipeError, one line, on a bad value
     names = [n for n in a.toolkits.split(",") if n]
@@ -339,9 +345,9 @@ def main() -> None:
     run_toolkit(a, names[0])
 
 
-def _setup(recipe_name: str, bits: str, seed: int | None):
-    """The recipe at ``bits`` and ``seed``, its loaders, the float model and the calibration batches."""
-    recipe = load_recipe(recipe_name, bits=bits, seed=seed)
+def _setup(recipe_name: str, bits: str, seed: int | None, sets: list[str]):
+    """The recipe at ``bits`` and ``seed`` with ``sets``, its loaders, the float model and the calibration batches."""
+    recipe = load_recipe(recipe_name, sets, bits=bits, seed=seed)
     info, train, calib, test = _loaders(recipe)
     float_model, _ = build_float_model(recipe, info)
     calib_batches = [x for x, _ in list(calib.batches(0))[: recipe.calibration_batches]]
@@ -355,12 +361,12 @@ def run_toolkit(a, name: str) -> None:
     os.makedirs(work, exist_ok=True)
     rows_path = os.path.join(a.out, "toolkits.json")
     for seed in a.seeds:
-        recipe, train, test, float_model, calib_batches = _setup(a.recipe, a.bits, seed)
+        recipe, train, test, float_model, calib_batches = _setup(a.recipe, a.bits, seed, a.sets)
         example = calib_batches[0][:2]
         float_onnx(float_model, example, os.path.join(work, "float.onnx"))
         cell = os.path.join(work, f"{name}-{bits.name}-s{seed}")
         if name == "qat-sadam":
-            row = ours_cell(a.recipe, bits, seed, float_model, test, a.samples, cell, not a.no_runtimes)
+            row = ours_cell(a.recipe, bits, seed, float_model, test, a.samples, cell, not a.no_runtimes, a.sets)
         else:
             row = failing_cell(
                 toolkit_cell,
@@ -380,7 +386,7 @@ def run_toolkit(a, name: str) -> None:
             )
         _save_row(rows_path, row)
     if a.cost:
-        recipe, train, _, float_model, calib_batches = _setup(a.recipe, a.bits, None)
+        recipe, train, _, float_model, calib_batches = _setup(a.recipe, a.bits, None, a.sets)
         cost = step_costs(recipe, bits, name, float_model, calib_batches, calib_batches[0][:2], train, a.cost_rounds)
         with _rows(rows_path) as saved:
             saved["costs"].setdefault(bits.name, {})[name] = cost

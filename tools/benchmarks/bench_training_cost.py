@@ -41,7 +41,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from tqdm import tqdm
 
 from qat_sadam import SAdam, calibrate, prepare_qat, sadam_param_groups
-from qat_sadam.models import build_model
+from qat_sadam.models import CIFAR_STEM_MODELS, build_model
 from qat_sadam.optim import loss_closure
 from qat_sadam.optim.groups import quantized_weights
 from qat_sadam.quant.fake_quant import FusedLSQPerTensor, LSQPerTensor
@@ -201,7 +201,7 @@ def components(model_name: str, batch: int, cifar_stem: bool, rounds: int = 7) -
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="resnet18", choices=["resnet18", "mobilenet_v2"])
+    ap.add_argument("--model", default="resnet18", choices=["resnet18", "mobilenet_v2", "small_cnn"])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
@@ -221,7 +221,7 @@ def main():
     torch.set_num_threads(a.threads)
     if a.imagenet_stem and a.model != "mobilenet_v2":
         ap.error("--imagenet-stem is a MobileNetV2 option")
-    cifar_stem = not a.imagenet_stem
+    cifar_stem = a.model in CIFAR_STEM_MODELS and not a.imagenet_stem
     host_memory = set_host_memory(a.host_memory)
     if a.components:
         return components(a.model, a.batch, cifar_stem)
@@ -251,7 +251,7 @@ def main():
                 bar.update()
     f = statistics.median(times["float adamw"])
     print(
-        f"\n{a.model} ({'CIFAR' if cifar_stem else 'ImageNet'} stem), batch {a.batch}, {a.threads} thread(s), "
+        f"\n{a.model} ({'CIFAR' if cifar_stem else 'own or ImageNet'} stem), batch {a.batch}, {a.threads} thread(s), "
         f"{a.rounds} rounds of one block per cell ({BLOCK} steps, an S-Adam cell's probe period where longer), "
         f"host memory: {host_memory}\n"
     )

@@ -56,15 +56,23 @@ def briefly_trained(name: str, bits: int, kw: dict, train: Loader, steps: int):
     return model.eval()
 
 
+def _case(text: str) -> tuple[str, int, dict]:
+    """``MODEL:BITS`` -> a case: the model with the keyword arguments CASES gives it, if any."""
+    name, _, bits = text.partition(":")
+    return name, int(bits or 8), next((kw for n, _, kw in CASES if n == name), {})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--target", default="cpu-x86-vnni")
+    ap.add_argument("--case", action="append", help="MODEL:BITS instead of the cases above (repeatable)")
     a = ap.parse_args()
+    cases = CASES if not a.case else [_case(c) for c in a.case]
     train, test, labels = cifar100(a.images)
     rows = []
-    for name, bits, kw in tqdm(CASES, desc="models"):
+    for name, bits, kw in tqdm(cases, desc="models"):
         model = briefly_trained(name, bits, kw, train, a.steps)
         tmp = tempfile.mkdtemp()
         done = export_onnx(model, test[0][:1], os.path.join(tmp, "m.onnx"), a.target)
@@ -102,7 +110,7 @@ def main():
         + " | ".join(f"{p} vs ORT max / p99 LSB | {p} vs ORT top-1" for p in pairs)
         + " | INT8 / float size | latency ratio b1 | latency ratio b32 | validation |"
     )
-    print("|---|---|---|" + "---|" * 12)
+    print("|---" * 13 + "|")
     print("\n".join(rows))
 
 

@@ -1,6 +1,6 @@
 """Where do torch and ONNX Runtime part? Parity at every activation quantizer of an exported model.
 
-For each Q/DQ site of the INT8 graph (in graph order) it reports, on CIFAR-100 test images:
+For each Q/DQ site of the INT8 graph (in graph order) it reports, on CIFAR-100 test images (or a run's own test data):
 - cascaded: the frozen torch graph (float QDQ semantics) vs ORT's fused integer graph, each run
   end to end, the share of the site's integers that differ and by how much;
 - isolated: the same torch op fed ORT's own values at the sites before it, so only that op's
@@ -104,9 +104,11 @@ def _sessions(runtime: str, plain_path: str, sites_path: str, tmp: str):
         return qnn_session(fixed_batch_copy(plain_path, tmp)), qnn_session(fixed_batch_copy(sites_path, tmp))
     plain = ort_session(plain_path, optimized_path=os.path.join(tmp, "opt_plain.onnx"))
     probed = ort_session(sites_path, optimized_path=os.path.join(tmp, "opt_sites.onnx"))
-    # Extra outputs only add layout Transposes (NHWC kernels back to NCHW outputs); the kernels stay.
+    # Extra outputs add layout Transposes (NHWC kernels back to NCHW outputs) and may keep a Q/DQ pair
+    # that fed a fused kernel; the kernels themselves stay.
+    kept = {"Transpose", "QuantizeLinear", "DequantizeLinear"}
     ops = [
-        collections.Counter(n.op_type for n in onnx.load(os.path.join(tmp, f)).graph.node if n.op_type != "Transpose")
+        collections.Counter(n.op_type for n in onnx.load(os.path.join(tmp, f)).graph.node if n.op_type not in kept)
         for f in ("opt_plain.onnx", "opt_sites.onnx")
     ]
     assert ops[0] == ops[1], f"site outputs changed ORT's fusion: {ops}"
@@ -137,7 +139,7 @@ def main():
         train, test, _ = cifar100(a.images)
         x = torch.cat(test)
         model = briefly_trained(a.model, a.bits, next(c[2] for c in CASES if c[0] == a.model), train, a.steps)
-        what = f"{a.model} W{a.bits}A{a.bits}, {a.steps} AdamW steps"
+        what = f"{a.model} W{a.bits}A{a.bits}, {a.steps} AdamW steps, CIFAR-100"
     tmp = tempfile.mkdtemp()
     done = export_onnx(model, x[:1], os.path.join(tmp, "m.onnx"), a.target)
     sites = _with_site_outputs(done["path"], os.path.join(tmp, "sites.onnx"))
@@ -152,7 +154,7 @@ def main():
     assert len(cascaded) == len(sites), f"{len(cascaded)} quantizers in torch, {len(sites)} sites in the graph"
     with torch.no_grad():
         frozen_logits, int_logits = done["frozen"](x).numpy(), done["integer"](x).numpy()
-    print(f"\n{what}, {len(x)} CIFAR-100 test images, target {a.target}, runtime {a.runtime}\n")
+    print(f"\n{what}, {len(x)} test images, target {a.target}, runtime {a.runtime}\n")
     print(
         "| # | site | cascaded: share differing | cascaded: max LSB | isolated: share differing | isolated: max LSB | "
         "isolated: max distance to a tie | integers: torch / runtime |"

@@ -31,7 +31,8 @@ def main() -> None:
     a = p.parse_args()
     rows = {}
     for run in tqdm(a.runs, desc="runs"):
-        name = os.path.relpath(run, "runs").replace(os.sep, "/")
+        inside = os.path.relpath(run, "runs")  # runs/a/b -> a/b; a run elsewhere: its folder's name
+        name = (os.path.basename(os.path.normpath(run)) if inside.startswith("..") else inside).replace(os.sep, "/")
         rep = export_run(
             run, a.target, os.path.join("runs", "runtimes", name), a.samples, runtimes=a.runtimes.split(",")
         )
