@@ -15,6 +15,7 @@ _API = {
     "ProxSGD": "optim",
     "sadam_param_groups": "optim",
     "export_onnx": "export",
+    "validate": "workflows.validate_torch",
     "load_recipe": "train.recipe",
     "Recipe": "train.recipe",
     "load_run": "train.model",

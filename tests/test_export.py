@@ -12,7 +12,7 @@ from qat_sadam import calibrate, prepare_qat
 from qat_sadam.errors import ValidationError
 from qat_sadam.export import ExportError, export_float_onnx, export_onnx, fold_check, freeze, ort_session
 from qat_sadam.export.target import Target
-from qat_sadam.export.validate import check_model_file, fusion, output_scale, validate
+from qat_sadam.export.validate import _verdict, check_model_file, fusion, output_scale, validate
 from qat_sadam.models import build_model
 
 # The cpu-x86 profile's 7-bit weights: exact on every x86 CPU. With full 8-bit weights, CPUs without
@@ -450,3 +450,18 @@ def test_int8_slower_than_float_is_a_note_with_its_counted_causes():
     assert "3 float ops between DequantizeLinear and QuantizeLinear, 2 Q/DQ nodes it kept, 4 layout Transposes" in note
     rep["latency"]["batch1"]["int8_over_float"] = 0.9
     assert _speed_notes(rep) == []
+
+
+def test_a_weight_scale_trained_through_zero_is_named_by_the_fold_check():
+    """Adam moves a scale of 1e-3 by about lr per step: at the weights' lr it crosses zero, the
+    forward clamps it to the floor (a dead channel), and the channel's bias, rounded at s_in x floor,
+    leaves int32 in the file. The fold check fails on that layer and names the channel."""
+    model, x = _qat("small_cnn", 4)
+    head = model.fc
+    with torch.no_grad():
+        head.weight_quant.scale[3] = -1e-3
+        head.bias[3] = 1.0
+    rep = fold_check(model, x)
+    assert not rep["ok"] and rep["failing"] == ["fc"] and rep["collapsed_scales"] == {"fc": [3]}
+    (failure,) = _verdict({"host": {"limits_ort": False}, "checks": [], "fold_check": rep})[1]
+    assert "fc channels [3]" in failure and "sadam_param_groups" in failure

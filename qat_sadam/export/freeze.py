@@ -323,6 +323,12 @@ FOLD_TOLERANCE_LSB = 1.0  # int32 bias rounding and float summation order: well 
 WIDE_FOLD_FACTOR = 256
 
 
+def _collapsed_channels(q) -> list[int]:
+    """Output channels whose learned weight scale is at or below the quantizer's floor (trained through
+    zero): their bias, rounded at s_in * floor, leaves int32 and the deployed layer parts from the QAT one."""
+    return torch.nonzero(q.scale.detach().flatten() <= q.spec.scale_floor).flatten().tolist()
+
+
 def _output_quantizer(gm: fx.GraphModule, node: fx.Node) -> QuantDequant | None:
     """The first QuantDequant downstream of ``node`` (its scale: the LSB the output lands in)."""
     seen, frontier = set(), list(node.users)
@@ -380,9 +386,11 @@ def fold_check(qat_model: fx.GraphModule, x: torch.Tensor) -> dict:
     worst = max((v for v in layers.values() if v is not None), default=0.0)
     bad = sorted(k for k, v in layers.items() if v is not None and v > tolerance[k])
     wide = any(t > FOLD_TOLERANCE_LSB for t in tolerance.values())
+    collapsed = {k: _collapsed_channels(g.modules[k].weight_quant) for k in bad}
     return {
         "ok": not bad,
         "max_lsb": worst,
+        "collapsed_scales": {k: v for k, v in collapsed.items() if v},
         "tolerance_lsb": FOLD_TOLERANCE_LSB,
         "tolerance_note": f"x{WIDE_FOLD_FACTOR} for 16-bit outputs" if wide else "",
         "layers": layers,

@@ -549,9 +549,17 @@ def _verdict(rep: dict) -> tuple[bool, list[str], list[str]]:
     fc = rep.get("fold_check")
     if fc and not fc["ok"]:
         tol = " ".join(filter(None, (f"{fc['tolerance_lsb']:g}", fc.get("tolerance_note"))))
+        collapsed = fc.get("collapsed_scales", {})
+        cause = (
+            "; weight scales at the floor (an LSQ scale trained through zero: its int32 bias overflows) in "
+            + ", ".join(f"{k} channels {v[:5]}" for k, v in collapsed.items())
+            + ": train quantizer scales at a far smaller lr than the weights (qat_sadam.sadam_param_groups)"
+            if collapsed
+            else ""
+        )
         fails.append(
             f"BatchNorm fold check: layers {', '.join(fc['failing'][:5])} differ from the QAT conv+BN by up to "
-            f"{fc['max_lsb']:.1f} output LSB (tolerance {tol})"
+            f"{fc['max_lsb']:.1f} output LSB (tolerance {tol}){cause}"
         )
     if "fusion" in rep and not rep["fusion"]["ok"]:
         fails.append(

@@ -18,6 +18,7 @@ from ..export import (
     load_target,
     validate,
 )
+from ..export.outputs import output_list
 from ..train.data import Loader, load_data
 from ..train.model import load_run
 from ..train.recipe import Recipe
@@ -55,21 +56,36 @@ def export_run(
     tgt = load_target(target or recipe.export.target or DEFAULT_TARGET)
     batch = tgt.fixed_batch or 64
     batches = [(x, y) for x, y in test_batches(recipe, info, samples, batch) if not tgt.fixed_batch or len(x) == batch]
+    rep = export_and_validate(model, batches, tgt, out_dir, ladder=ladder, rung=rung, runtimes=runtimes)
+    print(format_report(rep, out_dir))
+    return rep
+
+
+def export_and_validate(
+    model: torch.nn.Module,
+    batches: list,
+    target,
+    out_dir: str,
+    ladder: dict | None = None,
+    rung: str = "qat_acc",
+    runtimes: list[str] | None = None,
+) -> dict:
+    """Export a QAT model into ``out_dir`` (model.onnx, float.onnx) for ``target`` and validate the
+    file on ``batches`` of (inputs, labels or None): the report `qat-sadam export` renders."""
+    tgt = load_target(target)
+    example = batches[0][0][:1]
     path = os.path.join(out_dir, "model.onnx")
-    done = export_onnx(model, batches[0][0][:1], path, tgt)
-    float_path = export_float_onnx(model, batches[0][0][:1], os.path.join(out_dir, "float.onnx"), tgt)
-    with torch.no_grad():
-        qat_out = np.concatenate([model(x).numpy() for x, _ in batches])
-        frozen_out = np.concatenate([done["frozen"](x).numpy() for x, _ in batches])
-        integer_out = np.concatenate([done["integer"](x).numpy() for x, _ in batches])
+    done = export_onnx(model, example, path, tgt)
+    float_path = export_float_onnx(model, example, os.path.join(out_dir, "float.onnx"), tgt)
+    labels = [y for _, y in batches if y is not None]
     rep = validate(
         path,
         target=tgt,
         inputs=[x.numpy() for x, _ in batches],
-        labels=np.concatenate([y.numpy() for _, y in batches]),
-        torch_outputs=qat_out,
-        frozen_outputs=frozen_out,
-        integer_outputs=integer_out,
+        labels=np.concatenate([y.numpy() for y in labels]) if len(labels) == len(batches) else None,
+        torch_outputs=_outputs(model, batches),
+        frozen_outputs=_outputs(done["frozen"], batches),
+        integer_outputs=_outputs(done["integer"], batches),
         float_path=float_path,
         out_dir=out_dir,
         ladder=ladder,
@@ -81,8 +97,14 @@ def export_run(
         int4_path=done["int4_path"],
     )
     rep["requantized_to_max_bits"] = done["requantized_to_max_bits"]
-    print(format_report(rep, out_dir))
     return rep
+
+
+def _outputs(fn, batches) -> list[np.ndarray]:
+    """``fn``'s outputs on every batch, each output (in file order) concatenated over the batches."""
+    with torch.no_grad():
+        per_batch = [[o.numpy() for o in output_list(fn(x))] for x, _ in batches]
+    return [np.concatenate(o) for o in zip(*per_batch)]
 
 
 def export_command(
