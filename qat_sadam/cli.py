@@ -155,9 +155,9 @@ def cmd_compare(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from .workflows.export_run import export_command, run_export_dir
+    from .workflows.export_run import export_command
 
-    rep = export_command(a.run, a.target, a.output or run_export_dir(a.run), a.samples, a.data_root, a.runtimes)
+    rep = export_command(a.run, a.target, a.output, a.samples, a.data_root, a.runtimes, a.force)
     return 0 if rep["passed"] else 1
 
 
@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("run", help="run directory or checkpoint")
     x.add_argument("--target", help=TARGET_HELP + " (default: the recipe's, else cpu-x86)")
-    x.add_argument("-o", "--output", help="output directory (default RUN/export)")
+    x.add_argument("-o", "--output", help="output directory (default RUN/export/TARGET, one per target)")
+    x.add_argument("--force", action="store_true", help="replace the export the output directory holds")
     x.add_argument("--samples", type=_count, help="test samples for parity and accuracy (default: the whole test set)")
     x.add_argument("--data-root", help="where the dataset lives, if not where the run found it")
     x.add_argument("--runtimes", type=_runtimes, help=RUNTIMES_HELP)

@@ -1,6 +1,7 @@
 import collections
 import importlib
 import io
+import json
 
 import numpy as np
 import onnx
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from qat_sadam import calibrate, prepare_qat
+from qat_sadam.cli import main
 from qat_sadam.errors import ValidationError
 from qat_sadam.export import ExportError, export_float_onnx, export_onnx, fold_check, freeze, ort_session
 from qat_sadam.export.target import Target
@@ -465,3 +467,23 @@ def test_a_weight_scale_trained_through_zero_is_named_by_the_fold_check():
     assert not rep["ok"] and rep["failing"] == ["fc"] and rep["collapsed_scales"] == {"fc": [3]}
     (failure,) = _verdict({"host": {"limits_ort": False}, "checks": [], "fold_check": rep})[1]
     assert "fc channels [3]" in failure and "sadam_param_groups" in failure
+
+
+def test_one_run_exports_to_two_targets_each_in_its_own_folder(tmp_path, capsys):
+    """`qat-sadam export RUN --target T` writes RUN/export/T/: a second target never overwrites the
+    first's report, and the same target again is refused (exit 2, nothing touched) until --force."""
+    run = tmp_path / "run"
+    tiny = ["max_steps=2", "export.enabled=false", "model.width=8", "fake_quant_kernels=eager"]
+    assert main(["train", "quickstart", "--out", str(run), "--quiet"] + [a for s in tiny for a in ("--set", s)]) == 0
+    export = ["export", str(run), "--samples", "32", "--runtimes", "ort-cpu"]
+    for target in ("cpu-x86", "cpu-x86-vnni"):
+        assert main(export + ["--target", target]) == 0
+    reports = {t: json.loads((run / "export" / t / "validation.json").read_text()) for t in ("cpu-x86", "cpu-x86-vnni")}
+    assert {t: r["target"] for t, r in reports.items()} == {"cpu-x86": "cpu-x86", "cpu-x86-vnni": "cpu-x86-vnni"}
+    first = (run / "export" / "cpu-x86" / "model.onnx").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(export + ["--target", "cpu-x86"]) == 2
+    assert "holds an export already (validation.json): --force replaces it" in capsys.readouterr().err
+    assert (run / "export" / "cpu-x86" / "model.onnx").stat().st_mtime_ns == first
+    assert main(export + ["--target", "cpu-x86", "--force"]) == 0
+    assert (run / "export" / "cpu-x86" / "model.onnx").stat().st_mtime_ns != first

@@ -118,7 +118,7 @@ def test_an_installed_wheel_trains_and_exports_by_name_from_an_empty_folder(tmp_
     export = run("qat-sadam", "export", "R", "--target", "intel-edge", "--runtimes", "ort-cpu")
     assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
     assert "validation PASSED (target intel-edge)" in export.stdout
-    assert (empty / "R" / "export" / "model.onnx").is_file()
+    assert (empty / "R" / "export" / "intel-edge" / "model.onnx").is_file()  # one folder per target
     assert sorted(p.name for p in empty.iterdir()) == ["R"]  # nothing written outside the run
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..export import (
     DEFAULT_TARGET,
     check_model_file,
@@ -24,10 +26,7 @@ from ..train.model import load_run
 from ..train.recipe import Recipe
 from ..train.run import PTQ, Run
 
-
-def run_export_dir(ref: str) -> str:
-    """Where a run's export goes by default: RUN/export (for a checkpoint file, its run's)."""
-    return Run.locate(ref)[0].export_dir()
+REPORT = "validation.json"  # what marks a folder as holding an export
 
 
 def test_batches(recipe: Recipe, info: dict, samples: int | None, batch: int):
@@ -110,14 +109,27 @@ def _outputs(fn, batches) -> list[np.ndarray]:
 def export_command(
     run: str,
     target: str | None,
-    out_dir: str,
+    out_dir: str | None = None,
     samples: int | None = None,
     data_root: str | None = None,
     runtimes: list[str] | None = None,
+    force: bool = False,
 ) -> dict:
-    """`qat-sadam export`: export_run while holding the run directory's lock (a run still training
-    there, or a second export, makes it exit 2 naming the holder)."""
-    with Run.locate(run)[0].lock():
+    """`qat-sadam export`: export_run into ``out_dir``, by default RUN/export/<target name> (one
+    folder per target; RUN/export itself holds the run's own export and its ladder). A folder that
+    holds an export already is refused unless ``force`` (then replaced), and the run directory's lock
+    is held throughout (a run still training there, or a second export, makes it exit 2)."""
+    owner, _ = Run.locate(run)
+    with owner.lock():
+        if out_dir is None:
+            recipe_target = owner.recipe().get("export", {}).get("target")
+            out_dir = os.path.join(owner.export_dir(), load_target(target or recipe_target or DEFAULT_TARGET).name)
+        if os.path.isfile(os.path.join(out_dir, REPORT)):
+            if not force:
+                raise UserError(f"{out_dir} holds an export already ({REPORT}): --force replaces it")
+            if os.path.realpath(out_dir) == os.path.realpath(owner.dir):
+                raise UserError(f"{out_dir} is the run directory: export into a folder of its own")
+            shutil.rmtree(out_dir)
         return export_run(run, target, out_dir, samples, data_root, runtimes=runtimes)
 
 
