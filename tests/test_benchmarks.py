@@ -122,7 +122,8 @@ def test_runtimes_table_exports_a_run_for_a_target(monkeypatch, capsys, tiny_run
     rows = json.loads((tmp_path / "table" / "rows.json").read_text())
     assert rows["tiny"]["passed"] and rows["tiny"]["runtimes"]["ort-cpu"]["parity"]["max_lsb"] == 0
     assert (tmp_path / "runs" / "runtimes" / "tiny" / "validation.md").exists()
-    assert "| ort-cpu | ran | 0.0 LSB |" in (tmp_path / "table" / "table.md").read_text()
+    table = (tmp_path / "table" / "table.md").read_text()
+    assert "| ort-cpu | within tolerance (tolerance 0 LSB, 100% top-1) | 0.0 LSB |" in table
 
 
 def test_dense_models_validate_every_output(monkeypatch, capsys, tmp_path):

@@ -7,6 +7,7 @@ import collections
 import importlib
 import json
 import os
+import re
 
 import numpy as np
 import onnx
@@ -287,12 +288,26 @@ def test_the_newcomers_path_ends_in_a_verdict_right_for_the_file(tmp_path, monke
     ran = {n: r for n, r in rep["runtimes"].items() if r["status"] == "ran"}
     assert "ort-cpu" in ran and all(r["samples"] == 64 for r in ran.values())  # 64 batches of one
     assert all(r["within_tolerance"] or r["host_limited"] for r in ran.values())
+    _check_console(capsys.readouterr().out, rep)
     fz = importlib.import_module("qat_sadam.export.freeze")
     real = fz._folded
     monkeypatch.setattr(fz, "_folded", lambda layer, bn: (lambda w, s_, b: (w, s_, b + 0.5))(*real(layer, bn)))
     assert main(export + ["--runtimes", "ort-cpu", "-o", str(tmp_path / "broken")]) == 1
     rep = json.loads((tmp_path / "broken" / "validation.json").read_text())
     assert any(f.startswith("BatchNorm fold check") for f in rep["failures"]), rep["failures"]
+
+
+def _check_console(out: str, rep: dict) -> None:
+    """What the user reads: no field of a feature that is off (None), one sample count per report,
+    and two lines about the same pair (the integer reference against ORT CPU, on the same file and
+    the same samples) that agree."""
+    assert "None" not in out
+    report = out[out.index("validation PASSED") :]
+    assert report.count("samples:") == 1 and f"samples: {rep['samples']} inputs" in report
+    assert rep["parity_file"] == rep["model"]  # ORT CPU ran the same file in both lines
+    top = re.search(r"torch integer reference vs ORT: max ([\d.]+) LSB", report).group(1)
+    row = re.search(r"runtime ort-cpu: [^(]*\(tolerance [^)]*\) \(max ([\d.]+) LSB", report).group(1)
+    assert top == row
 
 
 def test_a_fixed_batch_model_runs_in_chunks_on_every_runtime(tmp_path):

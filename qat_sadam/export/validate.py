@@ -301,7 +301,7 @@ def validate(
     runtimes: list[str] | None = None,
     frozen=None,
     float_torch=None,
-    runtime_samples: int = 256,
+    runtime_samples: int | None = None,
     fold: dict | None = None,
     int4_path: str | None = None,
 ) -> dict:
@@ -318,8 +318,9 @@ def validate(
     ORT; the others are reported beside it (at 4 bits, one-LSB rounding differences at ties
     cascade through deep networks, docs/guide/export.md).
     ``runtimes``: the runtimes to run the model on (default: the target's), each measured against
-    the integer reference (ORT CPU's logits when there is none) on the first ``runtime_samples``
-    inputs; ``frozen``/``float_torch``: the torch graphs, for runtimes that lower torch programs;
+    the integer reference (ORT CPU's logits when there is none) on the same inputs (the first
+    ``runtime_samples`` of them when given); ``frozen``/``float_torch``: the torch graphs, for
+    runtimes that lower torch programs;
     ``int4_path``: the same graph with INT4 weights, run by the runtimes that compute with them (a
     runtime that cannot run the file's activation type is a ValidationError before anything runs).
     The file is checked against the trained model too: ``fold`` (``freeze.fold_check``) must pass,
@@ -354,6 +355,10 @@ def validate(
                 "LSB to measure parity in (export it with qat_sadam.export_onnx)"
             )
         rep["output_lsb"] = scale
+        if inputs is not None:
+            rep["samples"] = int(sum(len(x) for x in inputs))
+            if runtimes and runtime_samples and runtime_samples < rep["samples"]:
+                rep["runtime_samples"] = runtime_samples
         if inputs is not None and ("parity" in target.checks or "accuracy" in target.checks):
             # The file the device runs: with INT4 storage ORT CPU computes it in float after the INT4
             # DequantizeLinear, a check of the packed weights (and no u8 x s8 saturation on x86 without VNNI).
@@ -742,13 +747,24 @@ def _size_lines(s: dict) -> list[str]:
     return out
 
 
+def _tolerance(t: dict) -> str:
+    return f"tolerance {t['max_lsb']:g} LSB, {100 * t['top1_agreement']:g}% top-1"
+
+
 def runtime_cells(r: dict) -> list[str]:
     """status, max LSB, p99 LSB, top-1 agreement, accuracy, INT8/float latency of one runtime row."""
     if r["status"] != "ran":
         return [f"{r['status']}: {r['reason']}" + (f" ({r['install']})" if "install" in r else "")] + ["-"] * 5
     p, lat = r["parity"], r.get("latency_batch1", {})
     return [
-        "ran" if r["within_tolerance"] else "HOST-LIMITED" if r.get("host_limited") else "OUT OF TOLERANCE",
+        (
+            "within tolerance"
+            if r["within_tolerance"]
+            else "HOST-LIMITED"
+            if r.get("host_limited")
+            else "OUT OF TOLERANCE"
+        )
+        + f" ({_tolerance(r['tolerance'])})",
         f"max {p['max_lsb']:.1f} LSB",
         f"p99 {p['p99_lsb']:.1f} LSB",
         f"top-1 {100 * p['top1_agreement_decisive']:.1f}% ({p['near_ties']} near ties; "
@@ -790,6 +806,13 @@ def format_report(rep: dict, out_dir: str) -> str:
             "" if "parity" in rep["checks"] else f"; reported, not gated: parity is not among {rep['target']}'s checks"
         )
         L.append(f"  ORT CPU ran {os.path.basename(rep['parity_file'])}, {rep['activation_type']} activations{gated}")
+    if "samples" in rep:
+        runtimes = (
+            f"; the runtimes run the first {rep['runtime_samples']}"
+            if "runtime_samples" in rep
+            else ", every runtime below too"
+        )
+        L.insert(1, f"  samples: {rep['samples']} inputs for parity and accuracy{runtimes}")
     for key, name in (
         ("torch_integer_vs_ort", "torch integer reference"),
         ("torch_frozen_vs_ort", "torch frozen graph"),
@@ -804,7 +827,7 @@ def format_report(rep: dict, out_dir: str) -> str:
     if "accuracy" in rep:
         a = rep["accuracy"]
         L.append(
-            f"  {a.get('metric', 'top-1')} on {a['samples']}: ORT INT8 {100 * a['ort_int8']:.2f}%"
+            f"  {a.get('metric', 'top-1')}: ORT INT8 {100 * a['ort_int8']:.2f}%"
             + "".join(f", {k.replace('_', ' ')} {100 * a[k]:.2f}%" for k in ACCURACY_KEYS if k in a)
             + (f"; deployed: {a['deployed_by']}" if a["deployed_by"] != "ORT CPU" else "")
         )

@@ -156,6 +156,7 @@ def print_summary(s: dict) -> None:
         ("mean osc freq", s.get("osc_freq_mean")),
         ("skipped steps", s["skipped_steps"]),
     ]
+    rows = [(k, v) for k, v in rows if v is not None]  # a feature that is off (no S-Adam: no damping) says nothing
     width = max(len(k) for k, _ in rows)
     print("\nsummary")
     for k, v in rows:
