@@ -11,6 +11,7 @@ import yaml
 
 from qat_sadam.cli import main
 from qat_sadam.errors import CheckpointError
+from qat_sadam.export.figures import ladder_bars
 from qat_sadam.models import build_model
 from qat_sadam.quant import FakeQuantize, calibrate, prepare_qat, reestimate_batchnorm
 from qat_sadam.train.checkpoint import load_checkpoint
@@ -257,6 +258,15 @@ def test_ptq_then_finetune_ladder_on_digits(tmp_path, capsys):
     assert report["ladder"]["qat_acc"] == report["accuracy"]["ort_int8"] == ft["qat_acc"]
     assert ft["final_acc"] == ft["qat_acc"]  # the trainer evaluates what it exports (cpu-x86: 7-bit weights)
     assert "## Accuracy ladder" in (tmp_path / "ft" / "export" / "validation.md").read_text()
+    bars = dict(ladder_bars(report))  # ladder.png draws the report's own numbers, float down to each runtime
+    assert bars == {
+        "float\n(torch)": report["ladder"]["float_acc"],
+        "PTQ INT8\n(deployed)": report["ladder"]["ptq_acc"],
+        "QAT graph\n(torch)": report["accuracy"]["torch_qat_graph"],
+        "QAT INT8\n(deployed)": report["ladder"]["qat_acc"],
+        "QAT INT8\non ort-cpu": report["runtimes"]["ort-cpu"]["accuracy"],
+    }
+    assert (tmp_path / "ft" / "export" / "ladder.png").stat().st_size > 10_000
     assert ft["start"]["bn_reestimate"]["bn_batches"] > 0 and ft["bn_reestimate"]["bn_batches"] > 0
 
 

@@ -24,6 +24,7 @@ import onnxruntime as ort
 
 from ..errors import ValidationError
 from ..metrics import score
+from .figures import ladder_figure
 from .host import host_limits
 from .retype import activation_container
 from .runtimes import (
@@ -442,6 +443,7 @@ def validate(
         rep["fold_check"] = fold
     if ladder is not None and "accuracy" in rep:
         rep["ladder"] = accuracy_ladder({**ladder, rung: rep["accuracy"]["deployed"]}, rep["accuracy"]["samples"])
+        rep["ladder_figure"] = ladder_figure(rep, os.path.join(out_dir, "ladder.png"))
     rep["passed"], rep["failures"], rep["host_limited"] = _verdict(rep)
     rep["speed_notes"] = _speed_notes(rep)
     with open(os.path.join(out_dir, "validation.json"), "w") as f:
@@ -685,6 +687,8 @@ def to_markdown(rep: dict) -> str:
             "",
             f"{rep['ladder']['samples']} test samples; float in torch, PTQ and QAT as deployed (INT8 on ORT).",
             "",
+            "![accuracy ladder, float down to each runtime](ladder.png)",
+            "",
         ]
     if "runtimes" in rep:
         L += (
@@ -838,6 +842,7 @@ def format_report(rep: dict, out_dir: str) -> str:
         )
     if "ladder" in rep:
         L.append("  ladder: float {}, PTQ INT8 {}, QAT INT8 {}, recovery {}".format(*format_ladder(rep["ladder"])))
+        L.append(f"  ladder figure: {rep['ladder_figure']}")
     if "size" in rep and "int8_over_float" in rep["size"]:
         L.append(f"  size: {'; '.join(_size_lines(rep['size']))}")
     for k, v in rep.get("latency", {}).items():

@@ -291,4 +291,5 @@ def plot_cells(out: str, labels: list[str], seeds: int, first_seed: int = 0) -> 
         label: [cell_run(out, label, seed).metrics_file for seed in range(first_seed, first_seed + seeds)]
         for label in labels
     }
-    return [plot_curves(runs, os.path.join(out, "curves.png"))]
+    title = f"{os.path.basename(os.path.normpath(out))}: mean of {seeds} seed(s) per cell"
+    return [plot_curves(runs, os.path.join(out, "curves.png"), title)]

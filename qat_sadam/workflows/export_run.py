@@ -119,7 +119,7 @@ def export_command(
     folder per target; RUN/export itself holds the run's own export and its ladder). A folder that
     holds an export already is refused unless ``force`` (then replaced), and the run directory's lock
     is held throughout (a run still training there, or a second export, makes it exit 2)."""
-    owner, _ = Run.locate(run)
+    owner, checkpoint = Run.locate(run)
     with owner.lock():
         if out_dir is None:
             recipe_target = owner.recipe().get("export", {}).get("target")
@@ -130,7 +130,12 @@ def export_command(
             if os.path.realpath(out_dir) == os.path.realpath(owner.dir):
                 raise UserError(f"{out_dir} is the run directory: export into a folder of its own")
             shutil.rmtree(out_dir)
-        return export_run(run, target, out_dir, samples, data_root, runtimes=runtimes)
+        # A fine-tune's float rung (torch, whatever the target) above the run's deployed checkpoint;
+        # a checkpoint file named instead (ptq.pt, an early one) is no rung of that ladder.
+        summary = owner.read_summary() if checkpoint is None and os.path.isfile(owner.summary_file) else {}
+        float_acc = summary.get("start", {}).get("float_acc")
+        ladder = {"float_acc": float_acc} if float_acc is not None else None
+        return export_run(run, target, out_dir, samples, data_root, ladder=ladder, runtimes=runtimes)
 
 
 def export_finished_run(run_dir: str, target: str | None) -> dict:

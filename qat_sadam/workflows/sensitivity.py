@@ -330,7 +330,18 @@ def _plot(res: dict, path: str) -> None:
         ax.bar([i + 0.2 for i in x], [100 * r["gain"] for r in rows], 0.4, label=f"gain: only this {what} at 8 bits")
         ax.set_xticks(list(x), [r[name] for r in rows], rotation=90, fontsize=7)
         ax.set(ylabel="accuracy points (PTQ, integer reference)", title=f"per-{what} {kind} sensitivity")
+        ax.axhline(0, color="k", lw=0.5)
         ax.legend()
+        if not any(r["gain"] > 0 for r in rows):  # all bars at or below zero read as an empty chart
+            ax.text(
+                0.5,
+                0.5,
+                f"no {what} gains: none at 8 bits alone scores above the model at {low} bits",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                bbox={"facecolor": "white", "alpha": 0.8},
+            )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -103,7 +103,10 @@ def fit(recipe: Recipe, run: Run, resume: bool = False, progress: bool = True) -
     finally:
         distributed.shutdown()
     if trainer.rank == 0:
-        print(f"curves: {plot_curves({recipe.name: [run.metrics_file]}, run.curves_file)}")
+        q = recipe.quant
+        bits = f"W{q.weight_bits or q.bits}A{q.act_bits or q.bits}" if q.enabled else "float"
+        title = f"{os.path.basename(os.path.normpath(run.dir))} ({recipe.name}, {bits})"
+        print(f"curves: {plot_curves({recipe.name: [run.metrics_file]}, run.curves_file, title)}")
     return summary
 
 
