@@ -2,6 +2,7 @@ import collections
 import importlib
 import io
 import json
+import os
 
 import numpy as np
 import onnx
@@ -301,7 +302,11 @@ def test_mobile_target_converts_to_ort_format_with_parity(tmp_path):
         name="mobile", weight_bits_max=8, fixed_batch=1, formats=["onnx", "ort"], checks=["fusion", "parity", "mobile"]
     )
     path = str(tmp_path / "m.onnx")
-    export_onnx(model, x[:1], path, tgt)
+    done = export_onnx(model, x[:1], path, tgt)  # every format the profile lists: m.onnx and m.ort beside it
+    assert done["ort_path"] == str(tmp_path / "m.ort") and sorted(os.listdir(tmp_path)) == ["m.onnx", "m.ort"]
+    x1 = {"input": x[:1].numpy()}
+    assert np.array_equal(ort_session(done["ort_path"]).run(None, x1)[0], ort_session(path).run(None, x1)[0])
+    assert export_onnx(model, x[:1], str(tmp_path / "c.onnx"), CPU)["ort_path"] is None
     (tmp_path / "ort").mkdir()
     (tmp_path / "ort" / "a.ort").write_bytes(b"another model's file, sorted first")
     assert [d.dim_value for d in onnx.load(path).graph.input[0].type.tensor_type.shape.dim] == [1, 3, 32, 32]

@@ -19,6 +19,7 @@ from ..quant import FakeQuantize, QATConfig
 from ..quant.graph import failing_module, set_module
 from .freeze import freeze
 from .integer_reference import integer_reference
+from .ort_format import write_ort
 from .outputs import output_names
 from .retype import (
     TORCHSCRIPT_MAX_OPSET,
@@ -164,7 +165,8 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str, target
     for 16-bit activations on a profile with ``activation_type: uint16``, uint16 at opset 21. A
     profile with ``weight_storage: int4`` also gets NAME.int4.onnx: the same graph with every weight
     of 4 bits or fewer stored as INT4, for runtimes that compute with it (ORT CPU's integer kernels
-    take the int8 file). A model returning a dict, tuple or list of tensors gets one named graph
+    take the int8 file). A profile listing ``ort`` among its ``formats`` (mobile-arm) also gets
+    NAME.ort, ONNX Runtime's mobile format. A model returning a dict, tuple or list of tensors gets one named graph
     output each (the dict's keys, ``output_0``...; a single tensor is ``logits``).
 
     Args:
@@ -175,7 +177,8 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str, target
             profile YAML path or a ``Target``; None: the defaults.
 
     Returns:
-        A dict: ``path``, ``int4_path`` (None without INT4 storage), ``int4_weights`` (the weights
+        A dict: ``path``, ``ort_path`` (None unless the profile lists ``ort``), ``int4_path`` (None
+        without INT4 storage), ``int4_weights`` (the weights
         stored as INT4), ``activation_type`` (uint8 or uint16), ``target``, ``requantized_to_max_bits``
         (layers narrowed to the target's weight container), ``frozen`` (the folded torch graph, float
         QDQ semantics) and ``integer`` (its integer reference: what the integer kernels compute, in torch).
@@ -192,6 +195,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str, target
     int4_path, int4 = _int4_copy(path) if _stores_int4(model, target) else (None, [])
     return {
         "path": path,
+        "ort_path": write_ort(path) if "ort" in target.formats else None,
         "int4_path": int4_path,
         "int4_weights": int4,
         "activation_type": activation_type,

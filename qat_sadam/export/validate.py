@@ -7,10 +7,7 @@ that actually ran, and mobile providers are checked statically by ORT's own tool
 from __future__ import annotations
 
 import collections
-import contextlib
-import io
 import json
-import logging
 import os
 import pathlib
 import shutil
@@ -26,6 +23,7 @@ from ..errors import ValidationError
 from ..metrics import score
 from .figures import ladder_figure
 from .host import host_limits
+from .ort_format import convert, logged
 from .retype import activation_container
 from .runtimes import (
     RUNTIMES,
@@ -34,7 +32,6 @@ from .runtimes import (
     check_names,
     lsb_stats,
     measure,
-    native_output_to,
     ort_session,
     session_runner,
 )
@@ -230,27 +227,16 @@ def mobile(path: str, workdir: str) -> dict:
     process (their command-line wrappers spend 4 s each importing ORT again); what they print, Python
     and native, goes to the report's logs, not the console."""
     # imported here: ORT's tools take 1.8 s to import, which only a mobile profile's export should pay
-    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
     from onnxruntime.tools.mobile_helpers.usability_checker import analyze_model
 
-    # One folder per model, emptied first: ORT's converter converts every model in the folder, and a
-    # .ort file left by another model exported to the same place must not be taken for this one's.
     stem = os.path.splitext(os.path.basename(path))[0]
-    ort_dir = os.path.join(workdir, "ort", stem)
-    shutil.rmtree(ort_dir, ignore_errors=True)
-    os.makedirs(ort_dir)
-    shutil.copy(path, os.path.join(ort_dir, os.path.basename(path)))
-    check_text, check_ok = _logged(lambda log: analyze_model(pathlib.Path(path), skip_optimize=False, logger=log))
-    styles = [OptimizationStyle.Fixed, OptimizationStyle.Runtime]  # the command line's default
-    conv_text, conv_ok = _logged(
-        lambda log: convert_onnx_models_to_ort(pathlib.Path(ort_dir), optimization_styles=styles)
-    )
+    ort_dir = os.path.join(workdir, "ort", stem)  # one folder per model (ort_format.convert)
+    check_text, check_ok = logged(lambda log: analyze_model(pathlib.Path(path), skip_optimize=False, logger=log))
+    ort_files, conv_text, conv_ok = convert(path, ort_dir, runtime_optimized=True)  # the command line's styles
     lines = [ln.split("- ", 1)[-1] if "- " in ln else ln for ln in check_text.splitlines()]
     summary = [
         ln for ln in lines if any(k in ln for k in ("partition", "NNAPI", "CoreML", "nodes", "should", "supported"))
     ]
-    # this model's .ort first (its runtime-optimized twin after it)
-    ort_files = sorted((f for f in os.listdir(ort_dir) if f.endswith(".ort")), key=lambda f: (f != f"{stem}.ort", f))
     configs = sorted(f for f in os.listdir(ort_dir) if f.endswith(".config"))
     return {
         "usability_check_exit_code": 0 if check_ok else 1,
@@ -259,28 +245,9 @@ def mobile(path: str, workdir: str) -> dict:
         "ort_conversion_ok": conv_ok and bool(ort_files),
         "ort_conversion_log": conv_text[-2000:],
         "ort_dir": ort_dir,
-        "ort_files": ort_files,
+        "ort_files": [os.path.basename(f) for f in ort_files],
         "required_operators_configs": configs,
     }
-
-
-def _logged(run) -> tuple[str, bool]:
-    """Run ``run(logger)`` with its logging, prints and native output captured: (text, no exception)."""
-    text = io.StringIO()
-    log = logging.getLogger(f"qat_sadam.mobile.{id(text)}")
-    handler = logging.StreamHandler(text)
-    handler.setFormatter(logging.Formatter("%(levelname)s:  %(message)s"))
-    log.handlers, log.propagate = [handler], False
-    log.setLevel(logging.INFO)
-    with tempfile.NamedTemporaryFile("r", suffix=".log") as native:
-        ok = True
-        with native_output_to(native.name), contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
-            try:
-                run(log)
-            except Exception as e:  # ORT's tools raise what the model provokes; the report says it
-                text.write(f"{type(e).__name__}: {e}\n")
-                ok = False
-        return text.getvalue() + native.read(), ok
 
 
 ACCURACY_KEYS = ("torch_integer", "torch_frozen", "torch_qat_graph")  # the torch references, gate first
