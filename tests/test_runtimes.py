@@ -279,8 +279,12 @@ def test_the_newcomers_path_ends_in_a_verdict_right_for_the_file(tmp_path, monke
     float_run, run = tmp_path / "float", tmp_path / "ft"
     quick = ["--quiet", "--set", "max_steps=8"]
     assert main(["train", "quickstart_float", "--out", str(float_run)] + quick) == 0
-    ft = ["--set", f"model.checkpoint={float_run}", "--set", "export.enabled=false"]
+    ft = ["--set", f"model.checkpoint={float_run}"]
     assert main(["train", "quickstart_finetune", "--bits", "4", "--out", str(run)] + quick + ft) == 0
+    trained = capsys.readouterr().out  # the fine-tune's own reports: PTQ, then QAT, each labelled
+    assert "None" not in trained
+    ptq, qat = trained.split("PTQ INT8 (")[1].split("QAT INT8 (after the fine-tune):")
+    assert ptq.count("samples:") == qat.count("samples:") == 1 and "ladder: float" in qat
     export = ["export", str(run), "--target", "mobile-arm", "--samples", "64"]
     assert main(export + ["--runtimes", "ort-cpu,openvino", "-o", str(tmp_path / "mobile")]) == 0
     rep = json.loads((tmp_path / "mobile" / "validation.json").read_text())

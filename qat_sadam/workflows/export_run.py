@@ -46,6 +46,7 @@ def export_run(
     ladder: dict | None = None,
     rung: str = "qat_acc",
     runtimes: list[str] | None = None,
+    label: str | None = None,
 ) -> dict:
     """Export a run's deployed checkpoint (or the checkpoint file given) for ``target`` and validate
     it on ORT and on ``runtimes`` (default: the target's); returns the validation report (with the
@@ -56,7 +57,7 @@ def export_run(
     batch = tgt.fixed_batch or 64
     batches = [(x, y) for x, y in test_batches(recipe, info, samples, batch) if not tgt.fixed_batch or len(x) == batch]
     rep = export_and_validate(model, batches, tgt, out_dir, ladder=ladder, rung=rung, runtimes=runtimes)
-    print(format_report(rep, out_dir))
+    print((f"{label}\n" if label else "") + format_report(rep, out_dir))
     return rep
 
 
@@ -148,10 +149,16 @@ def export_finished_run(run_dir: str, target: str | None) -> dict:
     ladder = None
     if float_acc is not None and run.has_checkpoint(PTQ):
         ptq = export_run(
-            run.checkpoint(PTQ), target, run.export_dir("export-ptq"), ladder={"float_acc": float_acc}, rung="ptq_acc"
+            run.checkpoint(PTQ),
+            target,
+            run.export_dir("export-ptq"),
+            ladder={"float_acc": float_acc},
+            rung="ptq_acc",
+            label="PTQ INT8 (the float model calibrated, BatchNorm re-estimated, before the fine-tune):",
         )
         ladder = {"float_acc": float_acc, "ptq_acc": ptq["accuracy"]["deployed"]}
-    rep = export_run(run_dir, target, run.export_dir(), ladder=ladder)
+    label = "QAT INT8 (after the fine-tune):" if ladder else None
+    rep = export_run(run_dir, target, run.export_dir(), ladder=ladder, label=label)
     if "ladder" in rep:
         run.write_summary({**summary, **rep["ladder"], "qat_checkpoint": os.path.basename(run.deployed_checkpoint())})
     return rep
