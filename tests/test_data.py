@@ -75,3 +75,12 @@ def test_loader_order_and_augmentation_are_seeded_by_epoch_and_step():
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a[5:], b))
     c = list(make().batches(epoch=2))
     assert not torch.equal(a[0][1], c[0][1])
+
+
+def test_the_loader_normalises_by_the_datasets_mean_and_std():
+    """A batch is (x / 255 - mean) / std per channel, in the split's order without shuffling."""
+    d = load_data(DataSection(name="synthetic", image_size=8))
+    (x, y), *_ = Loader(d.train, 16, d.mean, d.std, shuffle=False).batches()
+    mean, std = torch.tensor(d.mean).view(1, -1, 1, 1), torch.tensor(d.std).view(1, -1, 1, 1)
+    torch.testing.assert_close(x, (d.train.x[:16].float() / 255 - mean) / std)
+    assert torch.equal(y, d.train.y[:16]) and float(std.min()) != 1.0
