@@ -8,6 +8,7 @@ imported inside the command functions, on purpose: they import torch (seconds), 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -408,6 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Where the disk or its permissions refuse a write: the user's to fix, said in one line (what the
+# command was replacing is left in place: checkpoints and exports are swapped in only when written).
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -420,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        print(f"error: cannot write {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

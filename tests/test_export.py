@@ -1,4 +1,5 @@
 import collections
+import errno
 import importlib
 import io
 import json
@@ -17,6 +18,7 @@ from qat_sadam.export import ExportError, export_float_onnx, export_onnx, fold_c
 from qat_sadam.export.target import Target
 from qat_sadam.export.validate import _verdict, check_model_file, fusion, output_scale, validate
 from qat_sadam.models import build_model
+from qat_sadam.workflows import export_run as export_run_module
 
 # The cpu-x86 profile's 7-bit weights: exact on every x86 CPU. With full 8-bit weights, CPUs without
 # VNNI (this project's machines differ) saturate u8 x s8 pair sums in ORT's kernels (docs/guide/export.md).
@@ -474,7 +476,7 @@ def test_a_weight_scale_trained_through_zero_is_named_by_the_fold_check():
     assert "fc channels [3]" in failure and "sadam_param_groups" in failure
 
 
-def test_one_run_exports_to_two_targets_each_in_its_own_folder(tmp_path, capsys):
+def test_one_run_exports_to_two_targets_each_in_its_own_folder(tmp_path, capsys, monkeypatch):
     """`qat-sadam export RUN --target T` writes RUN/export/T/: a second target never overwrites the
     first's report, and the same target again is refused (exit 2, nothing touched) until --force."""
     run = tmp_path / "run"
@@ -490,5 +492,13 @@ def test_one_run_exports_to_two_targets_each_in_its_own_folder(tmp_path, capsys)
     assert main(export + ["--target", "cpu-x86"]) == 2
     assert "holds an export already (validation.json): --force replaces it" in capsys.readouterr().err
     assert (run / "export" / "cpu-x86" / "model.onnx").stat().st_mtime_ns == first
+    with monkeypatch.context() as m:  # a replacement that fails half-way leaves the export it was to replace
+        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "float.onnx")
+        m.setattr(export_run_module, "export_float_onnx", lambda *a, **k: (_ for _ in ()).throw(full))
+        capsys.readouterr()
+        assert main(export + ["--target", "cpu-x86", "--force"]) == 2
+        assert capsys.readouterr().err == "error: cannot write float.onnx: No space left on device\n"
+    assert (run / "export" / "cpu-x86" / "model.onnx").stat().st_mtime_ns == first
+    assert sorted(p.name for p in (run / "export").iterdir() if p.is_dir()) == ["cpu-x86", "cpu-x86-vnni"]
     assert main(export + ["--target", "cpu-x86", "--force"]) == 0
     assert (run / "export" / "cpu-x86" / "model.onnx").stat().st_mtime_ns != first

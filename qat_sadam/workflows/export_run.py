@@ -118,25 +118,38 @@ def export_command(
 ) -> dict:
     """`qat-sadam export`: export_run into ``out_dir``, by default RUN/export/<target name> (one
     folder per target; RUN/export itself holds the run's own export and its ladder). A folder that
-    holds an export already is refused unless ``force`` (then replaced), and the run directory's lock
-    is held throughout (a run still training there, or a second export, makes it exit 2)."""
+    holds an export already is refused unless ``force``, and replaced only once the new export is
+    written (one that fails leaves the old in place); the run directory's lock is held throughout (a
+    run still training there, or a second export, makes it exit 2)."""
     owner, checkpoint = Run.locate(run)
     with owner.lock():
         if out_dir is None:
             recipe_target = owner.recipe().get("export", {}).get("target")
             out_dir = os.path.join(owner.export_dir(), load_target(target or recipe_target or DEFAULT_TARGET).name)
-        if os.path.isfile(os.path.join(out_dir, REPORT)):
-            if not force:
-                raise UserError(f"{out_dir} holds an export already ({REPORT}): --force replaces it")
-            if os.path.realpath(out_dir) == os.path.realpath(owner.dir):
-                raise UserError(f"{out_dir} is the run directory: export into a folder of its own")
-            shutil.rmtree(out_dir)
         # A fine-tune's float rung (torch, whatever the target) above the run's deployed checkpoint;
         # a checkpoint file named instead (ptq.pt, an early one) is no rung of that ladder.
         summary = owner.read_summary() if checkpoint is None and os.path.isfile(owner.summary_file) else {}
         float_acc = summary.get("start", {}).get("float_acc")
         ladder = {"float_acc": float_acc} if float_acc is not None else None
-        return export_run(run, target, out_dir, samples, data_root, ladder=ladder, runtimes=runtimes)
+        previous = None
+        if os.path.isfile(os.path.join(out_dir, REPORT)):
+            if not force:
+                raise UserError(f"{out_dir} holds an export already ({REPORT}): --force replaces it")
+            if os.path.realpath(out_dir) == os.path.realpath(owner.dir):
+                raise UserError(f"{out_dir} is the run directory: export into a folder of its own")
+            previous = out_dir.rstrip(os.sep) + ".replaced"  # kept until the new export is written
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(out_dir, previous)
+        try:
+            rep = export_run(run, target, out_dir, samples, data_root, ladder=ladder, runtimes=runtimes)
+        except BaseException:  # an export that did not finish leaves the one it was to replace
+            if previous:
+                shutil.rmtree(out_dir, ignore_errors=True)
+                os.replace(previous, out_dir)
+            raise
+        if previous:
+            shutil.rmtree(previous)
+        return rep
 
 
 def export_finished_run(run_dir: str, target: str | None) -> dict:
