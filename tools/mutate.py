@@ -406,6 +406,13 @@ def run_mutant(name: str, timeout: int, baseline: bool = False) -> dict:
     }
 
 
+def _row(r: dict) -> str:
+    return (
+        f"| {r['mutant']} | {r.get('what', '')} | {r.get('file', '')} | {r['status']} | "
+        f"{r.get('killed_by') or r.get('detail', '-')} |"
+    )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", help="comma-separated mutant names")
@@ -423,13 +430,12 @@ def main() -> int:
     if broken:  # "SURVIVED" on the unmutated copy means the tests pass there, as they must
         print(f"the tests fail without any mutation, fix them first: {', '.join(broken)}")
         return 2
-    rows = [run_mutant(n, a.timeout) for n in tqdm(names, desc="mutants")]
+    rows = []
+    for n in tqdm(names, desc="mutants"):
+        rows.append(run_mutant(n, a.timeout))
+        tqdm.write(_row(rows[-1]))  # as each ends: an interrupted run keeps what it measured
     print("| mutant | bug | file | status | killed by |\n|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['mutant']} | {r.get('what', '')} | {r.get('file', '')} | {r['status']} | "
-            f"{r.get('killed_by') or r.get('detail', '-')} |"
-        )
+    print("\n".join(_row(r) for r in rows))
     return 0 if all(r["status"] == "killed" for r in rows) else 1
 
 
