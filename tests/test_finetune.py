@@ -350,9 +350,13 @@ def test_activation_sensitivity_ranks_sites_and_proposes_8bit_activations_within
 
 
 def test_recovery_is_a_ratio_only_when_ptq_lost_accuracy():
-    from qat_sadam.export.validate import accuracy_ladder
+    from qat_sadam.export.validate import accuracy_ladder, format_ladder
 
     assert accuracy_ladder({"float_acc": 0.8, "ptq_acc": 0.6, "qat_acc": 0.75}, 100)["recovery"] == pytest.approx(0.75)
+    # no ratio where PTQ lost under one sample: the report says so, and "-" where a rung is missing
+    tiny = accuracy_ladder({"float_acc": 0.92393, "ptq_acc": 0.92389, "qat_acc": 0.9276}, 512)
+    assert format_ladder(tiny)[3] == "- (PTQ lost under one of 512 samples)"
+    assert format_ladder(accuracy_ladder({"float_acc": 0.9, "qat_acc": 0.8}, 512))[3] == "-"
     # PTQ at or above float (MobileNetV2 W8A8 here: 72.7 -> 73.1): nothing to recover, no ratio
     assert accuracy_ladder({"float_acc": 0.727, "ptq_acc": 0.731, "qat_acc": 0.749}, 1000)["recovery"] is None
     # PTQ below float by less than one sample of the set (a segmentation ladder's 4e-5 mIoU): no ratio either

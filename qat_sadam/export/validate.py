@@ -438,7 +438,10 @@ def accuracy_ladder(rungs: dict, samples: int) -> dict:
 def format_ladder(ladder: dict) -> list[str]:
     """The ladder's four cells as text: accuracies in %, recovery as a ratio, '-' where missing."""
     cells = ["-" if ladder.get(k) is None else f"{100 * ladder[k]:.2f}%" for k in LADDER_KEYS[:3]]
-    return cells + ["-" if ladder.get("recovery") is None else f"{ladder['recovery']:.3f}"]
+    if ladder.get("recovery") is not None:
+        return cells + [f"{ladder['recovery']:.3f}"]
+    rungs = all(ladder.get(k) is not None for k in LADDER_KEYS[:3])  # all there: PTQ lost too little to recover
+    return cells + [f"- (PTQ lost under one of {ladder['samples']} samples)" if rungs else "-"]
 
 
 # The deployed model (ORT INT8) may differ from the trained QAT graph by rounding at ties, which
