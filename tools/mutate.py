@@ -163,7 +163,7 @@ MUTANTS = {
         "qat_sadam/quant/fake_quant.py",
         "return torch.div(x, scale).round_().add_(zero_point).clamp_(qmin, qmax).to(torch.int32)",
         "return torch.div(x, scale).trunc_().add_(zero_point).clamp_(qmin, qmax).to(torch.int32)",
-        "tests/test_train.py -k oscillation",
+        "tests/test_properties.py",
         "integer codes truncated instead of rounded (the oscillation tracker's, the integer view's)",
     ),
     "lsq_grad_factor_without_qmax": (
@@ -184,7 +184,7 @@ MUTANTS = {
         "qat_sadam/quant/fake_quant.py",
         "scale = torch.lerp(self.scale, scale.reshape(self.scale.shape), m)",
         "scale = scale.reshape(self.scale.shape)",
-        "tests/test_quant.py tests/test_oscillation_fixes.py",
+        "tests/test_properties.py",
         "an observer's activation scale jumps to each batch's range (momentum ignored)",
     ),
     "adam_without_second_bias_correction": (
@@ -212,14 +212,14 @@ MUTANTS = {
         "qat_sadam/train/trainer.py",
         "min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(",
         "(1 - min_ratio) * 0.5 * (1 + math.cos(",
-        "tests/test_train.py tests/test_recipe.py",
+        "tests/test_properties.py",
         "the cosine schedule ignores its floor (min_lr_ratio)",
     ),
     "warmup_off_by_one": (
         "qat_sadam/train/trainer.py",
         "w = min(1.0, (step + 1) / warmup) if warmup else 1.0",
         "w = min(1.0, step / warmup) if warmup else 1.0",
-        "tests/test_train.py tests/test_recipe.py",
+        "tests/test_properties.py",
         "warm-up's first step at lr 0",
     ),
     "annealing_upside_down": (
@@ -261,7 +261,7 @@ MUTANTS = {
         "qat_sadam/export/runtimes/__init__.py",
         "/ scale > tie_lsb",
         "/ scale >= tie_lsb",
-        "tests/test_export.py tests/test_runtimes.py -k lsb",
+        "tests/test_properties.py",
         "exact ties counted as decisive samples",
     ),
     "fold_tolerance_loose": (
@@ -324,7 +324,7 @@ MUTANTS = {
         "qat_sadam/train/oscillation.py",
         "freq = freq.mul(1 - momentum).add_(osc, alpha=momentum)",
         "freq = freq.mul(momentum).add_(osc, alpha=1 - momentum)",
-        "tests/test_train.py -k oscillation",
+        "tests/test_properties.py",
         "the oscillation frequency's EMA weights swapped",
     ),
     "int4_out_of_range_packed": (
@@ -345,14 +345,14 @@ MUTANTS = {
         "qat_sadam/optim/groups.py",
         "return self.probe_scale * rms(p)",
         "return rms(p)",
-        "tests/test_sadam.py",
+        "tests/test_properties.py",
         "a weight without a quantizer probed at its full RMS",
     ),
     "checkpoint_loads_any_pickle": (
         "qat_sadam/train/checkpoint.py",
         "ckpt = torch.load(path, map_location=map_location, weights_only=True)",
         "ckpt = torch.load(path, map_location=map_location, weights_only=False)",
-        "tests/test_untrusted.py",
+        "tests/test_properties.py",
         "a checkpoint's pickle may run code",
     ),
     "ranks_disagree_on_activation_ranges": (
