@@ -250,6 +250,7 @@ def mobile(path: str, workdir: str) -> dict:
     }
 
 
+REPORT = "validation.json"  # the report's file in the export folder (what marks a folder as holding an export)
 ACCURACY_KEYS = ("torch_integer", "torch_frozen", "torch_qat_graph")  # the torch references, gate first
 
 
@@ -413,7 +414,7 @@ def validate(
         rep["ladder_figure"] = ladder_figure(rep, os.path.join(out_dir, "ladder.png"))
     rep["passed"], rep["failures"], rep["host_limited"] = _verdict(rep)
     rep["speed_notes"] = _speed_notes(rep)
-    with open(os.path.join(out_dir, "validation.json"), "w") as f:
+    with open(os.path.join(out_dir, REPORT), "w") as f:
         json.dump(rep, f, indent=2)
     with open(os.path.join(out_dir, "validation.md"), "w") as f:
         f.write(to_markdown(rep))

@@ -21,12 +21,11 @@ from ..export import (
     validate,
 )
 from ..export.outputs import output_list
+from ..export.validate import REPORT
 from ..train.data import Loader, load_data
 from ..train.model import load_run
 from ..train.recipe import Recipe
 from ..train.run import PTQ, Run
-
-REPORT = "validation.json"  # what marks a folder as holding an export
 
 
 def test_batches(recipe: Recipe, info: dict, samples: int | None, batch: int):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..errors import UserError
@@ -33,6 +31,5 @@ def validate(
     batches = [(b, None) if isinstance(b, torch.Tensor) else (b[0], b[1]) for b in data]
     if not batches:
         raise UserError("validate: data holds no batch")
-    os.makedirs(out_dir, exist_ok=True)
     rep = export_and_validate(model.eval(), batches, target or DEFAULT_TARGET, out_dir, runtimes=runtimes)
     return rep
